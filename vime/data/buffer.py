@@ -1,0 +1,48 @@
+"""The buffer between rollout and training: groups go in, pass the filters, and come out as training batches."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Iterable
+
+from vime.types import Group, Sample
+
+
+def drop_uniform_reward(group: Group) -> bool:
+    """Keep a group only if its rewards differ: with equal rewards every group-relative advantage is 0."""
+    rewards = {s.reward for s in group}
+    return len(rewards) > 1
+
+
+class DataBuffer:
+    def __init__(self, filters: Iterable[Callable[[Group], bool]] = ()):
+        self.filters = list(filters)
+        self._groups: deque[Group] = deque()
+        self.stats = {"groups_in": 0, "groups_dropped": 0}
+
+    def add(self, groups: Iterable[Group]) -> int:
+        kept = 0
+        for g in groups:
+            self.stats["groups_in"] += 1
+            if all(f(g) for f in self.filters):
+                self._groups.append(g)
+                kept += 1
+            else:
+                self.stats["groups_dropped"] += 1
+        return kept
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def num_samples(self) -> int:
+        return sum(len(g) for g in self._groups)
+
+    def pop_groups(self, n: int | None = None) -> list[Group]:
+        n = len(self._groups) if n is None else min(n, len(self._groups))
+        return [self._groups.popleft() for _ in range(n)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"groups": [[s.to_dict() for s in g] for g in self._groups], "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._groups = deque([Sample.from_dict(d) for d in g] for g in state["groups"])
+        self.stats = dict(state["stats"])

@@ -1,0 +1,108 @@
+"""Tiny HF models made locally: no hub is reachable, so every test runs the real HF/vLLM loading code on models
+this module writes (random weights from a seed, a byte-level BPE tokenizer trained on a shipped corpus, a chat
+template with special tokens)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+CORPUS = Path(__file__).parent / "assets" / "corpus.txt"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+# Qwen-style ChatML; tools are rendered Hermes-style into the system turn, tool results as a `tool` role.
+CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0].role == 'system' %}{{ messages[0].content }}\n{% endif %}"
+    "You may call tools. Tools: {{ tools | tojson }}\n"
+    "Call one as <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call><|im_end|>\n"
+    "{% elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if not (m.role == 'system' and loop.first) %}"
+    "<|im_start|>{{ m.role }}\n{{ m.content if m.content is not none else '' }}"
+    "{% if m.tool_calls %}{% for tc in m.tool_calls %}<tool_call>{\"name\": \"{{ tc.function.name }}\", "
+    "\"arguments\": {{ tc.function.arguments if tc.function.arguments is string else tc.function.arguments | tojson }}}"
+    "</tool_call>{% endfor %}{% endif %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Size:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+
+SIZES = {
+    "tiny": Size(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512),
+    "small": Size(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=2, vocab=512),
+    "100m": Size(hidden=768, intermediate=3072, layers=12, heads=12, kv_heads=4, vocab=512),
+}
+ARCHS = ("qwen2", "qwen3", "llama")
+
+
+def train_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer wrapped as a transformers fast tokenizer with the ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(CORPUS)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", additional_special_tokens=SPECIALS[1:2] + SPECIALS[3:])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def hf_config(arch: str, size: Size, *, tie: bool | None = None):
+    import transformers as tf
+
+    common = dict(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+                  num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                  num_key_value_heads=size.kv_heads, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                  bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, initializer_range=0.1,
+                  dtype="float32")
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=True if tie is None else tie, rope_theta=1_000_000.0)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=size.hidden // size.heads,
+                              tie_word_embeddings=True if tie is None else tie, rope_theta=1_000_000.0)
+    if arch == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=False if tie is None else tie, rope_theta=10_000.0)
+    raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+
+
+def make_model(arch: str, size: str, out: str | Path, *, seed: int = 0, tie: bool | None = None) -> Path:
+    """Write a standard HF directory (config, fp32 safetensors, tokenizer, chat template) that both
+    transformers and vLLM load. Same (arch, size, seed) → byte-identical weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = SIZES[size]
+    tok = train_tokenizer(spec.vocab)
+    cfg = hf_config(arch, spec, tie=tie)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # random norm gains and biases, so adapters that drop or swap them are caught
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "vime_model.json").write_text(json.dumps({"arch": arch, "size": size, "seed": seed}) + "\n")
+    return out

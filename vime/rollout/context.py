@@ -1,0 +1,42 @@
+"""What a rollout function gets to work with: the engines, the tokenizer, sampling and scoring."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from vime.types import Sample, SamplingParams
+
+
+@dataclass
+class RolloutContext:
+    engines: Any                               # a vime.protocols.EngineGroup
+    tokenizer: Any                             # a transformers tokenizer
+    params: SamplingParams
+    reward_fn: Callable[[Sample], float]
+    apply_chat_template: bool = True
+    system_prompt: str | None = None
+    step: int = 0
+    seed_base: int | None = 0                  # None: unseeded sampling
+    counters: dict[str, int] = field(default_factory=lambda: {"prompts": 0})
+
+    def encode(self, prompt: Any) -> list[int]:
+        """Prompt text (or a message list) → token ids, through the model's chat template by default."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return list(prompt)
+        if not self.apply_chat_template:
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+        if self.system_prompt and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def next_seed(self) -> int | None:
+        """A distinct seed per prompt draw (children get seed+k inside the engine), so a run is reproducible
+        and a resumed run draws the same tokens."""
+        k = self.counters["prompts"]
+        self.counters["prompts"] += 1
+        return None if self.seed_base is None else self.seed_base + k * max(1, self.params.n)
