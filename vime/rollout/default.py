@@ -39,8 +39,7 @@ async def sample_group(record: dict[str, Any], ctx: RolloutContext, group_id: st
     for k, c in enumerate(completions):
         s = Sample.from_completion(prompt_ids, c, group_id=group_id, index=k, prompt=record["prompt"],
                                    label=record.get("label"), metadata={"seed": params.seed, "step": ctx.step})
-        if not s.response:
-            s.response = ctx.decode(s.response_ids)
+        s.response = ctx.decode(s.response_ids)  # the ids are the truth; engine text may lag a partial char
         s.reward = float(ctx.reward_fn(s))
         group.append(s)
     return group

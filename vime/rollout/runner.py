@@ -45,29 +45,33 @@ def rollout_fn(cfg: Config) -> Callable[..., Any]:
     return load_callable(cfg.rollout.function, 2, what="rollout function (rollout.function)")
 
 
-def run_rollout(cfg: Config, steps: int, out: str | Path | None = None, progress: bool = True) -> dict[str, float]:
-    """Run `steps` rollout steps and return a throughput summary; samples go to `out` as JSONL."""
+def run_rollout(cfg: Config, steps: int, out: str | Path | None = None, progress: bool = True,
+                engines: Any = None) -> dict[str, float]:
+    """Run `steps` rollout steps and return a throughput summary; samples go to `out` as JSONL.
+    `engines` reuses a running engine group (tests, notebooks); otherwise the recipe's group is started and
+    stopped here."""
+    if engines is None:
+        with make_engine_group(cfg.engine, cfg.model.path, str(Path(cfg.run.out_dir) / "logs")) as engines:
+            return run_rollout(cfg, steps, out, progress, engines)
     fn = rollout_fn(cfg)
     source = PromptSource(cfg.data)
     buffer = DataBuffer(group_filters(cfg.rollout.group_filters))
     tokenizer = load_tokenizer(cfg)
-    log_dir = Path(cfg.run.out_dir) / "logs"
     samples, tokens, rewards = [], 0, []
-    with make_engine_group(cfg.engine, cfg.model.path, str(log_dir)) as engines:
-        ctx = make_context(cfg, engines, tokenizer)
-        t0 = time.perf_counter()
-        bar = tqdm(range(steps), desc="rollout", unit="step", disable=not progress)
-        for step in bar:
-            ctx.step = step
-            groups = asyncio.run(fn(source.next_batch(cfg.rollout.batch_size), ctx))
-            buffer.add(groups)
-            for g in groups:
-                samples += g
-                tokens += sum(len(s.response_ids) for s in g)
-                rewards += [s.reward or 0.0 for s in g]
-            bar.set_postfix(reward=f"{sum(rewards) / max(1, len(rewards)):.3f}",
-                            tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        elapsed = time.perf_counter() - t0
+    ctx = make_context(cfg, engines, tokenizer)
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc="rollout", unit="step", disable=not progress)
+    for step in bar:
+        ctx.step = step
+        groups = asyncio.run(fn(source.next_batch(cfg.rollout.batch_size), ctx))
+        buffer.add(groups)
+        for g in groups:
+            samples += g
+            tokens += sum(len(s.response_ids) for s in g)
+            rewards += [s.reward or 0.0 for s in g]
+        bar.set_postfix(reward=f"{sum(rewards) / max(1, len(rewards)):.3f}",
+                        tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+    elapsed = time.perf_counter() - t0
     if out:
         write_jsonl(samples, out)
     return {"steps": steps, "samples": len(samples), "response_tokens": tokens, "seconds": elapsed,

@@ -1,0 +1,72 @@
+import subprocess
+import sys
+
+import pytest
+
+from vime.cli import split_engine_flags
+from vime.config import ConfigError, load_config
+
+from engines.vllm.server import to_cli_flags
+
+RECIPE = """
+model: {path: m}
+data: {path: d.jsonl}
+rollout: {n_samples: 4}
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "recipe.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_key_file_and_allowed_keys(tmp_path):
+    p = write(tmp_path, RECIPE.replace("n_samples: 4", "n_sample: 4"))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "rollout.n_sample" in msg and str(p) in msg and "n_samples" in msg and "batch_size" in msg
+
+
+def test_ill_typed_value_names_key(tmp_path):
+    p = write(tmp_path, RECIPE.replace("n_samples: 4", "n_samples: lots"))
+    with pytest.raises(ConfigError, match=r"rollout\.n_samples.*recipe\.yaml"):
+        load_config(p)
+
+
+def test_unknown_top_level_section(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'trainr'.*allowed here: data, engine, model"):
+        load_config(write(tmp_path, RECIPE + "trainr: {}\n"))
+
+
+def test_set_overrides_and_names_the_flag_on_error(tmp_path):
+    p = write(tmp_path, RECIPE)
+    cfg = load_config(p, ["rollout.n_samples=8", "engine.args.max_num_seqs=64"])
+    assert cfg.rollout.n_samples == 8 and cfg.engine.args == {"max_num_seqs": 64}
+    with pytest.raises(ConfigError, match=r"--set rollout.temperature=hot"):
+        load_config(p, ["rollout.temperature=hot"])
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_engine_flags_pass_through_verbatim(tmp_path):
+    argv, flags = split_engine_flags(["rollout", "-c", "r.yaml", "--vllm-max-num-seqs", "64",
+                                      "--vllm-enforce-eager", "--vllm-logprobs-mode=processed_logprobs"])
+    assert argv == ["rollout", "-c", "r.yaml"]
+    cfg = load_config(write(tmp_path, RECIPE), engine_args=flags)
+    assert to_cli_flags(cfg.engine.args) == ["--max-num-seqs", "64", "--enforce-eager",
+                                             "--logprobs-mode", "processed_logprobs"]
+    assert to_cli_flags({"weight_transfer_config": {"backend": "gloo"}, "x": False, "y": [1, 2]}) == [
+        "--weight-transfer-config", '{"backend": "gloo"}', "--no-x", "--y", "1", "2"]
+
+
+def test_cli_bad_key_exits_before_starting_anything(tmp_path):
+    p = write(tmp_path, RECIPE.replace("rollout:", "rolout:"))
+    r = subprocess.run([sys.executable, "-m", "vime.cli", "rollout", "-c", str(p)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    assert "unknown key 'rolout'" in r.stderr and str(p) in r.stderr
