@@ -61,6 +61,7 @@ class Sample:
     logprobs: list[float] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
     reward: float | None = None
+    advantage: float = 0.0          # set by the algorithm from the group (e.g. GRPO), broadcast over tokens
     status: Status = Status.COMPLETED
     weight_versions: list[str] = field(default_factory=list)
     group_id: str = ""

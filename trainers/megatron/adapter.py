@@ -1,0 +1,141 @@
+"""HF ↔ Megatron state dicts (local layer spec), with TP sharding and PP layer placement.
+
+Three layers of names: HF (`model.layers.3.self_attn.q_proj.weight`), global Megatron
+(`decoder.layers.3.self_attention.linear_qkv.weight`, unsharded) and local Megatron (the names of one rank's
+module: stage-local layer numbers, TP shards). `from_hf`/`to_hf` convert HF ↔ global; `shard`/`unshard` and
+`local_to_global` handle the rank's view.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import torch
+
+from trainers.megatron.spec import head_dim, spec_for
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+# Per-layer global Megatron suffix → HF suffix (1:1 tensors).
+_ONE_TO_ONE = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+# TP split dimension of every sharded tensor (by suffix); anything else is replicated.
+_TP_DIM = {"word_embeddings.weight": 0, "output_layer.weight": 0, "linear_qkv.weight": 0, "linear_qkv.bias": 0,
+           "linear_proj.weight": 1, "linear_fc2.weight": 1, "linear_fc1.weight": 0}
+
+
+def _qkv_dims(cfg: Any) -> tuple[int, int, int]:
+    groups = cfg.num_key_value_heads
+    return groups, cfg.num_attention_heads // groups, head_dim(cfg)
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Any) -> torch.Tensor:
+    """Per query group g: [q heads of g | k_g | v_g] (works for weights [*, H] and biases [*])."""
+    ng, hpg, hd = _qkv_dims(cfg)
+    tail = q.shape[1:]
+    return torch.cat([q.reshape(ng, hpg * hd, *tail), k.reshape(ng, hd, *tail), v.reshape(ng, hd, *tail)],
+                     1).reshape(-1, *tail)
+
+
+def split_qkv(qkv: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ng, hpg, hd = _qkv_dims(cfg)
+    tail = qkv.shape[1:]
+    q, k, v = qkv.reshape(ng, (hpg + 2) * hd, *tail).split([hpg * hd, hd, hd], 1)
+    return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
+
+
+def from_hf(hf: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
+    """HF state dict → global (unsharded) Megatron state dict."""
+    spec = spec_for(cfg)
+    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+           "decoder.final_layernorm.weight": hf["model.norm.weight"],
+           "output_layer.weight": hf.get("lm_head.weight", hf["model.embed_tokens.weight"])}
+    for i in range(cfg.num_hidden_layers):
+        p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for ms, hs in _ONE_TO_ONE.items():
+            if p + hs in hf:
+                out[m + ms] = hf[p + hs]
+        a = p + "self_attn."
+        out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(hf[a + "q_proj.weight"], hf[a + "k_proj.weight"],
+                                                               hf[a + "v_proj.weight"], cfg)
+        if spec.qkv_bias:
+            out[m + "self_attention.linear_qkv.bias"] = fuse_qkv(hf[a + "q_proj.bias"], hf[a + "k_proj.bias"],
+                                                                 hf[a + "v_proj.bias"], cfg)
+        out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+    return out
+
+
+def to_hf(name: str, t: torch.Tensor, cfg: Any) -> list[tuple[str, torch.Tensor]]:
+    """One global Megatron tensor → its HF tensors (an empty list for the tied output layer)."""
+    if name == "embedding.word_embeddings.weight":
+        return [("model.embed_tokens.weight", t)]
+    if name == "decoder.final_layernorm.weight":
+        return [("model.norm.weight", t)]
+    if name == "output_layer.weight":
+        return [] if cfg.tie_word_embeddings else [("lm_head.weight", t)]
+    m = _LAYER.match(name)
+    if not m:
+        raise KeyError(f"no HF name for Megatron tensor {name!r}")
+    p, suffix = f"model.layers.{m.group(1)}.", m.group(2)
+    if suffix in _ONE_TO_ONE:
+        return [(p + _ONE_TO_ONE[suffix], t)]
+    if suffix.startswith("self_attention.linear_qkv."):
+        kind = suffix.rsplit(".", 1)[1]
+        q, k, v = split_qkv(t, cfg)
+        return [(f"{p}self_attn.{n}_proj.{kind}", x) for n, x in zip("qkv", (q, k, v))]
+    if suffix == "mlp.linear_fc1.weight":
+        gate, up = t.chunk(2)
+        return [(p + "mlp.gate_proj.weight", gate), (p + "mlp.up_proj.weight", up)]
+    raise KeyError(f"no HF name for Megatron tensor {name!r}")
+
+
+def tp_dim(name: str) -> int | None:
+    for suffix, dim in _TP_DIM.items():
+        if name.endswith(suffix):
+            return dim
+    return None
+
+
+def shard(name: str, full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+    dim = tp_dim(name)
+    if dim is None or tp == 1:
+        return full
+    if name.endswith("linear_fc1.weight"):  # gate and up are split separately, then re-fused per rank
+        gate, up = full.chunk(2)
+        return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
+    return full.chunk(tp, dim)[rank]
+
+
+def unshard(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    dim = tp_dim(name)
+    if dim is None or len(parts) == 1:
+        return parts[0]
+    if name.endswith("linear_fc1.weight"):
+        gates, ups = zip(*(p.chunk(2) for p in parts))
+        return torch.cat([torch.cat(gates), torch.cat(ups)])
+    return torch.cat(parts, dim)
+
+
+def local_to_global(name: str, pp_rank: int, layers_per_stage: int) -> str:
+    m = _LAYER.match(name)
+    if not m:
+        return name
+    return f"decoder.layers.{pp_rank * layers_per_stage + int(m.group(1))}.{m.group(2)}"
+
+
+def local_state_dict(full: dict[str, torch.Tensor], local_names: Iterable[str], *, tp_rank: int, tp: int,
+                     pp_rank: int, layers_per_stage: int) -> dict[str, torch.Tensor]:
+    """The shards one rank's module expects, from a global state dict."""
+    out = {}
+    for name in local_names:
+        g = local_to_global(name, pp_rank, layers_per_stage)
+        if g not in full:
+            raise KeyError(f"HF checkpoint provides no tensor for Megatron parameter {g!r}")
+        out[name] = shard(g, full[g], tp_rank, tp).clone()
+    return out

@@ -1,0 +1,81 @@
+"""One plain spec per model family: how its HF config becomes a Megatron GPTModel (torchtitan's "model spec").
+
+The families differ only in a few switches (qkv bias, q/k norm, tied output), so a spec is data, not a class
+hierarchy; the state-dict adapter (`adapter.py`) reads the same switches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    qkv_bias: bool
+    qk_layernorm: bool
+    default_rope_theta: float
+
+
+SPECS = {
+    "qwen2": ModelSpec("qwen2", qkv_bias=True, qk_layernorm=False, default_rope_theta=1_000_000.0),
+    "qwen3": ModelSpec("qwen3", qkv_bias=False, qk_layernorm=True, default_rope_theta=1_000_000.0),
+    "llama": ModelSpec("llama", qkv_bias=False, qk_layernorm=False, default_rope_theta=10_000.0),
+}
+
+
+def spec_for(hf_cfg: Any) -> ModelSpec:
+    family = hf_cfg.model_type
+    if family not in SPECS:
+        raise ValueError(f"model_type {family!r} has no Megatron spec; supported: {sorted(SPECS)}")
+    return SPECS[family]
+
+
+def rope_theta(hf_cfg: Any, spec: ModelSpec) -> float:
+    """transformers 5 keeps it in `rope_parameters`; older versions as `rope_theta`."""
+    params = getattr(hf_cfg, "rope_parameters", None) or {}
+    return float(params.get("rope_theta") or getattr(hf_cfg, "rope_theta", None) or spec.default_rope_theta)
+
+
+def head_dim(hf_cfg: Any) -> int:
+    return int(getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads)
+
+
+def transformer_config(hf_cfg: Any, *, tp: int, pp: int, dtype: torch.dtype, on_cpu: bool,
+                       recompute: bool = False):
+    from megatron.core.transformer import TransformerConfig
+
+    spec = spec_for(hf_cfg)
+    heads, groups = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
+    if groups % tp or hf_cfg.vocab_size % tp or hf_cfg.intermediate_size % tp:
+        raise ValueError(f"trainer.tp={tp} must divide num_key_value_heads ({groups}), vocab_size "
+                         f"({hf_cfg.vocab_size}) and intermediate_size ({hf_cfg.intermediate_size})")
+    if hf_cfg.num_hidden_layers % pp:
+        raise ValueError(f"trainer.pp={pp} must divide num_hidden_layers ({hf_cfg.num_hidden_layers})")
+    return TransformerConfig(
+        num_layers=hf_cfg.num_hidden_layers, hidden_size=hf_cfg.hidden_size, num_attention_heads=heads,
+        num_query_groups=groups, kv_channels=head_dim(hf_cfg), ffn_hidden_size=hf_cfg.intermediate_size,
+        normalization="RMSNorm", layernorm_epsilon=hf_cfg.rms_norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=True, batch_p2p_sync=not on_cpu, variable_seq_lengths=False,
+        recompute_granularity="full" if recompute else None, recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )
+
+
+def build_model(hf_cfg: Any, config: Any, *, pre_process: bool, post_process: bool):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = spec_for(hf_cfg)
+    layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_layernorm)
+    return GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=hf_cfg.vocab_size,
+                    max_sequence_length=hf_cfg.max_position_embeddings, pre_process=pre_process,
+                    post_process=post_process, share_embeddings_and_output_weights=hf_cfg.tie_word_embeddings,
+                    position_embedding_type="rope", rotary_base=rope_theta(hf_cfg, spec), rotary_percent=1.0)

@@ -1,0 +1,369 @@
+"""One trainer rank: a Ray actor that owns its Megatron-core model shard and optimiser state.
+
+All ranks run the same calls in the same order (the driver in `trainer.py` fans each call out); data is split
+by data-parallel rank, and every TP/PP rank of a pipeline gets the same samples.
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainers.megatron import adapter
+from trainers.megatron.batching import microbatches, response_values
+from trainers.megatron.logprobs import logprobs_and_entropy
+from trainers.megatron.spec import build_model, transformer_config
+from vime.algorithms.losses import get_loss
+from vime.trainer import TrainerConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class MegatronWorker:
+    def __init__(self, cfg: dict[str, Any], model_path: str, rank: int, world_size: int):
+        self.cfg = TrainerConfig(**cfg)
+        self.model_path = model_path
+        self.rank, self.world_size = rank, world_size
+        self.on_cpu = not torch.cuda.is_available()
+        if self.on_cpu:
+            torch.set_num_threads(max(1, int(self.cfg.cpus_per_rank)))
+        self.steps = 0
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> dict[str, int]:
+        from megatron.core import parallel_state as ps
+        from transformers import AutoConfig
+
+        dist.init_process_group("gloo" if self.on_cpu else "nccl", init_method=f"tcp://{master_addr}:{master_port}",
+                                rank=self.rank, world_size=self.world_size)
+        if not self.on_cpu:
+            torch.cuda.set_device(0)  # Ray gives each rank one visible GPU
+        ps.initialize_model_parallel(tensor_model_parallel_size=self.cfg.tp, pipeline_model_parallel_size=self.cfg.pp)
+        self._seed_everything(self.cfg.seed)
+        if self.on_cpu:
+            from trainers.megatron import cpu_shim
+
+            cpu_shim.apply(self.cfg.seed)
+        else:
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.model_parallel_cuda_manual_seed(self.cfg.seed)
+        self.hf_cfg = AutoConfig.from_pretrained(self.model_path)
+        dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
+        self.tcfg = transformer_config(self.hf_cfg, tp=self.cfg.tp, pp=self.cfg.pp, dtype=dtype, on_cpu=self.on_cpu,
+                                       recompute=self.cfg.recompute)
+        self._apply_args(self.tcfg, "TransformerConfig")
+        self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.layers_per_stage = self.hf_cfg.num_hidden_layers // self.cfg.pp
+        model = build_model(self.hf_cfg, self.tcfg, pre_process=ps.is_pipeline_first_stage(),
+                            post_process=ps.is_pipeline_last_stage())
+        if not self.on_cpu:
+            model = model.cuda()
+        self._load_hf_into(model)
+        self._wrap(model)
+        return {"rank": self.rank, "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank}
+
+    def _apply_args(self, obj: Any, kind: str) -> None:
+        for k, v in self.cfg.args.items():
+            if hasattr(obj, k):
+                setattr(obj, k, v)
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _load_hf_into(self, model: torch.nn.Module) -> None:
+        from safetensors.torch import load_file
+
+        files = sorted(Path(self.model_path).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {self.model_path} (model.path)")
+        hf: dict[str, torch.Tensor] = {}
+        for f in files:
+            hf.update(load_file(str(f)))
+        full = adapter.from_hf(hf, self.hf_cfg)
+        names = [n for n in model.state_dict() if not n.endswith("_extra_state")]
+        local = adapter.local_state_dict(full, names, tp_rank=self.tp_rank, tp=self.cfg.tp, pp_rank=self.pp_rank,
+                                         layers_per_stage=self.layers_per_stage)
+        missing, unexpected = model.load_state_dict(local, strict=False)
+        missing = [m for m in missing if not m.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"HF → Megatron load mismatch: missing {missing}, unexpected {unexpected}")
+
+    def _wrap(self, model: torch.nn.Module) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer.module import Float16Module
+
+        c = self.cfg
+        if c.dtype == "bfloat16":
+            model = Float16Module(self.tcfg, model)
+        self.model = DistributedDataParallel(
+            config=self.tcfg, module=model,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                     use_distributed_optimizer=c.distributed_optimizer))
+        self.tcfg.finalize_model_grads_func = finalize_model_grads
+        ocfg = OptimizerConfig(optimizer="adam", lr=c.lr, min_lr=c.min_lr, weight_decay=c.weight_decay,
+                               adam_beta1=c.adam_beta1, adam_beta2=c.adam_beta2, clip_grad=c.clip_grad,
+                               bf16=c.dtype == "bfloat16", params_dtype=self.tcfg.params_dtype,
+                               use_distributed_optimizer=c.distributed_optimizer)
+        self._apply_args(ocfg, "OptimizerConfig")
+        self.optimizer = get_megatron_optimizer(ocfg, [self.model])
+        decay = c.lr_decay_steps or 10**9
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if c.warmup_steps else c.lr, max_lr=c.lr, min_lr=c.min_lr,
+            lr_warmup_steps=c.warmup_steps, lr_decay_steps=max(decay, c.warmup_steps + 1),
+            lr_decay_style="cosine" if c.lr_decay_steps else "constant", start_wd=c.weight_decay,
+            end_wd=c.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
+
+    def module(self) -> torch.nn.Module:
+        m = self.model.module
+        return m.module if hasattr(m, "module") and not hasattr(m, "decoder") else m
+
+    # ---- forward / train ---------------------------------------------------------------------------------
+    def _run(self, samples: list[dict[str, Any]], forward_only: bool, loss_fn: Any, loss_kwargs: dict[str, Any],
+             temperature: float, on_logits: Any = None) -> list[dict[str, Any]]:
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        mbs, length = microbatches(samples, self.cfg.micro_batch_size)
+        dev = "cpu" if self.on_cpu else "cuda"
+        mbs = [{k: v.to(dev) for k, v in mb.items()} for mb in mbs]
+        n_tokens = torch.tensor(float(sum(mb["loss_mask"].sum() for mb in mbs)), device=dev)
+        dist.all_reduce(n_tokens, group=ps.get_data_parallel_group())
+        scale = self.cfg.dp * len(mbs) / max(1.0, float(n_tokens))  # → a token mean over the global batch
+        mask = torch.triu(torch.ones(length, length, dtype=torch.bool, device=dev), 1)[None, None]
+
+        def loss_func(mb: dict[str, torch.Tensor], logits: torch.Tensor):
+            if on_logits is not None:
+                on_logits(logits)
+            logp, ent = logprobs_and_entropy(logits, mb["targets"], temperature)
+            lm = mb["loss_mask"]
+            out = {"logp": logp.detach(), "entropy": ent, "mask_sum": lm.sum()}
+            if forward_only:
+                return logp.sum() * 0.0, out
+            tok_loss, metrics = loss_fn(logp, mb, **loss_kwargs)
+            loss = (tok_loss * lm).sum()
+            out["loss_sum"] = loss.detach()
+            out["entropy_sum"] = (ent * lm).sum()
+            for k, v in metrics.items():
+                out[k + "_sum"] = (v * lm).sum()
+            return loss * scale, out
+
+        def forward_step(data_iter: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
+            mb = next(data_iter)
+            out = model(input_ids=mb["tokens"], position_ids=mb["position_ids"], attention_mask=mask)
+            return out, partial(loss_func, mb)
+
+        return get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(mbs),
+                                           model=[self.model], num_microbatches=len(mbs), seq_length=length,
+                                           micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+
+    def _last_stage_dp_sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum metric sums over the DP ranks of the last pipeline stage and hand them to every rank."""
+        from megatron.core import parallel_state as ps
+
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        if not self.on_cpu:
+            t = t.cuda()
+        if not ps.is_pipeline_last_stage():
+            t.zero_()
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        if self.cfg.pp > 1:
+            dist.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
+        return dict(zip(keys, t.tolist()))
+
+    def logprobs(self, samples: list[dict[str, Any]], temperature: float = 1.0) -> list[list[float]] | None:
+        """Per-sample response-token log-probs (on last-stage ranks; None elsewhere)."""
+        from megatron.core import parallel_state as ps
+
+        self.model.eval()
+        with torch.no_grad():
+            outs = self._run(samples, True, None, {}, temperature)
+        self.model.train()
+        if not ps.is_pipeline_last_stage():
+            return None
+        result, i = [], 0
+        for out in outs:
+            b = out["logp"].shape[0]
+            result += response_values(out["logp"].float().cpu(), samples[i:i + b])
+            i += b
+        return result[:len(samples)]
+
+    def forward_logits(self, tokens: list[int]) -> torch.Tensor | None:
+        """Full-vocab logits [s, V] for one sequence (TP-gathered; last stage only) — for parity checks."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+        captured: list[torch.Tensor] = []
+
+        def capture(logits: torch.Tensor) -> None:
+            captured.append(gather_from_tensor_model_parallel_region(logits.float())[0].cpu())
+
+        sample = {"prompt_ids": tokens[:1], "response_ids": tokens[1:]}
+        self.model.eval()
+        with torch.no_grad():
+            self._run([sample], True, None, {}, 1.0, on_logits=capture)
+        self.model.train()
+        return captured[0][: len(tokens)] if ps.is_pipeline_last_stage() else None
+
+    def train_step(self, samples: list[dict[str, Any]], loss: str, loss_kwargs: dict[str, Any],
+                   temperature: float = 1.0) -> dict[str, float]:
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outs = self._run(samples, False, get_loss(loss), loss_kwargs, temperature)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.steps += 1
+        sums: dict[str, float] = {}
+        for out in outs:
+            for k, v in out.items():
+                if k.endswith("_sum"):
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        keys = ["loss_sum", "entropy_sum", "mask_sum", "clip_frac_sum", "ratio_sum", "kl_ref_sum"]
+        total = self._last_stage_dp_sum({k: sums.get(k, 0.0) for k in keys})
+        n = max(1.0, total.pop("mask_sum"))
+        metrics = {k[:-4]: v / n for k, v in total.items() if v or k in ("loss_sum", "entropy_sum")}
+        metrics.update(grad_norm=float(grad_norm or 0.0), update_ok=float(bool(ok)), tokens=n,
+                       lr=float(self.optimizer.param_groups[0]["lr"]))
+        return metrics
+
+    # ---- weights out ---------------------------------------------------------------------------------------
+    def _param_plan(self) -> list[tuple[int, str, str, list[int], str]]:
+        """(stage, local name, global name, full shape, dtype) for every parameter, identical on all ranks."""
+        from megatron.core import parallel_state as ps
+
+        if getattr(self, "_plan", None) is None:
+            mine = []
+            for name, t in self.module().state_dict().items():
+                if name.endswith("_extra_state"):
+                    continue
+                shape = list(t.shape)
+                dim = adapter.tp_dim(name)
+                if dim is not None:
+                    shape[dim] *= self.cfg.tp
+                mine.append((self.pp_rank, name, adapter.local_to_global(name, self.pp_rank, self.layers_per_stage),
+                             shape, str(t.dtype).replace("torch.", "")))
+            stages: list[Any] = [None] * self.cfg.pp
+            dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
+            self._plan = [p for st in stages for p in st]
+        return self._plan
+
+    def _gather_full(self, stage: int, local_name: str, shape: list[int], dtype: str) -> torch.Tensor | None:
+        """The full tensor on global rank 0 (None elsewhere); TP all-gather on the owning stage, then p2p."""
+        from megatron.core import parallel_state as ps
+
+        dev = "cpu" if self.on_cpu else "cuda"
+        full = None
+        if self.pp_rank == stage:
+            t = self.module().state_dict()[local_name].detach()
+            if adapter.tp_dim(local_name) is not None and self.cfg.tp > 1:
+                parts = [torch.empty_like(t) for _ in range(self.cfg.tp)]
+                dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+                t = adapter.unshard(local_name, parts)
+            full = t
+        if stage != 0 and self.tp_rank == 0:
+            pp_group = ps.get_pipeline_model_parallel_group()
+            if self.pp_rank == stage:
+                dist.send(full.contiguous(), dst=dist.get_global_rank(pp_group, 0))
+            elif self.pp_rank == 0:
+                full = torch.empty(shape, dtype=getattr(torch, dtype), device=dev)
+                dist.recv(full, src=dist.get_global_rank(pp_group, stage))
+        return full if self.rank == 0 else None
+
+    def iter_hf_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """HF-named full tensors in buckets of at most `bucket_bytes` (one tensor may exceed it alone).
+        Every rank of DP replica 0 must drive this generator to the end; only global rank 0 gets tensors."""
+        if self.dp_rank != 0:
+            return
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        for stage, local, glob, shape, dtype in self._param_plan():
+            full = self._gather_full(stage, local, shape, dtype)
+            if full is None:
+                continue
+            for hf_name, t in adapter.to_hf(glob, full, self.hf_cfg):
+                nbytes = t.numel() * t.element_size()
+                if bucket and size + nbytes > bucket_bytes:
+                    yield bucket
+                    bucket, size = [], 0
+                bucket.append((hf_name, t.contiguous()))
+                size += nbytes
+        if bucket:
+            yield bucket
+
+    def stream_hf_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Ray streaming-generator form of `iter_hf_buckets` for the driver."""
+        for b in self.iter_hf_buckets(bucket_bytes):
+            if self.rank == 0:
+                yield [(k, v.cpu()) for k, v in b]
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+        out = {k: v.cpu() for b in self.iter_hf_buckets(1 << 62) for k, v in b}
+        return out if self.rank == 0 else None
+
+    def save_hf(self, out_dir: str, bucket_bytes: int = 1 << 30) -> str | None:
+        """A standard sharded HF directory (safetensors + index + config + tokenizer files)."""
+        from trainers.megatron.hf_export import write_hf_dir
+
+        buckets = self.iter_hf_buckets(bucket_bytes)
+        if self.rank != 0:
+            for _ in buckets:
+                pass
+            return None
+        return write_hf_dir(buckets, out_dir, self.model_path)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def save(self, ckpt_dir: str) -> None:
+        state = {"model": self.module().state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "steps": self.steps,
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                         "cuda": None if self.on_cpu else torch.cuda.get_rng_state()}}
+        os.makedirs(ckpt_dir, exist_ok=True)
+        torch.save(state, os.path.join(ckpt_dir, f"rank_{self.rank:05d}.pt"))
+
+    def load(self, ckpt_dir: str) -> None:
+        path = os.path.join(ckpt_dir, f"rank_{self.rank:05d}.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: checkpoint has no shard for rank {self.rank} "
+                                    "(was it saved with the same trainer.world_size/tp/pp?)")
+        state = torch.load(path, weights_only=False)
+        self.module().load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = state["steps"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
+
+    def shutdown(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+

@@ -1,0 +1,54 @@
+"""Ray placement: a local cluster when none is given, and placement groups of CPU or GPU bundles.
+
+The same code places ranks on CPU bundles here and GPU bundles on GPU hosts; only the bundle shape differs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(default=None, description="existing cluster ('auto' or host:port); None starts one")
+    num_cpus: int | None = Field(default=None, description="CPUs of the local cluster (default: all)")
+
+
+def ensure_ray(cfg: RayConfig | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
+                        "TOKENIZERS_PARALLELISM": "false"}}
+    if cfg.address:
+        ray.init(address=cfg.address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env,
+                 log_to_driver=True)
+
+
+def placement_group(bundles: list[dict[str, float]], name: str | None = None, timeout_s: float = 120.0) -> Any:
+    """A PACK placement group; fails with the resources asked vs available instead of waiting forever."""
+    import ray
+    from ray.util.placement_group import placement_group as make_pg
+
+    bundles = [{k: v for k, v in b.items() if v} for b in bundles]
+    pg = make_pg(bundles, strategy="PACK", name=name or "")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(pg)
+        raise RuntimeError(f"Ray could not place bundles {bundles} within {timeout_s:.0f}s; cluster has "
+                           f"{ray.available_resources()} available") from None
+    return pg
+
+
+def bundle_strategy(pg: Any, index: int) -> Any:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)

@@ -1,0 +1,51 @@
+"""Which trainer owns the weights, its parallel layout and optimiser. Backend-specific knobs are not modelled
+here: `args` goes verbatim to the backend (for Megatron: fields of TransformerConfig / OptimizerConfig)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vime.registry import TRAINERS, resolve
+
+
+class TrainerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="megatron", description="registered trainer name or 'pkg.module:Class'")
+    tp: int = Field(default=1, ge=1, description="tensor-parallel size")
+    pp: int = Field(default=1, ge=1, description="pipeline-parallel size")
+    world_size: int = Field(default=1, ge=1, description="ranks in all; dp = world_size / (tp * pp)")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    lr: float = Field(default=1e-4, gt=0)
+    min_lr: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_decay_steps: int | None = Field(default=None, description="cosine decay to min_lr over this many steps")
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = Field(default=1.0, ge=0)
+    micro_batch_size: int = Field(default=8, ge=1, description="sequences per micro-batch (memory bound)")
+    distributed_optimizer: bool = False
+    recompute: bool = False
+    seed: int = 1234
+    cpus_per_rank: float = Field(default=1.0, gt=0)
+    gpus_per_rank: float = Field(default=0.0, ge=0, description="0 on CPU; 1 on GPUs")
+    args: dict[str, Any] = Field(default_factory=dict, description="backend config fields, verbatim")
+
+    @model_validator(mode="after")
+    def _layout(self) -> "TrainerConfig":
+        if self.world_size % (self.tp * self.pp):
+            raise ValueError(f"trainer.world_size ({self.world_size}) must be a multiple of tp*pp "
+                             f"({self.tp}*{self.pp})")
+        return self
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+
+def make_trainer(cfg: TrainerConfig, model_path: str, placement: Any = None) -> Any:
+    """Build and start the trainer named by `cfg.name` (its ranks are Ray actors)."""
+    cls = resolve(TRAINERS, cfg.name, kind="trainer")
+    return cls(cfg, model_path=model_path, placement=placement)
