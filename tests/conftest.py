@@ -61,3 +61,39 @@ def repo_root() -> Path:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the session; 4 logical CPUs so a TP=2 trainer fits beside a TP=1 one."""
+    import ray
+
+    from vime.placement import RayConfig, ensure_ray
+
+    ensure_ray(RayConfig(num_cpus=4))
+    yield ray
+    ray.shutdown()
+
+
+def make_samples(n: int, seed: int = 0, vocab: int = 500):
+    import torch
+
+    from vime.types import Sample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p, r = 4 + i % 5, 3 + (2 * i) % 7
+        out.append(Sample(prompt_ids=torch.randint(3, vocab, (p,), generator=g).tolist(),
+                          response_ids=torch.randint(3, vocab, (r,), generator=g).tolist(), logprobs=[0.0] * r))
+    return out
+
+
+def hf_response_logprobs(model, sample):
+    import torch
+
+    ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    p = len(sample.prompt_ids)
+    return logp[torch.arange(p - 1, ids.shape[1] - 1), ids[0, p:]].tolist()

@@ -1,0 +1,60 @@
+"""Shared benchmark plumbing: machine description, JSON + PNG output under benchmarks/results/."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                         time.gmtime())}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_count"] = torch.cuda.device_count()
+    except ImportError:
+        pass
+    try:
+        info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def write(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
+    out = out_dir or Path(os.environ.get("VIME_BENCH_OUT", RESULTS))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=1) + "\n")
+    return path
+
+
+def bar_png(name: str, labels: list[str], values: list[float], ylabel: str, title: str,
+            out_dir: Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = out_dir or Path(os.environ.get("VIME_BENCH_OUT", RESULTS))
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(labels)), 3.2))
+    ax.bar(labels, values, color="#4c72b0")
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,139 @@
+"""The sender side of the weight-transfer channel, driving vLLM's RL routes over HTTP.
+
+One control flow for every backend: pause → start_weight_update → update_weights per bucket (with the
+backend's data plane: a gloo broadcast, a safetensors file, ...) → finish_weight_update(version) →
+reset_prefix_cache → check every engine reports the version → resume. It runs in the process that holds the
+tensors (trainer rank 0, or a test's transformers model). Any failure raises `WeightPushError` and leaves the
+engines paused: they may hold half-updated weights and must be restarted and re-synced, never resumed.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any, Iterable
+
+import httpx
+import torch
+
+from vime.weights import WeightPushError, WeightsConfig
+
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def bucket_meta(bucket: Bucket) -> dict[str, Any]:
+    return {"names": [n for n, _ in bucket], "dtype_names": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+            "shapes": [list(t.shape) for _, t in bucket]}
+
+
+def pack(bucket: Bucket) -> torch.Tensor:
+    return torch.cat([t.detach().contiguous().cpu().view(-1).view(torch.uint8) for _, t in bucket])
+
+
+class VLLMWeightChannel:
+    def __init__(self, cfg: WeightsConfig | dict[str, Any], urls: list[str], *, master_address: str = "127.0.0.1",
+                 workers_per_engine: int = 1, new_finish_api: bool = True):
+        self.cfg = cfg if isinstance(cfg, WeightsConfig) else WeightsConfig(**cfg)
+        self.urls = list(urls)
+        self.master_address = master_address
+        self.workers_per_engine = workers_per_engine
+        self.new_finish_api = new_finish_api  # vLLM >= 0.27 takes weight_version in /finish_weight_update
+        self.http = httpx.Client(timeout=self.cfg.timeout_s)
+        self.pool = ThreadPoolExecutor(max(4, len(self.urls) * 2))
+        self.pg = None
+        self.connected = False
+
+    # ---- control plane ---------------------------------------------------------------------------------
+    def _post(self, url: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        r = self.http.post(url + path, json=json, params=params)
+        if r.status_code >= 400:
+            raise WeightPushError(f"{url}{path} -> {r.status_code}: {r.text[:400]}")
+        return r.json() if r.content else None
+
+    def _all(self, path: str, json: Any = None, params: dict[str, Any] | None = None) -> list[Any]:
+        futs = [self.pool.submit(self._post, u, path, json, params) for u in self.urls]
+        return [f.result(timeout=self.cfg.timeout_s) for f in futs]
+
+    def connect(self) -> None:
+        if self.cfg.backend == "gloo":
+            from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+            port = _free_port()
+            world = 1 + self.workers_per_engine * len(self.urls)
+            futs = [self.pool.submit(self._post, u, "/init_weight_transfer_engine", {"init_info": {
+                "master_address": self.master_address, "master_port": port, "world_size": world,
+                "rank_offset": 1 + i * self.workers_per_engine, "timeout_s": self.cfg.timeout_s}})
+                for i, u in enumerate(self.urls)]
+            self.pg = stateless_init_torch_distributed_process_group(
+                self.master_address, port, 0, world, backend="gloo", timeout=timedelta(seconds=self.cfg.timeout_s))
+            for f in futs:
+                f.result(timeout=self.cfg.timeout_s)
+        elif self.cfg.backend == "disk":
+            self._all("/init_weight_transfer_engine", {"init_info": {}})
+        else:
+            raise WeightPushError(f"weights.backend={self.cfg.backend!r} runs on GPUs only (see the device "
+                                  "recipe); use gloo or disk on CPU")
+        self.connected = True
+
+    # ---- data plane ------------------------------------------------------------------------------------
+    def _send_bucket(self, bucket: Bucket) -> int:
+        meta = bucket_meta(bucket)
+        if self.cfg.backend == "gloo":
+            futs = [self.pool.submit(self._post, u, "/update_weights", {"update_info": meta}) for u in self.urls]
+            buf = pack(bucket)
+            self.pg.broadcast(buf, root=0).wait()
+            for f in futs:
+                f.result(timeout=self.cfg.timeout_s)
+            return buf.numel()
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.cfg.disk_dir, f"vime-{uuid.uuid4().hex}.safetensors")
+        save_file({n: t.detach().contiguous().cpu() for n, t in bucket}, path)
+        try:
+            self._all("/update_weights", {"update_info": {**meta, "path": path}})
+            return os.path.getsize(path)
+        finally:
+            os.unlink(path)
+
+    def push(self, buckets: Iterable[Bucket], version: str) -> dict[str, float]:
+        if not self.connected:
+            self.connect()
+        t0 = time.perf_counter()
+        nbytes = 0
+        try:
+            self._all("/pause", params={"mode": self.cfg.pause_mode})
+            t_pause = time.perf_counter()
+            self._all("/start_weight_update")
+            for bucket in buckets:
+                nbytes += self._send_bucket(bucket)
+            self._all("/finish_weight_update", {"weight_version": version} if self.new_finish_api else None)
+            self._all("/reset_prefix_cache")  # KV computed with the old weights must not be reused
+            t_sent = time.perf_counter()
+            if self.new_finish_api:
+                got = [self.http.get(u + "/weight_info").json()["weight_version"] for u in self.urls]
+                if any(v != version for v in got):
+                    raise WeightPushError(f"engines report weight versions {got} after pushing {version!r}")
+        except WeightPushError:
+            raise
+        except Exception as e:  # a broken broadcast, a timeout, a dead engine
+            raise WeightPushError(f"weight push of version {version!r} failed: {type(e).__name__}: {e}") from e
+        self._all("/resume")
+        t1 = time.perf_counter()
+        return {"push_s": t1 - t0, "pause_s": t_pause - t0, "transfer_s": t_sent - t_pause, "bytes": float(nbytes),
+                "mb_per_s": nbytes / 1e6 / max(1e-9, t_sent - t_pause)}
+
+    def close(self) -> None:
+        self.pg = None
+        self.connected = False
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.http.close()

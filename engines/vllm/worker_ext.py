@@ -1,0 +1,157 @@
+"""Runs inside each vLLM worker process (`--worker-extension-cls engines.vllm.worker_ext.VimeWorkerExtension`).
+
+Importing this module registers vime's weight-transfer engines into vLLM's own factory, so they are driven by
+vLLM's standard RL routes (`/init_weight_transfer_engine`, `/start_weight_update`, `/update_weights`,
+`/finish_weight_update`) exactly like the built-in `nccl`/`ipc` engines:
+
+- `gloo`: a broadcast over a stateless gloo group (the CPU counterpart of vLLM's `nccl` engine);
+- `disk`: each bucket as a safetensors file (e.g. on /dev/shm), for any platform.
+
+Both load through vLLM's layerwise-reload lifecycle and then fix the CPU backend's pre-packed tied lm_head,
+which the reload never rebuilds (without it log-probs are off by nats after a push).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from vllm.distributed.weight_transfer.base import (
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+
+def refresh_tied_lm_head(model: torch.nn.Module) -> int:
+    """Re-run the embedding quant method's post-load processing on modules that keep a pre-packed copy
+    (`cpu_linear`) of their weight; returns how many were refreshed."""
+    n = 0
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is None or not hasattr(module, "cpu_linear"):
+            continue
+        if type(method).__name__ == "UnquantizedEmbeddingMethod":
+            method.process_weights_after_loading(module)
+            n += 1
+    return n
+
+
+def views(buf: torch.Tensor, names: list[str], dtype_names: list[str], shapes: list[list[int]]):
+    out, off = [], 0
+    for name, dt, shape in zip(names, dtype_names, shapes):
+        dtype = getattr(torch, dt)
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        out.append((name, buf[off:off + nbytes].view(dtype).view(shape)))
+        off += nbytes
+    return out
+
+
+@dataclass
+class GlooInitInfo(WeightTransferInitInfo):
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    timeout_s: float = 300.0
+
+
+@dataclass
+class TensorsUpdateInfo(WeightTransferUpdateInfo):
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+    path: str | None = None  # disk backend: the safetensors file holding these tensors
+
+
+@dataclass
+class DiskInitInfo(WeightTransferInitInfo):
+    pass
+
+
+class _ReloadingEngine(WeightTransferEngine):
+    """Shared lifecycle: layerwise reload around the received tensors, lm_head refresh at the end."""
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+        refresh_tied_lm_head(self.model)
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        # The base class ends with torch.accelerator.synchronize(), which raises on CPU; our receives are
+        # synchronous already.
+        self.receive_weights(self.parse_update_info(update_info))
+
+
+class GlooWeightTransferEngine(_ReloadingEngine):
+    init_info_cls = GlooInitInfo
+    update_info_cls = TensorsUpdateInfo
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pg = None
+
+    def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+        pc = self.parallel_config
+        rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
+        self.pg = stateless_init_torch_distributed_process_group(
+            init_info.master_address, init_info.master_port, rank, init_info.world_size, backend="gloo",
+            timeout=timedelta(seconds=init_info.timeout_s))
+
+    def receive_weights(self, u: TensorsUpdateInfo) -> None:
+        if self.pg is None:
+            raise RuntimeError("gloo weight transfer not initialised: call /init_weight_transfer_engine first")
+        nbytes = sum(int(torch.Size(s).numel()) * torch.empty((), dtype=getattr(torch, d)).element_size()
+                     for s, d in zip(u.shapes, u.dtype_names))
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        self.pg.broadcast(buf, root=0).wait()
+        self.model.load_weights(views(buf, u.names, u.dtype_names, u.shapes))
+
+    def shutdown(self) -> None:
+        self.pg = None
+
+
+class DiskWeightTransferEngine(_ReloadingEngine):
+    init_info_cls = DiskInitInfo
+    update_info_cls = TensorsUpdateInfo
+
+    def init_transfer_engine(self, init_info: DiskInitInfo) -> None:
+        pass
+
+    def receive_weights(self, u: TensorsUpdateInfo) -> None:
+        from safetensors.torch import load_file
+
+        if not u.path:
+            raise ValueError("disk weight update needs update_info.path (a safetensors file)")
+        tensors = load_file(u.path)
+        self.model.load_weights([(n, tensors[n]) for n in u.names])
+
+    def shutdown(self) -> None:
+        pass
+
+
+for _name, _cls in (("gloo", GlooWeightTransferEngine), ("disk", DiskWeightTransferEngine)):
+    if _name not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(_name, _cls)
+
+
+class VimeWorkerExtension:
+    """Methods callable through `/collective_rpc` on every worker."""
+
+    def vime_refresh_tied_lm_head(self) -> int:
+        return refresh_tied_lm_head(self.model_runner.model)
+
+    def vime_weight_checksum(self) -> float:
+        """A cheap fingerprint of the loaded weights (sum of |w| over parameters), for consistency checks."""
+        with torch.no_grad():
+            return float(sum(p.detach().float().abs().sum() for p in self.model_runner.model.parameters()))
