@@ -41,16 +41,17 @@ def model_dir(tmp_path_factory):
     return get
 
 
-def start_engines(model_path: Path, log_dir: Path, num_engines: int = 1, **args):
+def start_engines(model_path: Path, log_dir: Path, num_engines: int = 1, weights: str | None = None, **args):
     from vime.engine import EngineConfig, make_engine_group
 
     cfg = EngineConfig(num_engines=num_engines, args={**ENGINE_ARGS, **args}, startup_timeout_s=240)
-    return make_engine_group(cfg, str(model_path), str(log_dir)).start()
+    return make_engine_group(cfg, str(model_path), str(log_dir), weights_backend=weights).start()
 
 
 @pytest.fixture(scope="session")
 def qwen2_engines(model_dir, tmp_path_factory):
-    group = start_engines(model_dir("qwen2"), tmp_path_factory.mktemp("vllm-logs"))
+    # two engines with the gloo weight channel: shared by the engine, weight and loop tests
+    group = start_engines(model_dir("qwen2"), tmp_path_factory.mktemp("vllm-logs"), num_engines=2, weights="gloo")
     yield group
     group.stop()
 

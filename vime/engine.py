@@ -21,7 +21,7 @@ class EngineConfig(BaseModel):
     request_timeout_s: float = Field(default=600.0, gt=0)
 
 
-def make_engine_group(cfg: EngineConfig, model_path: str, log_dir: str) -> Any:
-    """Build (not start) the engine group named by `cfg.name`."""
+def make_engine_group(cfg: EngineConfig, model_path: str, log_dir: str, weights_backend: str | None = None) -> Any:
+    """Build (not start) the engine group named by `cfg.name`; `weights_backend` readies in-place updates."""
     cls = resolve(ENGINES, cfg.name, kind="engine")
-    return cls(cfg, model_path=model_path, log_dir=log_dir)
+    return cls(cfg, model_path=model_path, log_dir=log_dir, weights_backend=weights_backend)

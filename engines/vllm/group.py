@@ -52,8 +52,9 @@ class VLLMEngine:
 
 
 class VLLMEngineGroup:
-    def __init__(self, cfg: EngineConfig, *, model_path: str, log_dir: str):
+    def __init__(self, cfg: EngineConfig, *, model_path: str, log_dir: str, weights_backend: str | None = None):
         self.cfg = cfg
+        self.weights_backend = weights_backend
         self.model_path = model_path
         self.log_dir = Path(log_dir)
         self.engines: list[VLLMEngine] = []
@@ -66,11 +67,22 @@ class VLLMEngineGroup:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(i % (os.cpu_count() or 1))
         return env
 
+    def _server_args(self) -> dict[str, Any]:
+        args = dict(self.cfg.args)
+        if self.weights_backend:
+            # vime's own engines (gloo, disk) register into vLLM's factory when this module is imported
+            args.setdefault("worker_extension_cls", "engines.vllm.worker_ext.VimeWorkerExtension")
+            args.setdefault("weight_transfer_config", {"backend": self.weights_backend})
+        return args
+
+    def _server(self, i: int, port: int | None = None) -> VLLMServer:
+        return VLLMServer(self.model_path, host=self.cfg.host, port=port, args=self._server_args(),
+                          env=self._server_env(i), log_path=self.log_dir / f"vllm_{i}.log",
+                          startup_timeout_s=self.cfg.startup_timeout_s)
+
     def start(self) -> "VLLMEngineGroup":
         atexit.register(self.stop)
-        servers = [VLLMServer(self.model_path, host=self.cfg.host, args=self.cfg.args, env=self._server_env(i),
-                              log_path=self.log_dir / f"vllm_{i}.log", startup_timeout_s=self.cfg.startup_timeout_s)
-                   for i in range(self.cfg.num_engines)]
+        servers = [self._server(i) for i in range(self.cfg.num_engines)]
         self.engines = [VLLMEngine(s, self.cfg.request_timeout_s) for s in servers]
         try:
             for s in servers:
@@ -85,6 +97,20 @@ class VLLMEngineGroup:
     def stop(self) -> None:
         for e in self.engines:
             e.server.stop()
+
+    def restart(self, i: int) -> VLLMEngine:
+        """Replace engine i by a fresh server on the same port, loaded from the model directory (its weight
+        version is back to the initial one; the caller re-syncs weights)."""
+        old = self.engines[i]
+        old.server.stop()
+        server = self._server(i, port=old.server.port)
+        server.start()
+        server.wait_healthy()
+        self.engines[i] = VLLMEngine(server, self.cfg.request_timeout_s)
+        return self.engines[i]
+
+    def urls(self) -> list[str]:
+        return [e.base_url for e in self.engines]
 
     def pick(self, key: str | None = None) -> VLLMEngine:
         """A session key always maps to the same engine (its prefix cache stays warm); otherwise least loaded."""

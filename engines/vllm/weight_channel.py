@@ -55,7 +55,10 @@ class VLLMWeightChannel:
 
     # ---- control plane ---------------------------------------------------------------------------------
     def _post(self, url: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
-        r = self.http.post(url + path, json=json, params=params)
+        try:
+            r = self.http.post(url + path, json=json, params=params)
+        except httpx.HTTPError as e:
+            raise WeightPushError(f"{url}{path}: {type(e).__name__}: {e}") from e
         if r.status_code >= 400:
             raise WeightPushError(f"{url}{path} -> {r.status_code}: {r.text[:400]}")
         return r.json() if r.content else None

@@ -100,6 +100,13 @@ class MegatronTrainer:
             for ref in g:
                 ray.get(ref)
 
+    def connect_weights(self, channel_factory: str, cfg: dict[str, Any], urls: list[str], **kw: Any) -> None:
+        """Open a weight channel (`pkg.module:Class`) inside rank 0, where the gathered tensors are."""
+        self._fan("connect_weights", None, channel_factory, cfg, urls, **kw)
+
+    def push_weights(self, version: str) -> dict[str, float]:
+        return self._fan("push_weights", None, version)[0]
+
     def save_hf(self, out_dir: str) -> str:
         return self._fan("save_hf", None, out_dir)[0]
 

@@ -334,6 +334,26 @@ class MegatronWorker:
             return None
         return write_hf_dir(buckets, out_dir, self.model_path)
 
+    # ---- weight channel (sender side lives on global rank 0) -------------------------------------------------
+    def connect_weights(self, channel_factory: str, cfg: dict[str, Any], urls: list[str], **kw: Any) -> None:
+        """Open the weight channel from this process (rank 0 sends; the other ranks only feed the gathers)."""
+        from vime.registry import load_object
+
+        self.bucket_bytes = int(cfg.get("bucket_mb", 256)) << 20
+        if self.rank == 0:
+            if getattr(self, "channel", None) is not None:
+                self.channel.close()
+            self.channel = load_object(channel_factory, what="weight channel")(cfg, urls, **kw)
+            self.channel.connect()
+
+    def push_weights(self, version: str) -> dict[str, float] | None:
+        buckets = self.iter_hf_buckets(self.bucket_bytes)
+        if self.rank != 0:
+            for _ in buckets:
+                pass
+            return None
+        return self.channel.push(buckets, version)
+
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save(self, ckpt_dir: str) -> None:
         state = {"model": self.module().state_dict(), "optimizer": self.optimizer.state_dict(),
