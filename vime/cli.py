@@ -43,12 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
     for name, hlp in (("rollout", "sample groups into the buffer and write them as JSONL"),
-                      ("train", "run the recipe's training job")):
+                      ("train", "run the recipe's training job"),
+                      ("serve", "engines + the OpenAI gateway alone, for agent development")):
         c = sub.add_parser(name, help=hlp)
         c.add_argument("-c", "--config", required=True, help="YAML recipe")
         c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
         c.add_argument("--steps", type=int, default=None)
         c.add_argument("--out", default=None, help="samples JSONL (rollout)")
+        if name == "train":
+            c.add_argument("--resume", default=None, help="checkpoint directory (or checkpoints root) to resume")
     return p
 
 
@@ -58,6 +61,10 @@ def _sigterm_to_exit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    if os.getcwd() not in sys.path:  # plug-ins like `examples.x:fn` resolve from where vime is run, as with -m
+        sys.path.insert(0, os.getcwd())
     argv, engine_flags = split_engine_flags(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     if args.cmd == "make-model":
@@ -79,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vime: {e}", file=sys.stderr)
         return 2
     _sigterm_to_exit()
-    # Until the RL loop lands, `train` runs the rollout stage of the recipe.
+    if args.cmd == "train":
+        return _train(cfg, args)
+    if args.cmd == "serve":
+        return _serve(cfg)
     from vime.rollout.runner import run_rollout
 
     out = args.out or f"{cfg.run.out_dir}/samples.jsonl"
@@ -88,6 +98,38 @@ def main(argv: list[str] | None = None) -> int:
     print(f"throughput: {summary['tokens_per_s']:.1f} response tokens/s, {summary['samples_per_s']:.1f} samples/s "
           f"over {summary['samples']} samples in {summary['seconds']:.1f}s; mean reward {summary['mean_reward']:.3f}")
     print(json.dumps(summary))
+    return 0
+
+
+def _train(cfg: Any, args: argparse.Namespace) -> int:
+    from vime.loop import train
+
+    if args.steps is not None:
+        cfg.loop.num_steps = args.steps
+    result = train(cfg, resume=args.resume)
+    print("\n" + result["summary"])
+    print(f"plot: {result['plot']}\nmetrics: {cfg.run.out_dir}/metrics.jsonl, tensorboard: {cfg.run.out_dir}/tensorboard")
+    return 0
+
+
+def _serve(cfg: Any) -> int:
+    import time
+    from pathlib import Path
+
+    from vime.engine import make_engine_group
+    from vime.gateway.server import Gateway, gateway_config
+    from vime.rollout.runner import load_tokenizer
+
+    with make_engine_group(cfg.engine, cfg.model.path, str(Path(cfg.run.out_dir) / "logs")) as engines:
+        with Gateway(engines, load_tokenizer(cfg), gateway_config(cfg)) as gw:
+            print(f"OpenAI endpoint: {gw.base_url}\nAPI key: {gw.api_key}\nmodel: {gw.cfg.model_name}\n"
+                  "sessions: send header x-session-id, or use base_url .../sessions/<id>/v1. Ctrl-C stops.",
+                  flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
     return 0
 
 

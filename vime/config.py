@@ -11,9 +11,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vime.algorithms.recipe import AlgorithmConfig
 from vime.data.source import DataConfig
 from vime.engine import EngineConfig
+from vime.gateway.app import GatewayConfig
+from vime.loop import LoopConfig
+from vime.placement import PlacementConfig, RayConfig
 from vime.rollout.default import RolloutConfig
+from vime.trainer import TrainerConfig
+from vime.weights import WeightsConfig
 
 
 class Strict(BaseModel):
@@ -28,6 +34,8 @@ class ModelConfig(Strict):
 class RunConfig(Strict):
     out_dir: str = "runs/default"
     seed: int = 0
+    wandb_project: str | None = Field(default=None, description="also log to Weights & Biases (needs wandb)")
+    save_samples: bool = Field(default=False, description="write every step's samples to out_dir/samples/")
 
 
 class Config(Strict):
@@ -35,6 +43,13 @@ class Config(Strict):
     engine: EngineConfig = EngineConfig()
     data: DataConfig
     rollout: RolloutConfig = RolloutConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    weights: WeightsConfig = WeightsConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    loop: LoopConfig = LoopConfig()
+    ray: RayConfig = RayConfig()
+    placement: PlacementConfig = PlacementConfig()
+    gateway: GatewayConfig = GatewayConfig()
     run: RunConfig = RunConfig()
 
 

@@ -41,6 +41,7 @@ SIZES = {
     "tiny": Size(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512),
     "small": Size(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=2, vocab=512),
     "100m": Size(hidden=768, intermediate=3072, layers=12, heads=12, kv_heads=4, vocab=512),
+    "500m": Size(hidden=1024, intermediate=5632, layers=24, heads=16, kv_heads=2, vocab=512),
 }
 ARCHS = ("qwen2", "qwen3", "llama")
 

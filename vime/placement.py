@@ -17,6 +17,26 @@ class RayConfig(BaseModel):
     num_cpus: int | None = Field(default=None, description="CPUs of the local cluster (default: all)")
 
 
+class PlacementConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    colocate: bool = Field(default=False, description="trainer ranks and engines share bundles (on GPU: the same "
+                                                      "GPU, engines sleep while training); false: separate ones")
+
+
+def plan(colocate: bool, trainer_ranks: int, trainer_bundle: dict[str, float], engines: int,
+         engine_bundle: dict[str, float]) -> tuple[list[dict[str, float]], list[int], list[int]]:
+    """Bundles of one placement group, and which bundle each trainer rank and each engine uses."""
+    if not colocate:
+        bundles = [trainer_bundle] * trainer_ranks + [engine_bundle] * engines
+        return bundles, list(range(trainer_ranks)), [trainer_ranks + i for i in range(engines)]
+    n = max(trainer_ranks, engines)
+    both = {k: trainer_bundle.get(k, 0) + engine_bundle.get(k, 0) for k in set(trainer_bundle) | set(engine_bundle)}
+    if both.get("GPU"):
+        both["GPU"] = max(trainer_bundle.get("GPU", 0), engine_bundle.get("GPU", 0))  # one GPU, shared
+    return [both] * n, list(range(trainer_ranks)), [i % n for i in range(engines)]
+
+
 def ensure_ray(cfg: RayConfig | None = None) -> None:
     import ray
 
@@ -52,3 +72,10 @@ def bundle_strategy(pg: Any, index: int) -> Any:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
+
+
+def remove_placement_group(pg: Any) -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.util.remove_placement_group(pg)

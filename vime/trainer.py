@@ -46,6 +46,7 @@ class TrainerConfig(BaseModel):
 
 
 def make_trainer(cfg: TrainerConfig, model_path: str, placement: Any = None) -> Any:
-    """Build and start the trainer named by `cfg.name` (its ranks are Ray actors)."""
+    """Build and start the trainer named by `cfg.name` (its ranks are Ray actors); `placement` =
+    (Ray placement group, bundle index per rank)."""
     cls = resolve(TRAINERS, cfg.name, kind="trainer")
     return cls(cfg, model_path=model_path, placement=placement)

@@ -52,9 +52,11 @@ class VLLMEngine:
 
 
 class VLLMEngineGroup:
-    def __init__(self, cfg: EngineConfig, *, model_path: str, log_dir: str, weights_backend: str | None = None):
+    def __init__(self, cfg: EngineConfig, *, model_path: str, log_dir: str, weights_backend: str | None = None,
+                 placement: tuple[Any, list[int]] | None = None):
         self.cfg = cfg
         self.weights_backend = weights_backend
+        self.placement = placement  # (Ray placement group, bundle index per engine): servers run in Ray actors
         self.model_path = model_path
         self.log_dir = Path(log_dir)
         self.engines: list[VLLMEngine] = []
@@ -75,23 +77,46 @@ class VLLMEngineGroup:
             args.setdefault("weight_transfer_config", {"backend": self.weights_backend})
         return args
 
-    def _server(self, i: int, port: int | None = None) -> VLLMServer:
-        return VLLMServer(self.model_path, host=self.cfg.host, port=port, args=self._server_args(),
-                          env=self._server_env(i), log_path=self.log_dir / f"vllm_{i}.log",
-                          startup_timeout_s=self.cfg.startup_timeout_s)
+    def _server_kwargs(self, i: int, port: int | None) -> dict[str, Any]:
+        return dict(host=self.cfg.host, port=port, args=self._server_args(), env=self._server_env(i),
+                    log_path=self.log_dir / f"vllm_{i}.log", startup_timeout_s=self.cfg.startup_timeout_s)
+
+    def _launch(self, indices: list[int], ports: list[int | None]) -> list[Any]:
+        """Start servers (locally, or inside Ray actors on their bundles) and wait until all are healthy."""
+        if self.placement is None:
+            servers = [VLLMServer(self.model_path, **self._server_kwargs(i, p)) for i, p in zip(indices, ports)]
+            try:
+                for s in servers:
+                    s.start()
+                for s in servers:
+                    s.wait_healthy()
+            except BaseException:
+                for s in servers:
+                    s.stop()
+                raise
+            return servers
+        import ray
+
+        from engines.vllm.actor import EngineActor, RemoteServer
+        from vime.placement import bundle_strategy
+
+        pg, bundles = self.placement
+        actors = [ray.remote(EngineActor).options(
+            num_cpus=self.cfg.cpus_per_engine, num_gpus=self.cfg.gpus_per_engine,
+            scheduling_strategy=bundle_strategy(pg, bundles[i])).remote(self.model_path, self._server_kwargs(i, p))
+            for i, p in zip(indices, ports)]
+        try:
+            started = ray.get([a.start.remote() for a in actors])
+        except BaseException:
+            for a in actors:
+                ray.kill(a)
+            raise
+        return [RemoteServer(a, *info) for a, info in zip(actors, started)]
 
     def start(self) -> "VLLMEngineGroup":
         atexit.register(self.stop)
-        servers = [self._server(i) for i in range(self.cfg.num_engines)]
-        self.engines = [VLLMEngine(s, self.cfg.request_timeout_s) for s in servers]
-        try:
-            for s in servers:
-                s.start()
-            for s in servers:
-                s.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
+        n = self.cfg.num_engines
+        self.engines = [VLLMEngine(s, self.cfg.request_timeout_s) for s in self._launch(list(range(n)), [None] * n)]
         return self
 
     def stop(self) -> None:
@@ -103,9 +128,7 @@ class VLLMEngineGroup:
         version is back to the initial one; the caller re-syncs weights)."""
         old = self.engines[i]
         old.server.stop()
-        server = self._server(i, port=old.server.port)
-        server.start()
-        server.wait_healthy()
+        (server,) = self._launch([i], [old.server.port])
         self.engines[i] = VLLMEngine(server, self.cfg.request_timeout_s)
         return self.engines[i]
 

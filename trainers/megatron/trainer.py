@@ -42,12 +42,15 @@ class MegatronTrainer:
         self.cfg = cfg
         self.model_path = model_path
         bundle = {"CPU": cfg.cpus_per_rank, "GPU": cfg.gpus_per_rank}
-        self.pg = placement or placement_group([bundle] * cfg.world_size, name=None)
+        if placement is None:
+            self.pg, bundles = placement_group([bundle] * cfg.world_size), list(range(cfg.world_size))
+        else:
+            self.pg, bundles = placement
         self._own_pg = placement is None
         threads = str(max(1, int(cfg.cpus_per_rank)))
         actor = ray.remote(MegatronWorker)
         self.workers = [actor.options(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
-                                      scheduling_strategy=bundle_strategy(self.pg, i),
+                                      scheduling_strategy=bundle_strategy(self.pg, bundles[i]),
                                       runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})
                         .remote(cfg.model_dump(), model_path, i, cfg.world_size) for i in range(cfg.world_size)]
         addr, port = ray.get(self.workers[0].address.remote())
@@ -106,6 +109,9 @@ class MegatronTrainer:
 
     def push_weights(self, version: str) -> dict[str, float]:
         return self._fan("push_weights", None, version)[0]
+
+    def set_lr(self, lr: float) -> None:
+        self._fan("set_lr", None, lr)
 
     def save_hf(self, out_dir: str) -> str:
         return self._fan("save_hf", None, out_dir)[0]

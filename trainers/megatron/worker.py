@@ -228,6 +228,13 @@ class MegatronWorker:
         self.model.train()
         return captured[0][: len(tokens)] if ps.is_pipeline_last_stage() else None
 
+    def set_lr(self, lr: float) -> None:
+        """Change the peak learning rate (e.g. SFT warm start vs RL) without touching optimiser state."""
+        self.scheduler.max_lr = lr
+        self.scheduler.init_lr = min(self.scheduler.init_lr, lr)
+        self.scheduler.min_lr = min(self.scheduler.min_lr, lr)
+        self.scheduler.step(increment=0)
+
     def train_step(self, samples: list[dict[str, Any]], loss: str, loss_kwargs: dict[str, Any],
                    temperature: float = 1.0) -> dict[str, float]:
         self.model.zero_grad_buffer()

@@ -33,10 +33,16 @@ def make_problems(n: int, seed: int, max_operand: int = 9) -> list[dict[str, str
     return out
 
 
-def write_dataset(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> tuple[Path, Path]:
+def write_dataset(out_dir: str | Path, max_operand: int = 19, eval_fraction: float = 0.2,
+                  seed: int = 0) -> tuple[Path, Path]:
+    """Every pair a+b with 0 <= a, b <= max_operand, split into train and a held-out eval set (no pair in both),
+    so the eval reward measures addition, not memorised answers."""
+    pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    random.Random(seed).shuffle(pairs)
+    n_eval = int(len(pairs) * eval_fraction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = (out / "train.jsonl", out / "eval.jsonl")
-    for path, rows in zip(paths, (make_problems(n_train, seed), make_problems(n_eval, seed + 1))):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for path, rows in zip(paths, (pairs[n_eval:], pairs[:n_eval])):
+        path.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "label": str(a + b)}) + "\n" for a, b in rows))
     return paths

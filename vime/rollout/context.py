@@ -18,6 +18,8 @@ class RolloutContext:
     step: int = 0
     seed_base: int | None = 0                  # None: unseeded sampling
     counters: dict[str, int] = field(default_factory=lambda: {"prompts": 0})
+    gateway: Any = None                        # the running OpenAI gateway (agent rollouts)
+    agent: str | None = None                   # the agent's import path (agent rollouts)
 
     def encode(self, prompt: Any) -> list[int]:
         """Prompt text (or a message list) → token ids, through the model's chat template by default."""

@@ -27,6 +27,7 @@ class RolloutConfig(BaseModel):
     reward: str = Field(default="math", description="built-in reward name or 'pkg.module:fn'")
     group_filters: list[str] = Field(default_factory=list,
                                      description="'drop_uniform_reward' or 'pkg.module:fn' (group -> keep?)")
+    agent: str | None = Field(default=None, description="agent fn 'pkg.module:fn' for vime.rollout.agent:agent_rollout")
     sampling_extra: dict[str, Any] = Field(default_factory=dict, description="extra engine sampling params")
 
 

@@ -38,7 +38,7 @@ def make_context(cfg: Config, engines: Any, tokenizer: Any) -> RolloutContext:
                             top_k=r.top_k, stop=list(r.stop), extra=dict(r.sampling_extra))
     return RolloutContext(engines=engines, tokenizer=tokenizer, params=params, reward_fn=get_reward_fn(r.reward),
                           apply_chat_template=cfg.data.apply_chat_template, system_prompt=cfg.data.system_prompt,
-                          seed_base=r.seed)
+                          seed_base=r.seed, agent=r.agent)
 
 
 def rollout_fn(cfg: Config) -> Callable[..., Any]:

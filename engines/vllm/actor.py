@@ -1,0 +1,55 @@
+"""A vLLM server owned by a Ray actor, so engines are placed by Ray like trainer ranks (CPU or GPU bundles;
+Ray's CUDA_VISIBLE_DEVICES reaches the server). The server is the actor's child with PR_SET_PDEATHSIG: when
+Ray kills the actor, the server goes too."""
+from __future__ import annotations
+
+from typing import Any
+
+from engines.vllm.server import VLLMServer
+
+
+class EngineActor:
+    def __init__(self, model_path: str, kwargs: dict[str, Any]):
+        self.server = VLLMServer(model_path, **kwargs)
+
+    def start(self) -> tuple[str, int, tuple[int, int, int]]:
+        import ray
+
+        self.server.start()
+        self.server.wait_healthy()
+        return (self.server.host if self.server.host != "0.0.0.0" else ray.util.get_node_ip_address(),
+                self.server.port, self.server.version)
+
+    def alive(self) -> bool:
+        return self.server.alive()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class RemoteServer:
+    """The driver's view of a server running in an EngineActor (same surface as VLLMServer)."""
+
+    def __init__(self, actor: Any, host: str, port: int, version: tuple[int, int, int]):
+        self.actor, self.host, self.port, self.version = actor, host, port, version
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def alive(self) -> bool:
+        import ray
+
+        try:
+            return bool(ray.get(self.actor.alive.remote(), timeout=10))
+        except Exception:  # noqa: BLE001 - a dead actor is a dead server
+            return False
+
+    def stop(self) -> None:
+        import ray
+
+        try:
+            ray.get(self.actor.stop.remote(), timeout=60)
+        except Exception:  # noqa: BLE001
+            pass
+        ray.kill(self.actor)

@@ -1,0 +1,164 @@
+"""The OpenAI gateway in front of real vLLM-CPU engines, driven by the official `openai` client."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from vime.gateway.app import GatewayConfig
+from vime.gateway.server import Gateway
+from vime.gateway.tools import hermes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gateway(qwen2_engines, model_dir):
+    tok = AutoTokenizer.from_pretrained(model_dir("qwen2"))
+    with Gateway(qwen2_engines, tok, GatewayConfig(api_key="test-key", model_name="tiny", max_model_len=512)) as gw:
+        yield gw
+
+
+@pytest.fixture
+def client(gateway):
+    return openai.OpenAI(base_url=gateway.base_url, api_key="test-key")
+
+
+def test_chat_completions_streaming_and_tools(client, gateway):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "3+4="}], max_tokens=8,
+                                       seed=1, logprobs=True, n=2)
+    assert len(r.choices) == 2 and r.usage.completion_tokens > 0
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens // 2 or r.choices[0].logprobs.content
+    c = client.completions.create(model="tiny", prompt="12+7=", max_tokens=5, seed=2, logprobs=0)
+    assert c.choices[0].text is not None and len(c.choices[0].logprobs.token_logprobs) >= 1
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=6, seed=1, stream=True))
+    same = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                          seed=1)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == same.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == same.choices[0].finish_reason
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    t = client.chat.completions.create(model="tiny", max_tokens=8, tools=tools, messages=[
+        {"role": "user", "content": "add 1 and 2"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3"}])
+    assert t.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_hermes_tool_parser():
+    content, calls = hermes('ok <tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>')
+    assert content == "ok" and calls[0]["function"] == {"name": "add", "arguments": '{"a": 1}'}
+    assert hermes("<tool_call>{broken</tool_call>") == ("<tool_call>{broken</tool_call>", [])
+
+
+def test_multi_turn_keeps_sampled_ids(client, gateway, model_dir):
+    tok = AutoTokenizer.from_pretrained(model_dir("qwen2"))
+    differs = 0
+    for seed in range(6):
+        sid = f"mt-{seed}"
+        msgs = [{"role": "user", "content": "3+4="}]
+        r1 = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, seed=seed,
+                                            extra_headers={"x-session-id": sid})
+        msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": "and 5+5="}]
+        r2 = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, seed=seed,
+                                            extra_headers={"x-session-id": sid})
+        p1, ids1 = r1.model_extra["prompt_token_ids"], r1.choices[0].model_extra["token_ids"]
+        p2 = r2.model_extra["prompt_token_ids"]
+        assert p2[: len(p1) + len(ids1)] == p1 + ids1  # turn 2 extends the exact ids of turn 1
+        naive = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"]
+        differs += naive != p2
+        sample = gateway.store.to_sample(sid)
+        s = gateway.store.sessions[sid]
+        assert sample.prompt_ids == p1 and sample.prompt_ids + sample.response_ids == p2 + r2.choices[0].model_extra[
+            "token_ids"]
+        # model tokens are trained on, the user's second message is not
+        mask = sample.loss_mask
+        assert mask[: len(ids1)] == [1] * len(ids1) and 0 in mask[len(ids1):] and mask[-1] == 1
+        assert sample.logprobs[: len(ids1)] == s.turns[0].logprobs
+    assert differs > 0, "no case where re-tokenising the history differs; the test proves nothing"
+
+
+def test_recorded_logprobs_equal_engine(client, gateway):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "9+9="}], max_tokens=8,
+                                       seed=4, logprobs=True, extra_headers={"x-session-id": "lp"})
+    s = gateway.store.sessions["lp"]
+    assert s.turns[0].logprobs == [x.logprob for x in r.choices[0].logprobs.content]
+    assert s.turns[0].response_ids == r.choices[0].model_extra["token_ids"]
+
+
+def test_64_concurrent_sessions_over_2_engines(gateway):
+    async def session(client, i):
+        sid = f"conc-{i}"
+        msgs = [{"role": "user", "content": f"{i}+1="}]
+        for turn in range(2):
+            r = await client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, seed=i,
+                                                     extra_headers={"x-session-id": sid})
+            msgs += [{"role": "assistant", "content": r.choices[0].message.content},
+                     {"role": "user", "content": "again"}]
+        return sid
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="test-key", max_retries=0)
+        return await asyncio.gather(*(session(client, i) for i in range(64)))
+
+    sids = asyncio.run(main())
+    engines_used = set()
+    for sid in sids:
+        s = gateway.store.sessions[sid]
+        assert len(s.turns) == 2 and s.turns[0].engine_url == s.turns[1].engine_url
+        assert s.turns[1].prompt_ids[: len(s.turns[0].prompt_ids)] == s.turns[0].prompt_ids
+        engines_used.add(s.turns[0].engine_url)
+        assert len(s.ids) == len(s.mask) == len(s.logprobs)
+    assert len(engines_used) == 2
+
+
+def test_errors(gateway):
+    url = gateway.base_url
+    good = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    auth = {"Authorization": "Bearer test-key"}
+    r = httpx.post(url + "/chat/completions", json=good)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.post(url + "/chat/completions", json=good, headers={"Authorization": "Bearer no"}).status_code == 401
+    r = httpx.post(url + "/chat/completions", json={**good, "temperature": 5}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = httpx.post(url + "/chat/completions", json={**good, "messages": []}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(url + "/chat/completions", json={**good, "model": "gpt-9"}, headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    long = {**good, "messages": [{"role": "user", "content": "x " * 600}]}
+    r = httpx.post(url + "/chat/completions", json=long, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(url + "/chat/completions", content=b"{nope", headers={**auth, "content-type": "application/json"})
+    assert r.status_code == 400
+
+
+class DeadEngine:
+    """Stands in for an engine whose server died (a real dead server is covered in test_engine_vllm)."""
+
+    base_url = "http://127.0.0.1:9"
+
+    async def healthy(self):
+        return False
+
+
+class DeadGroup:
+    engines = [DeadEngine()]
+
+    def pick(self, key=None):
+        return self.engines[0]
+
+
+def test_no_healthy_engine_is_503(model_dir):
+    tok = AutoTokenizer.from_pretrained(model_dir("qwen2"))
+    with Gateway(DeadGroup(), tok, GatewayConfig(api_key="k", model_name="tiny")) as gw:
+        r = httpx.post(gw.base_url + "/chat/completions", headers={"Authorization": "Bearer k"},
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and "no healthy" in r.json()["error"]["message"]
+        assert httpx.get(gw.base_url[:-3] + "/health").status_code == 503

@@ -1,0 +1,258 @@
+"""The OpenAI-compatible endpoint: chat and text completions over the engine group, with every chat turn
+recorded as exact token ids and log-probs per session.
+
+A session is named by the `x-session-id` header, the `user` field, or the URL prefix `/sessions/<id>/v1`
+(what agent rollouts hand to an agent as its `base_url`, so the agent needs no vime-specific code).
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vime.gateway.sessions import SessionStore, Turn
+from vime.registry import load_callable
+from vime.types import Completion, SamplingParams
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_key: str | None = Field(default=None, description="Bearer key clients must send; None: $VIME_API_KEY")
+    model_name: str | None = Field(default=None, description="the id clients use; default: the model path")
+    tool_parser: str = Field(default="vime.gateway.tools:hermes", description="text -> (content, tool_calls)")
+    max_model_len: int = Field(default=4096, description="prompt + max_tokens limit per request")
+    default_max_tokens: int = 256
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send many optional fields
+
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    n: int = Field(default=1, ge=1, le=128)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=0)
+    stream: bool = False
+    user: str | None = None
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str | list[int] | list[str] | list[list[int]]
+    n: int = Field(default=1, ge=1, le=128)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=16, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=0)
+    stream: bool = False
+    user: str | None = None
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(status_code=e.status, content={"error": {"message": e.message, "type": e.type,
+                                                                 "param": e.param, "code": e.code}})
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or None
+        raise APIError(400, f"invalid field '{field}': {err['msg']}", param=field) from None
+
+
+def make_app(engines: Any, tokenizer: Any, cfg: GatewayConfig, store: SessionStore | None = None) -> FastAPI:
+    app = FastAPI(title="vime gateway")
+    app.state.store = store = store or SessionStore(tokenizer)
+    model_name = cfg.model_name or "vime"
+    parse_tools = load_callable(cfg.tool_parser, 1, what="tool parser (gateway.tool_parser)")
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Any:
+        if cfg.api_key and request.url.path != "/health":
+            if request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
+                return error_response(APIError(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                               "authentication_error", code="invalid_api_key"))
+        return await call_next(request)
+
+    async def engine_for(key: str | None) -> Any:
+        first = engines.pick(key)
+        for e in [first] + [e for e in engines.engines if e is not first]:
+            if await e.healthy():
+                return e
+        raise APIError(503, "no healthy inference engine", "service_unavailable")
+
+    async def body_of(request: Request) -> Any:
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "request body is not valid JSON") from None
+
+    def check_model(name: str) -> None:
+        if name not in (model_name, getattr(engines, "model_path", None)):
+            raise APIError(404, f"model '{name}' does not exist; this gateway serves '{model_name}'",
+                           param="model", code="model_not_found")
+
+    def check_length(prompt_ids: list[int], max_tokens: int, param: str) -> None:
+        if len(prompt_ids) + max_tokens > cfg.max_model_len:
+            raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                f"context length {cfg.max_model_len}", param=param, code="context_length_exceeded")
+
+    def params_of(req: Any, max_tokens: int) -> SamplingParams:
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        return SamplingParams(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              seed=req.seed, stop=stop)
+
+    def logprobs_content(c: Completion) -> list[dict[str, Any]]:
+        out = []
+        for t, lp in zip(c.token_ids, c.logprobs):
+            s = tokenizer.decode([t])
+            out.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []})
+        return out
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = [await e.healthy() for e in engines.engines]
+        return JSONResponse(status_code=200 if any(ok) else 503, content={"healthy_engines": sum(ok)})
+
+    @app.get("/v1/models")
+    @app.get("/sessions/{sid}/v1/models")
+    async def models(sid: str | None = None) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "vime",
+                                            "created": 0}]}
+
+    @app.post("/v1/chat/completions")
+    @app.post("/sessions/{sid}/v1/chat/completions")
+    async def chat(request: Request, sid: str | None = None) -> Any:
+        req = parse(ChatRequest, await body_of(request))
+        check_model(req.model)
+        sid = sid or request.headers.get("x-session-id") or req.user
+        max_tokens = req.max_completion_tokens or req.max_tokens or cfg.default_max_tokens
+        session = store.get(sid) if sid else None
+        try:
+            prompt_ids = (store.prompt_for(session, req.messages, req.tools) if session else
+                          store.builder.first_prompt(req.messages, req.tools))
+        except Exception as e:  # noqa: BLE001 - a template that cannot render these messages
+            raise APIError(400, f"cannot apply the chat template to 'messages': {e}", param="messages") from None
+        check_length(prompt_ids, max_tokens, "messages")
+        engine = await engine_for(sid)
+        (completions,) = await engine.generate([prompt_ids], params_of(req, max_tokens))
+        choices = []
+        for i, c in enumerate(completions):
+            text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            content, calls = parse_tools(text) if req.tools else (text, [])
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            finish = "tool_calls" if calls else ("length" if c.finish_reason == "length" else "stop")
+            choice = {"index": i, "message": message, "finish_reason": finish, "token_ids": c.token_ids}
+            if req.logprobs:
+                choice["logprobs"] = {"content": logprobs_content(c)}
+            choices.append(choice)
+            if session is not None and i == 0:  # a session follows its first choice
+                store.record(session, req.messages, prompt_ids, Turn(prompt_ids, c.token_ids, c.logprobs,
+                                                                     c.finish_reason, c.weight_versions, text,
+                                                                     engine.base_url), message)
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": sum(len(c.token_ids) for c in completions),
+                 "total_tokens": len(prompt_ids) + sum(len(c.token_ids) for c in completions)}
+        resp = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": req.model, "choices": choices, "usage": usage, "prompt_token_ids": prompt_ids}
+        return stream_chat(resp) if req.stream else resp
+
+    @app.post("/v1/completions")
+    @app.post("/sessions/{sid}/v1/completions")
+    async def completions(request: Request, sid: str | None = None) -> Any:
+        req = parse(CompletionRequest, await body_of(request))
+        check_model(req.model)
+        p = req.prompt
+        prompts = ([p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)) if p else [""]
+        ids = [list(x) if isinstance(x, list) else list(tokenizer.encode(x, add_special_tokens=False))
+               for x in prompts]
+        for x in ids:
+            check_length(x, req.max_tokens, "prompt")
+        engine = await engine_for(sid or request.headers.get("x-session-id") or req.user)
+        results = await engine.generate(ids, params_of(req, req.max_tokens))
+        choices = []
+        for group in results:
+            for c in group:
+                choice = {"index": len(choices), "text": tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                          "finish_reason": "length" if c.finish_reason == "length" else "stop",
+                          "token_ids": c.token_ids, "logprobs": None}
+                if req.logprobs is not None:
+                    choice["logprobs"] = {"tokens": [tokenizer.decode([t]) for t in c.token_ids],
+                                          "token_logprobs": c.logprobs, "top_logprobs": None, "text_offset": []}
+                choices.append(choice)
+        n_out = sum(len(c["token_ids"]) for c in choices)
+        resp = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model, "choices": choices,
+                "usage": {"prompt_tokens": sum(map(len, ids)), "completion_tokens": n_out,
+                          "total_tokens": sum(map(len, ids)) + n_out}}
+        return stream_completion(resp) if req.stream else resp
+
+    return app
+
+
+def _sse(chunks: list[dict[str, Any]]) -> StreamingResponse:
+    async def gen() -> Any:
+        for c in chunks:
+            yield f"data: {json.dumps(c)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+def stream_chat(resp: dict[str, Any]) -> StreamingResponse:
+    """OpenAI chunk protocol over a finished completion: role, content, tool calls, then the finish reason."""
+    base = {"id": resp["id"], "object": "chat.completion.chunk", "created": resp["created"], "model": resp["model"]}
+    chunks = []
+    for ch in resp["choices"]:
+        i, msg = ch["index"], ch["message"]
+        chunks.append({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None}]})
+        if msg.get("content"):
+            chunks.append({**base, "choices": [{"index": i, "delta": {"content": msg["content"]},
+                                                "logprobs": ch.get("logprobs"), "finish_reason": None}]})
+        if msg.get("tool_calls"):
+            calls = [{"index": k, **tc} for k, tc in enumerate(msg["tool_calls"])]
+            chunks.append({**base, "choices": [{"index": i, "delta": {"tool_calls": calls}, "finish_reason": None}]})
+        chunks.append({**base, "choices": [{"index": i, "delta": {}, "finish_reason": ch["finish_reason"]}]})
+    chunks.append({**base, "choices": [], "usage": resp["usage"]})
+    return _sse(chunks)
+
+
+def stream_completion(resp: dict[str, Any]) -> StreamingResponse:
+    chunks = [{**{k: resp[k] for k in ("id", "object", "created", "model")},
+               "choices": [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"],
+                            "logprobs": c["logprobs"]}]} for c in resp["choices"]]
+    return _sse(chunks)

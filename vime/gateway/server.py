@@ -1,0 +1,75 @@
+"""Run the gateway app with uvicorn in a background thread of this process (it shares the engine group and the
+session store with the rollout code), or in the foreground for `vime serve`."""
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from vime.gateway.app import GatewayConfig, make_app
+from vime.gateway.sessions import SessionStore
+
+
+def gateway_config(cfg: Any) -> GatewayConfig:
+    """The recipe's gateway section, with what only the whole recipe knows filled in."""
+    limit = cfg.engine.args.get("max_model_len") or cfg.engine.args.get("max-model-len")
+    update: dict[str, Any] = {"model_name": cfg.gateway.model_name or cfg.model.path}
+    if limit:
+        update["max_model_len"] = int(limit)
+    return cfg.gateway.model_copy(update=update)
+
+
+def resolve_api_key(cfg: GatewayConfig) -> str:
+    return cfg.api_key or os.environ.get("VIME_API_KEY") or f"vime-{secrets.token_hex(16)}"
+
+
+class Gateway:
+    def __init__(self, engines: Any, tokenizer: Any, cfg: GatewayConfig):
+        self.cfg = cfg.model_copy(update={"api_key": resolve_api_key(cfg)})
+        if not self.cfg.port:
+            with socket.socket() as s:
+                s.bind((self.cfg.host, 0))
+                self.cfg.port = s.getsockname()[1]
+        self.store = SessionStore(tokenizer)
+        self.app = make_app(engines, tokenizer, self.cfg, self.store)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=self.cfg.host, port=self.cfg.port,
+                                                    log_level="warning", access_log=False))
+        self.thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.cfg.host}:{self.cfg.port}/v1"
+
+    def session_url(self, sid: str) -> str:
+        return f"http://{self.cfg.host}:{self.cfg.port}/sessions/{sid}/v1"
+
+    @property
+    def api_key(self) -> str:
+        return str(self.cfg.api_key)
+
+    def start(self) -> "Gateway":
+        self.thread = threading.Thread(target=self.server.run, name="vime-gateway", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"gateway did not start on {self.cfg.host}:{self.cfg.port}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+            self.thread = None
+
+    def __enter__(self) -> "Gateway":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,27 @@
+"""Tool-call parsers: model text → OpenAI `tool_calls`. Pluggable by import path (`gateway.tool_parser`)."""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+_HERMES = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+
+def hermes(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Hermes/Qwen style). Malformed JSON is
+    left in the content rather than guessed at."""
+    calls = []
+    for m in _HERMES.finditer(text):
+        try:
+            obj = json.loads(m.group(1))
+            name, args = obj["name"], obj.get("arguments", {})
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        calls.append({"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+                      "function": {"name": str(name), "arguments": args if isinstance(args, str) else json.dumps(args)}})
+    if not calls:
+        return text, []
+    content = _HERMES.sub("", text).strip()
+    return content or None, calls

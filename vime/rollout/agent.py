@@ -1,0 +1,42 @@
+"""Agent rollouts: run a user's agent — a plain async function that talks to an OpenAI endpoint — for every
+prompt of a batch, n times, concurrently; each run gets its own session URL, so the gateway records its exact
+tokens; the recorded sessions are rewarded and become a group.
+
+    async def my_agent(base_url: str, api_key: str, task: dict) -> Any: ...   # uses openai.AsyncOpenAI
+
+Set `rollout.function: vime.rollout.agent:agent_rollout` and `rollout.agent: mypkg.agents:my_agent`.
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from vime.registry import load_callable
+from vime.types import Group
+
+
+async def run_agent_group(agent: Any, record: dict[str, Any], ctx: Any, gateway: Any, group_id: str) -> Group:
+    sids = [f"{group_id}-{k}-{uuid.uuid4().hex[:6]}" for k in range(ctx.params.n)]
+    results = await asyncio.gather(*(agent(gateway.session_url(sid), gateway.api_key, record) for sid in sids),
+                                   return_exceptions=True)
+    group = []
+    for k, (sid, result) in enumerate(zip(sids, results)):
+        if sid not in gateway.store.sessions:  # the agent failed before its first model call
+            continue
+        s = gateway.store.to_sample(sid, agent_result=None if isinstance(result, BaseException) else result,
+                                    agent_error=repr(result) if isinstance(result, BaseException) else None)
+        gateway.store.pop(sid)
+        s.index, s.label, s.group_id = k, record.get("label"), group_id
+        s.metadata["task"] = record
+        s.reward = 0.0 if isinstance(result, BaseException) else float(ctx.reward_fn(s))
+        group.append(s)
+    return group
+
+
+async def agent_rollout(prompts: list[dict[str, Any]], ctx: Any) -> list[Group]:
+    """The `RolloutFn` for agents: `ctx.gateway` is the running gateway, `ctx.agent` the agent's import path."""
+    agent = load_callable(ctx.agent, 3, what="agent (rollout.agent)")
+    groups = await asyncio.gather(*(run_agent_group(agent, r, ctx, ctx.gateway, f"s{ctx.step}-p{r.get('index', i)}")
+                                    for i, r in enumerate(prompts)))
+    return [g for g in groups if g]
