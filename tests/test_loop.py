@@ -80,3 +80,18 @@ def test_failure_leaves_no_processes(ray_cluster, repo_root, model_dir, tmp_path
         train(cfg, progress=False)
     assert {p.pid for p in vllm_procs()} - before == set()
     assert alive_actors(ray_cluster) == []
+
+
+def test_agent_rollout_trains_on_recorded_sessions(ray_cluster, repo_root, model_dir, tmp_path):
+    cfg = recipe(repo_root, model_dir, tmp_path, "rollout.function=vime.rollout.agent:agent_rollout",
+                 "rollout.agent=plugins:two_turn_agent", "rollout.reward=math", "rollout.batch_size=4",
+                 "rollout.n_samples=4", "loop.num_steps=1", "loop.sft_steps=0", "run.save_samples=true",
+                 "gateway.model_name=vime")
+    result = train(cfg, progress=False)
+    row = next(r for r in result["history"] if "rollout/reward" in r)
+    assert row["train/samples"] == 16 and row["consistency/max_abs_diff"] < 1e-3
+    samples = list(read_jsonl(tmp_path / "run" / "samples" / "step_000001.jsonl"))
+    for s in samples:
+        assert s.metadata["turns"] == 2
+        assert 0 in s.loss_mask and s.loss_mask[0] == 1 and s.loss_mask[-1] == 1  # the user turn is masked
+        assert len(s.logprobs) == len(s.response_ids) == len(s.loss_mask)

@@ -42,8 +42,9 @@ class Timer(dict):
 
 
 def consistency(samples: list[Any], trainer_logprobs: list[list[float]]) -> dict[str, float]:
-    """Engine vs trainer log-probs of the sampled tokens, under the same weights."""
-    diffs = [e - t for s, lp in zip(samples, trainer_logprobs) for e, t in zip(s.logprobs, lp)]
+    """Engine vs trainer log-probs of the sampled tokens (loss-mask 1; tool/user tokens were not sampled),
+    under the same weights."""
+    diffs = [e - t for s, lp in zip(samples, trainer_logprobs) for e, t, m in zip(s.logprobs, lp, s.loss_mask) if m]
     if not diffs:
         return {}
     return {"consistency/mean_abs_diff": sum(abs(d) for d in diffs) / len(diffs),

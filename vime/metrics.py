@@ -57,7 +57,7 @@ class MetricsLogger:
                 pts = [(r["step"], r[k]) for r in self.history if k in r and not math.isnan(r[k])]
                 if pts:
                     xs, ys = zip(*pts)
-                    ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=k.split("/")[-1])
+                    ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=k)
             ax.set_title(name, fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

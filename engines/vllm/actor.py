@@ -48,6 +48,8 @@ class RemoteServer:
     def stop(self) -> None:
         import ray
 
+        if not ray.is_initialized():  # Ray already gone: it took the actor, and the server with it
+            return
         try:
             ray.get(self.actor.stop.remote(), timeout=60)
         except Exception:  # noqa: BLE001

@@ -120,7 +120,9 @@ class VLLMEngineGroup:
         return self
 
     def stop(self) -> None:
-        for e in self.engines:
+        """Idempotent (it is also registered with atexit)."""
+        engines, self.engines = self.engines, []
+        for e in engines:
             e.server.stop()
 
     def restart(self, i: int) -> VLLMEngine:

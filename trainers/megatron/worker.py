@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainers.megatron import adapter
+from trainers.megatron import adapter, export
 from trainers.megatron.batching import microbatches, response_values
 from trainers.megatron.logprobs import logprobs_and_entropy
 from trainers.megatron.spec import build_model, transformer_config
@@ -257,68 +257,8 @@ class MegatronWorker:
         return metrics
 
     # ---- weights out ---------------------------------------------------------------------------------------
-    def _param_plan(self) -> list[tuple[int, str, str, list[int], str]]:
-        """(stage, local name, global name, full shape, dtype) for every parameter, identical on all ranks."""
-        from megatron.core import parallel_state as ps
-
-        if getattr(self, "_plan", None) is None:
-            mine = []
-            for name, t in self.module().state_dict().items():
-                if name.endswith("_extra_state"):
-                    continue
-                shape = list(t.shape)
-                dim = adapter.tp_dim(name)
-                if dim is not None:
-                    shape[dim] *= self.cfg.tp
-                mine.append((self.pp_rank, name, adapter.local_to_global(name, self.pp_rank, self.layers_per_stage),
-                             shape, str(t.dtype).replace("torch.", "")))
-            stages: list[Any] = [None] * self.cfg.pp
-            dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
-            self._plan = [p for st in stages for p in st]
-        return self._plan
-
-    def _gather_full(self, stage: int, local_name: str, shape: list[int], dtype: str) -> torch.Tensor | None:
-        """The full tensor on global rank 0 (None elsewhere); TP all-gather on the owning stage, then p2p."""
-        from megatron.core import parallel_state as ps
-
-        dev = "cpu" if self.on_cpu else "cuda"
-        full = None
-        if self.pp_rank == stage:
-            t = self.module().state_dict()[local_name].detach()
-            if adapter.tp_dim(local_name) is not None and self.cfg.tp > 1:
-                parts = [torch.empty_like(t) for _ in range(self.cfg.tp)]
-                dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
-                t = adapter.unshard(local_name, parts)
-            full = t
-        if stage != 0 and self.tp_rank == 0:
-            pp_group = ps.get_pipeline_model_parallel_group()
-            if self.pp_rank == stage:
-                dist.send(full.contiguous(), dst=dist.get_global_rank(pp_group, 0))
-            elif self.pp_rank == 0:
-                full = torch.empty(shape, dtype=getattr(torch, dtype), device=dev)
-                dist.recv(full, src=dist.get_global_rank(pp_group, stage))
-        return full if self.rank == 0 else None
-
     def iter_hf_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """HF-named full tensors in buckets of at most `bucket_bytes` (one tensor may exceed it alone).
-        Every rank of DP replica 0 must drive this generator to the end; only global rank 0 gets tensors."""
-        if self.dp_rank != 0:
-            return
-        bucket: list[tuple[str, torch.Tensor]] = []
-        size = 0
-        for stage, local, glob, shape, dtype in self._param_plan():
-            full = self._gather_full(stage, local, shape, dtype)
-            if full is None:
-                continue
-            for hf_name, t in adapter.to_hf(glob, full, self.hf_cfg):
-                nbytes = t.numel() * t.element_size()
-                if bucket and size + nbytes > bucket_bytes:
-                    yield bucket
-                    bucket, size = [], 0
-                bucket.append((hf_name, t.contiguous()))
-                size += nbytes
-        if bucket:
-            yield bucket
+        return export.iter_hf_buckets(self, bucket_bytes)
 
     def stream_hf_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Ray streaming-generator form of `iter_hf_buckets` for the driver."""

@@ -1,0 +1,71 @@
+"""Chat throughput through the vime gateway vs straight to the same vLLM server (its own
+/v1/chat/completions), same prompts, seeds and concurrency, measured in one run."""
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import bar_png, write  # noqa: E402
+
+REQUESTS, CONCURRENCY, MAX_TOKENS = 256, 64, 64
+
+
+async def drive(base_url: str, api_key: str, model: str) -> tuple[float, int]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
+    sem = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(i: int) -> int:
+        async with sem:
+            r = await client.chat.completions.create(model=model, max_tokens=MAX_TOKENS, seed=i, temperature=1.0,
+                                                     messages=[{"role": "user", "content": f"{i % 20}+{i % 7}="}])
+            return r.usage.completion_tokens
+
+    t = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(one(i) for i in range(REQUESTS))))
+    dt = time.perf_counter() - t
+    await client.close()
+    return dt, tokens
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    from vime.engine import EngineConfig, make_engine_group
+    from vime.gateway.app import GatewayConfig
+    from vime.gateway.server import Gateway
+    from vime.models import make_model
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_model("qwen2", "tiny", Path(tmp) / "m")
+        cfg = EngineConfig(args={"enforce_eager": True, "dtype": "float32", "max_model_len": 512,
+                                 "kv_cache_memory_bytes": 128 << 20, "max_num_seqs": 128})
+        with make_engine_group(cfg, str(model), tmp) as group, \
+                Gateway(group, AutoTokenizer.from_pretrained(model),
+                        GatewayConfig(api_key="bench", model_name=str(model))) as gw:
+            asyncio.run(drive(group.urls()[0] + "/v1", "none", str(model)))  # warm-up
+            for rep in range(2):
+                for name, url, key in (("bare vLLM", group.urls()[0] + "/v1", "none"),
+                                       ("vime gateway", gw.base_url, "bench")):
+                    dt, tokens = asyncio.run(drive(url, key, str(model)))
+                    rows.append({"path": name, "rep": rep, "seconds": dt, "completion_tokens": tokens,
+                                 "tokens_per_s": tokens / dt})
+                    print(f"{name:13s} rep {rep}: {tokens / dt:7.0f} tok/s ({tokens} tokens, {dt:.1f} s)", flush=True)
+    best = {p: max(r["tokens_per_s"] for r in rows if r["path"] == p) for p in ("bare vLLM", "vime gateway")}
+    ratio = best["vime gateway"] / best["bare vLLM"]
+    print(f"gateway / bare vLLM throughput ratio: {ratio:.2f} (best of 2 each)")
+    print("wrote", write("gateway_cpu", {"rows": rows, "ratio": ratio, "requests": REQUESTS,
+                                         "concurrency": CONCURRENCY, "max_tokens": MAX_TOKENS}))
+    bar_png("gateway_cpu", list(best), list(best.values()), "completion tokens/s",
+            f"chat throughput, {CONCURRENCY} concurrent (ratio {ratio:.2f})")
+
+
+if __name__ == "__main__":
+    main()

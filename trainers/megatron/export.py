@@ -1,0 +1,80 @@
+"""Weights out of a (TP/PP-sharded) Megatron rank group as HF-named full tensors, bucket by bucket.
+
+Every rank of data-parallel replica 0 walks the same parameter plan in the same order: the owning stage
+all-gathers a tensor over TP, sends it to global rank 0 if it is on another stage, and rank 0 converts it to HF
+names. Only one bucket is materialised at a time.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from trainers.megatron import adapter
+
+
+def param_plan(w: Any) -> list[tuple[int, str, str, list[int], str]]:
+    """(stage, local name, global name, full shape, dtype) for every parameter, identical on all ranks."""
+    from megatron.core import parallel_state as ps
+
+    if getattr(w, "_plan", None) is None:
+        mine = []
+        for name, t in w.module().state_dict().items():
+            if name.endswith("_extra_state"):
+                continue
+            shape = list(t.shape)
+            dim = adapter.tp_dim(name)
+            if dim is not None:
+                shape[dim] *= w.cfg.tp
+            mine.append((w.pp_rank, name, adapter.local_to_global(name, w.pp_rank, w.layers_per_stage),
+                         shape, str(t.dtype).replace("torch.", "")))
+        stages: list[Any] = [None] * w.cfg.pp
+        dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
+        w._plan = [p for st in stages for p in st]
+    return w._plan
+
+
+def gather_full(w: Any, stage: int, local_name: str, shape: list[int], dtype: str) -> torch.Tensor | None:
+    """The full tensor on global rank 0 (None elsewhere); TP all-gather on the owning stage, then p2p."""
+    from megatron.core import parallel_state as ps
+
+    dev = "cpu" if w.on_cpu else "cuda"
+    full = None
+    if w.pp_rank == stage:
+        t = w.module().state_dict()[local_name].detach()
+        if adapter.tp_dim(local_name) is not None and w.cfg.tp > 1:
+            parts = [torch.empty_like(t) for _ in range(w.cfg.tp)]
+            dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+            t = adapter.unshard(local_name, parts)
+        full = t
+    if stage != 0 and w.tp_rank == 0:
+        pp_group = ps.get_pipeline_model_parallel_group()
+        if w.pp_rank == stage:
+            dist.send(full.contiguous(), dst=dist.get_global_rank(pp_group, 0))
+        elif w.pp_rank == 0:
+            full = torch.empty(shape, dtype=getattr(torch, dtype), device=dev)
+            dist.recv(full, src=dist.get_global_rank(pp_group, stage))
+    return full if w.rank == 0 else None
+
+
+def iter_hf_buckets(w: Any, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """HF-named full tensors in buckets of at most `bucket_bytes` (one tensor may exceed it alone).
+    Every rank of DP replica 0 must drive this generator to the end; only global rank 0 gets tensors."""
+    if w.dp_rank != 0:
+        return
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for stage, local, glob, shape, dtype in param_plan(w):
+        full = gather_full(w, stage, local, shape, dtype)
+        if full is None:
+            continue
+        for hf_name, t in adapter.to_hf(glob, full, w.hf_cfg):
+            nbytes = t.numel() * t.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append((hf_name, t.contiguous()))
+            size += nbytes
+    if bucket:
+        yield bucket
