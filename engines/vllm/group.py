@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,30 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+class ExternalServer:
+    """A server vime did not start (attached by URL): never stopped by vime."""
+
+    def __init__(self, url: str, version: tuple[int, int, int]):
+        self.base_url, self.version = url.rstrip("/"), version
+        self.port = int(self.base_url.rsplit(":", 1)[1])
+
+    def alive(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        pass
+
+
 class VLLMEngine:
     """One server + its client: the `vime.protocols.Engine` for vLLM."""
 
-    def __init__(self, server: VLLMServer, request_timeout_s: float):
+    HEALTH_TTL_S = 2.0  # a health probe per request would double the HTTP traffic
+
+    def __init__(self, server: Any, request_timeout_s: float):
         self.server = server
         self.client = VLLMClient(server.base_url, timeout_s=request_timeout_s, version=server.version)
         self.inflight = 0
+        self._health = (0.0, False)
 
     @property
     def base_url(self) -> str:
@@ -48,7 +66,11 @@ class VLLMEngine:
         return await self.client.weight_version()
 
     async def healthy(self) -> bool:
-        return self.server.alive() and await self.client.healthy()
+        checked, ok = self._health
+        if time.monotonic() - checked > self.HEALTH_TTL_S:
+            ok = self.server.alive() and await self.client.healthy()
+            self._health = (time.monotonic(), ok)
+        return ok
 
 
 class VLLMEngineGroup:
@@ -112,6 +134,15 @@ class VLLMEngineGroup:
                 ray.kill(a)
             raise
         return [RemoteServer(a, *info) for a, info in zip(actors, started)]
+
+    @classmethod
+    def attach(cls, urls: list[str], cfg: EngineConfig | None = None) -> "VLLMEngineGroup":
+        """A group over servers that are already running (started elsewhere); stop() leaves them alone."""
+        from engines.vllm.server import vllm_version
+
+        group = cls(cfg or EngineConfig(), model_path="", log_dir=".")
+        group.engines = [VLLMEngine(ExternalServer(u, vllm_version()), group.cfg.request_timeout_s) for u in urls]
+        return group
 
     def start(self) -> "VLLMEngineGroup":
         atexit.register(self.stop)

@@ -73,3 +73,34 @@ class Gateway:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m vime.gateway.server --engine-url http://127.0.0.1:8001 --tokenizer DIR`: a gateway in front of
+    engines (or a router) that are already running, in its own process."""
+    import argparse
+
+    from transformers import AutoTokenizer
+
+    from vime.registry import ENGINES, resolve
+
+    p = argparse.ArgumentParser(prog="python -m vime.gateway.server")
+    p.add_argument("--engine-url", action="append", required=True)
+    p.add_argument("--engine", default="vllm")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--model-name", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    a = p.parse_args(argv)
+    engines = resolve(ENGINES, a.engine, kind="engine").attach(a.engine_url)
+    cfg = GatewayConfig(host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name or a.tokenizer,
+                        max_model_len=a.max_model_len)
+    gw = Gateway(engines, AutoTokenizer.from_pretrained(a.tokenizer), cfg)
+    print(f"vime gateway on {gw.base_url} (API key {'set' if a.api_key else gw.api_key})", flush=True)
+    gw.server.run()
+
+
+if __name__ == "__main__":
+    main()
