@@ -136,7 +136,7 @@ def test_killed_sender_leaves_no_silently_wrong_engine(qwen2_engines, model_dir)
     # the engines never reached the version: they are not allowed to serve; recovery restarts and re-syncs
     versions = [asyncio.run(e.weight_version()) if asyncio.run(e.healthy()) else None for e in qwen2_engines.engines]
     assert "never" not in versions
-    for i in range(len(qwen2_engines.engines)):
+    for i in range(len(qwen2_engines.servers)):
         qwen2_engines.restart(i)
     ref = hf(model_dir("qwen2"))
     for eng in qwen2_engines.engines:

@@ -45,7 +45,7 @@ class Assembly(contextlib.ExitStack):
         self.tokenizer = load_tokenizer(cfg)
         t, e = cfg.trainer, cfg.engine
         bundles, trainer_idx, engine_idx = plan(cfg.placement.colocate, t.world_size,
-                                                {"CPU": t.cpus_per_rank, "GPU": t.gpus_per_rank}, e.num_engines,
+                                                {"CPU": t.cpus_per_rank, "GPU": t.gpus_per_rank}, e.num_servers,
                                                 {"CPU": e.cpus_per_engine, "GPU": e.gpus_per_engine})
         pg = placement_group(bundles, name=f"vime-{self.out.name}")
         self.callback(remove_placement_group, pg)
@@ -82,7 +82,7 @@ class Assembly(contextlib.ExitStack):
         except Exception as e:  # noqa: BLE001 - Ray wraps the WeightPushError
             if not isinstance(e, WeightPushError) and "WeightPushError" not in repr(e):
                 raise
-            for i in range(len(self.engines.engines)):
+            for i in range(len(self.engines.servers)):
                 self.engines.restart(i)
             self.connect_weights()
             stats = self.trainer.push_weights(version)

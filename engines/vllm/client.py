@@ -57,11 +57,16 @@ def parse_choice(ch: dict[str, Any], fallback_version: str | None) -> Completion
 
 
 class VLLMClient:
-    def __init__(self, base_url: str, *, timeout_s: float = 600.0, version: tuple[int, int, int] = (0, 32, 0)):
+    def __init__(self, base_url: str, *, timeout_s: float = 600.0, version: tuple[int, int, int] = (0, 32, 0),
+                 route: str = "generate", model: str = ""):
         self.base_url = base_url
         self.timeout_s = timeout_s
         self.vllm_version = version
-        self.local_version: str | None = None if version >= (0, 27, 0) else "default"
+        # "generate": /inference/v1/generate (a server); "completions": /v1/completions with token ids (a router,
+        # which only forwards the OpenAI routes). Without version spans the client tracks the version itself.
+        self.route = route
+        self.model = model
+        self.local_version: str | None = None if version >= (0, 27, 0) and route == "generate" else "default"
         self._http: httpx.AsyncClient | None = None
 
     @property
@@ -83,7 +88,24 @@ class VLLMClient:
             raise EngineRequestError(f"{self.base_url}{path} -> {r.status_code}: {r.text[:500]}")
         return r.json() if r.content else None
 
+    async def complete_one(self, prompt_ids: list[int], params: SamplingParams) -> list[Completion]:
+        sp = sampling_payload(params)
+        body = {"model": self.model, "prompt": list(prompt_ids), "return_token_ids": True,
+                "return_tokens_as_token_ids": True, **sp}
+        data = await self._post("/v1/completions", body)
+        out = []
+        for ch in sorted(data["choices"], key=lambda c: c["index"]):
+            ids = list(ch.get("token_ids") or [])
+            lps = [float(x) for x in (ch.get("logprobs") or {}).get("token_logprobs") or []]
+            if len(lps) != len(ids):
+                raise EngineRequestError(f"engine returned {len(ids)} tokens but {len(lps)} log-probs")
+            out.append(Completion(token_ids=ids, logprobs=lps, finish_reason=ch.get("finish_reason") or "stop",
+                                  text=ch.get("text") or "", weight_versions=[self.local_version or ""] * len(ids)))
+        return out
+
     async def generate_one(self, prompt_ids: list[int], params: SamplingParams) -> list[Completion]:
+        if self.route == "completions":
+            return await self.complete_one(prompt_ids, params)
         body: dict[str, Any] = {"token_ids": list(prompt_ids), "sampling_params": sampling_payload(params),
                                 "stream": False}
         if self.vllm_version >= (0, 27, 0):

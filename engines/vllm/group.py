@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from engines.vllm.client import VLLMClient
-from engines.vllm.server import VLLMServer
+from engines.vllm.router import VLLMRouter, pd_args
+from engines.vllm.server import VLLMServer, free_port
 from vime.engine import EngineConfig
 from vime.types import Completion, SamplingParams
 
@@ -39,9 +40,10 @@ class VLLMEngine:
 
     HEALTH_TTL_S = 2.0  # a health probe per request would double the HTTP traffic
 
-    def __init__(self, server: Any, request_timeout_s: float):
+    def __init__(self, server: Any, request_timeout_s: float, route: str = "generate", model: str = ""):
         self.server = server
-        self.client = VLLMClient(server.base_url, timeout_s=request_timeout_s, version=server.version)
+        self.client = VLLMClient(server.base_url, timeout_s=request_timeout_s, version=server.version, route=route,
+                                 model=model)
         self.inflight = 0
         self._health = (0.0, False)
 
@@ -74,25 +76,44 @@ class VLLMEngine:
 
 
 class VLLMEngineGroup:
+    """Owns every vLLM process of a run (and the router, if any).
+
+    `servers` are the vLLM processes (weights are pushed to each of them); `engines` are where generation goes:
+    one per server, or one over vllm-router when the topology is P/D (or `router.enabled`).
+    """
+
     def __init__(self, cfg: EngineConfig, *, model_path: str, log_dir: str, weights_backend: str | None = None,
                  placement: tuple[Any, list[int]] | None = None):
         self.cfg = cfg
         self.weights_backend = weights_backend
-        self.placement = placement  # (Ray placement group, bundle index per engine): servers run in Ray actors
+        self.placement = placement  # (Ray placement group, bundle index per server): servers run in Ray actors
         self.model_path = model_path
         self.log_dir = Path(log_dir)
+        self.servers: list[Any] = []
         self.engines: list[VLLMEngine] = []
+        self.router: VLLMRouter | None = None
         self._rr = 0
+
+    def roles(self) -> list[str]:
+        c = self.cfg
+        if c.topology == "pd":
+            return ["prefill"] * c.prefill.num_servers + ["decode"] * c.decode.num_servers
+        return ["server"] * c.num_engines
 
     def _server_env(self, i: int) -> dict[str, str]:
         env = dict(self.cfg.env)
-        if on_cpu() and self.cfg.num_engines > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        if on_cpu() and len(self.roles()) > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
             # Without explicit pinning every CPU server binds core 0 and they crawl.
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(i % (os.cpu_count() or 1))
+        if self.cfg.topology == "pd":
+            env.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(free_port()))  # one per server on a host
         return env
 
-    def _server_args(self) -> dict[str, Any]:
+    def _server_args(self, role: str) -> dict[str, Any]:
         args = dict(self.cfg.args)
+        if role != "server":
+            args.update(pd_args(role, on_cpu(), self.cfg.kv_connector))
+            args.update(getattr(self.cfg, role).args)
         if self.weights_backend:
             # vime's own engines (gloo, disk) register into vLLM's factory when this module is imported
             args.setdefault("worker_extension_cls", "engines.vllm.worker_ext.VimeWorkerExtension")
@@ -100,8 +121,10 @@ class VLLMEngineGroup:
         return args
 
     def _server_kwargs(self, i: int, port: int | None) -> dict[str, Any]:
-        return dict(host=self.cfg.host, port=port, args=self._server_args(), env=self._server_env(i),
-                    log_path=self.log_dir / f"vllm_{i}.log", startup_timeout_s=self.cfg.startup_timeout_s)
+        role = self.roles()[i]
+        name = f"vllm_{i}.log" if role == "server" else f"vllm_{role}_{i}.log"
+        return dict(host=self.cfg.host, port=port, args=self._server_args(role), env=self._server_env(i),
+                    log_path=self.log_dir / name, startup_timeout_s=self.cfg.startup_timeout_s)
 
     def _launch(self, indices: list[int], ports: list[int | None]) -> list[Any]:
         """Start servers (locally, or inside Ray actors on their bundles) and wait until all are healthy."""
@@ -141,32 +164,58 @@ class VLLMEngineGroup:
         from engines.vllm.server import vllm_version
 
         group = cls(cfg or EngineConfig(), model_path="", log_dir=".")
-        group.engines = [VLLMEngine(ExternalServer(u, vllm_version()), group.cfg.request_timeout_s) for u in urls]
+        group.servers = [ExternalServer(u, vllm_version()) for u in urls]
+        group.engines = [VLLMEngine(s, group.cfg.request_timeout_s) for s in group.servers]
         return group
 
     def start(self) -> "VLLMEngineGroup":
+        if self.servers:  # already running (e.g. `with group.start():`): never launch a second set
+            return self
         atexit.register(self.stop)
-        n = self.cfg.num_engines
-        self.engines = [VLLMEngine(s, self.cfg.request_timeout_s) for s in self._launch(list(range(n)), [None] * n)]
+        n = len(self.roles())
+        self.servers = self._launch(list(range(n)), [None] * n)
+        c = self.cfg
+        if c.topology == "pd" or c.router.enabled:
+            roles = self.roles()
+            urls = [s.base_url for s in self.servers]
+            pd = c.topology == "pd"
+            try:
+                self.router = VLLMRouter(
+                    host=c.host, prefill=[u for u, r in zip(urls, roles) if r == "prefill"],
+                    decode=[u for u, r in zip(urls, roles) if r == "decode"], workers=[] if pd else urls,
+                    kv_connector=c.kv_connector, policy="round_robin" if pd and c.router.policy == "consistent_hash"
+                    else c.router.policy, log_path=self.log_dir / "router.log", version=self.servers[0].version).start()
+            except BaseException:
+                self.stop()
+                raise
+            self.engines = [VLLMEngine(self.router, c.request_timeout_s, route="completions", model=self.model_path)]
+        else:
+            self.engines = [VLLMEngine(s, c.request_timeout_s) for s in self.servers]
         return self
 
     def stop(self) -> None:
         """Idempotent (it is also registered with atexit)."""
-        engines, self.engines = self.engines, []
-        for e in engines:
-            e.server.stop()
+        router, self.router = self.router, None
+        if router is not None:
+            router.stop()
+        servers, self.servers, self.engines = self.servers, [], []
+        for s in servers:
+            s.stop()
 
-    def restart(self, i: int) -> VLLMEngine:
-        """Replace engine i by a fresh server on the same port, loaded from the model directory (its weight
-        version is back to the initial one; the caller re-syncs weights)."""
-        old = self.engines[i]
-        old.server.stop()
-        (server,) = self._launch([i], [old.server.port])
-        self.engines[i] = VLLMEngine(server, self.cfg.request_timeout_s)
-        return self.engines[i]
+    def restart(self, i: int) -> Any:
+        """Replace server i by a fresh one on the same port, loaded from the model directory (its weight version
+        is back to the initial one; the caller re-syncs weights). A router keeps routing to the same URL."""
+        old = self.servers[i]
+        old.stop()
+        (server,) = self._launch([i], [old.port])
+        self.servers[i] = server
+        if self.router is None:
+            self.engines[i] = VLLMEngine(server, self.cfg.request_timeout_s)
+        return server
 
     def urls(self) -> list[str]:
-        return [e.base_url for e in self.engines]
+        """Every vLLM server (not the router): where weights go."""
+        return [s.base_url for s in self.servers]
 
     def pick(self, key: str | None = None) -> VLLMEngine:
         """A session key always maps to the same engine (its prefix cache stays warm); otherwise least loaded."""
