@@ -95,3 +95,13 @@ def test_agent_rollout_trains_on_recorded_sessions(ray_cluster, repo_root, model
         assert s.metadata["turns"] == 2
         assert 0 in s.loss_mask and s.loss_mask[0] == 1 and s.loss_mask[-1] == 1  # the user turn is masked
         assert len(s.logprobs) == len(s.response_ids) == len(s.loss_mask)
+
+
+def test_loop_over_pd_topology(ray_cluster, repo_root, model_dir, tmp_path):
+    cfg = recipe(repo_root, model_dir, tmp_path, "engine.topology=pd", "engine.args.block_size=32",
+                 "loop.num_steps=1", "loop.sft_steps=0")
+    result = train(cfg, progress=False)
+    row = next(r for r in result["history"] if "rollout/reward" in r)
+    assert row["engines/prefill_servers"] == 1 and row["engines/decode_servers"] == 1
+    assert row["engines/kv/external_kv_transfer"] > 0 and row["engines/ttft_mean_s"] > 0
+    assert row["consistency/max_abs_diff"] < 1e-3 and row["sync/bytes"] > 0

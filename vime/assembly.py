@@ -102,6 +102,22 @@ class Assembly(contextlib.ExitStack):
         self.buffer.add(groups)
         return groups
 
+    def engine_metrics(self) -> dict[str, float]:
+        """Per-step engine counters (P/D KV tokens transferred vs computed, TTFT), as deltas since the last call."""
+        if not hasattr(self.engines, "step_metrics"):
+            return {}
+        now = self.engines.step_metrics()
+        last, self._engine_counters = getattr(self, "_engine_counters", {}), now
+        out = {k: v for k, v in now.items() if k.startswith("engines/")}
+        for k in now:
+            if k.startswith(("kv/", "ttft/")):
+                out[f"engines/{k}"] = now[k] - last.get(k, 0.0)
+        n = out.pop("engines/ttft/count", 0.0)
+        total = out.pop("engines/ttft/sum", 0.0)
+        if n:
+            out["engines/ttft_mean_s"] = total / n
+        return out
+
     def training_batch(self) -> list[Sample]:
         samples = assign_advantages(self.buffer.pop_groups(), self.cfg.algorithm)
         stale = {v for s in samples for v in s.weight_versions} - {self.version}

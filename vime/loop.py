@@ -99,7 +99,7 @@ def train(cfg: "Config", resume: str | None = None, progress: bool = True) -> di
             timer = Timer()
             with timer("rollout"):
                 groups = run.rollout(step)
-            metrics = rollout_metrics(groups, timer["time/rollout"])
+            metrics = rollout_metrics(groups, timer["time/rollout"]) | run.engine_metrics()
             batch = run.training_batch()
             with timer("train"):
                 if batch:

@@ -213,6 +213,32 @@ class VLLMEngineGroup:
             self.engines[i] = VLLMEngine(server, self.cfg.request_timeout_s)
         return server
 
+    def step_metrics(self) -> dict[str, float]:
+        """Counters read from the servers' Prometheus /metrics, cumulative (the loop logs per-step deltas):
+        prompt tokens by source (KV transferred from a prefill server, local cache hit, computed locally) and
+        time to first token, summed over servers."""
+        import httpx
+
+        roles = self.roles()
+        out = {"engines/prefill_servers": float(roles.count("prefill")),
+               "engines/decode_servers": float(roles.count("decode")),
+               "engines/servers": float(len(roles))}
+        sums: dict[str, float] = {}
+        for s in self.servers:
+            try:
+                text = httpx.get(s.base_url + "/metrics", timeout=5).text
+            except httpx.HTTPError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("vllm:prompt_tokens_by_source_total{"):
+                    key = "kv/" + line.split('source="')[1].split('"')[0]
+                elif line.startswith(("vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count")):
+                    key = "ttft/" + line.split("{")[0].rsplit("_", 1)[1]
+                else:
+                    continue
+                sums[key] = sums.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+        return {**out, **sums}
+
     def urls(self) -> list[str]:
         """Every vLLM server (not the router): where weights go."""
         return [s.base_url for s in self.servers]
