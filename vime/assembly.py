@@ -120,7 +120,8 @@ class Assembly(contextlib.ExitStack):
 
     def training_batch(self) -> list[Sample]:
         samples = assign_advantages(self.buffer.pop_groups(), self.cfg.algorithm)
-        stale = {v for s in samples for v in s.weight_versions} - {self.version}
+        sampled = (v for s in samples for v, m in zip(s.weight_versions, s.loss_mask) if m)  # not user/tool tokens
+        stale = set(sampled) - {self.version}
         if stale and self.cfg.loop.max_staleness == 0:
             raise RuntimeError(f"batch holds tokens from weight versions {sorted(stale)} but the trainer is at "
                                f"{self.version!r}; allow it with loop.max_staleness")
