@@ -103,3 +103,35 @@ def test_killed_prefill_gives_error_not_hang(pd, model_dir):
     with pytest.raises(Exception):
         asyncio.run(pd.engines[0].generate([[3, 4, 5, 6]], SamplingParams(max_tokens=4)))
     assert time.monotonic() - t < 65
+
+
+def test_plain_pool_behind_router_keeps_sessions_sticky(qwen2_engines, model_dir, tmp_path):
+    """vllm-router with consistent_hash in front of the two shared servers: the session header vime sends
+    keeps each session on one server."""
+    from engines.vllm.group import VLLMEngine
+    from engines.vllm.router import VLLMRouter
+
+    def served():
+        out = []
+        for u in qwen2_engines.urls():
+            text = httpx.get(u + "/metrics").text
+            out.append(sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                           if l.startswith("vllm:request_success_total{")))
+        return out
+
+    router = VLLMRouter(host="127.0.0.1", prefill=[], decode=[], workers=qwen2_engines.urls(), kv_connector="nixl",
+                        policy="consistent_hash", log_path=tmp_path / "router.log",
+                        version=qwen2_engines.servers[0].version).start()
+    try:
+        eng = VLLMEngine(router, 60, route="completions", model=str(model_dir("qwen2")))
+        hit = set()
+        for sid in ("alice", "bob", "carol", "dave", "erin", "frank"):
+            before = served()
+            for _ in range(3):
+                asyncio.run(eng.generate([[1, 5, 6, 7]], SamplingParams(max_tokens=2), session=sid))
+            delta = [b - a for a, b in zip(before, served())]
+            assert sorted(delta) == [0, 3], (sid, delta)  # all three requests on one server
+            hit.add(delta.index(3))
+        assert hit == {0, 1}  # and the sessions spread over both
+    finally:
+        router.stop()

@@ -18,8 +18,10 @@ class Engine(Protocol):
 
     base_url: str
 
-    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """For each prompt, `params.n` completions; child k of a seeded request uses seed + k."""
+    async def generate(self, prompts: list[list[int]], params: SamplingParams,
+                       session: str | None = None) -> list[list[Completion]]:
+        """For each prompt, `params.n` completions; child k of a seeded request uses seed + k. `session` lets a
+        router behind the engine keep a conversation on one server."""
         ...
 
     async def pause(self, mode: str = "keep") -> None:

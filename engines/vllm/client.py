@@ -79,20 +79,23 @@ class VLLMClient:
             self._loop = loop
         return self._http
 
-    async def _post(self, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+    async def _post(self, path: str, json: Any = None, params: dict[str, Any] | None = None,
+                    headers: dict[str, str] | None = None) -> Any:
         try:
-            r = await self.http.post(path, json=json, params=params)
+            r = await self.http.post(path, json=json, params=params, headers=headers)
         except httpx.HTTPError as e:
             raise EngineRequestError(f"{self.base_url}{path}: {type(e).__name__}: {e}") from e
         if r.status_code >= 400:
             raise EngineRequestError(f"{self.base_url}{path} -> {r.status_code}: {r.text[:500]}")
         return r.json() if r.content else None
 
-    async def complete_one(self, prompt_ids: list[int], params: SamplingParams) -> list[Completion]:
+    async def complete_one(self, prompt_ids: list[int], params: SamplingParams,
+                           session: str | None = None) -> list[Completion]:
         sp = sampling_payload(params)
         body = {"model": self.model, "prompt": list(prompt_ids), "return_token_ids": True,
                 "return_tokens_as_token_ids": True, **sp}
-        data = await self._post("/v1/completions", body)
+        # a router in front (consistent_hash) keeps a session on one server by this header
+        data = await self._post("/v1/completions", body, headers={"x-session-id": session} if session else None)
         out = []
         for ch in sorted(data["choices"], key=lambda c: c["index"]):
             ids = list(ch.get("token_ids") or [])
@@ -103,9 +106,10 @@ class VLLMClient:
                                   text=ch.get("text") or "", weight_versions=[self.local_version or ""] * len(ids)))
         return out
 
-    async def generate_one(self, prompt_ids: list[int], params: SamplingParams) -> list[Completion]:
+    async def generate_one(self, prompt_ids: list[int], params: SamplingParams,
+                           session: str | None = None) -> list[Completion]:
         if self.route == "completions":
-            return await self.complete_one(prompt_ids, params)
+            return await self.complete_one(prompt_ids, params, session)
         body: dict[str, Any] = {"token_ids": list(prompt_ids), "sampling_params": sampling_payload(params),
                                 "stream": False}
         if self.vllm_version >= (0, 27, 0):
@@ -115,8 +119,9 @@ class VLLMClient:
         choices = sorted(data["choices"], key=lambda c: c["index"])
         return [parse_choice(c, self.local_version) for c in choices]
 
-    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        return list(await asyncio.gather(*(self.generate_one(p, params) for p in prompts)))
+    async def generate(self, prompts: list[list[int]], params: SamplingParams,
+                       session: str | None = None) -> list[list[Completion]]:
+        return list(await asyncio.gather(*(self.generate_one(p, params, session) for p in prompts)))
 
     async def pause(self, mode: str = "keep") -> None:
         await self._post("/pause", params={"mode": mode})

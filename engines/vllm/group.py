@@ -51,10 +51,11 @@ class VLLMEngine:
     def base_url(self) -> str:
         return self.server.base_url
 
-    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    async def generate(self, prompts: list[list[int]], params: SamplingParams,
+                       session: str | None = None) -> list[list[Completion]]:
         self.inflight += len(prompts)
         try:
-            return await self.client.generate(prompts, params)
+            return await self.client.generate(prompts, params, session)
         finally:
             self.inflight -= len(prompts)
 

@@ -167,7 +167,7 @@ def make_app(engines: Any, tokenizer: Any, cfg: GatewayConfig, store: SessionSto
             raise APIError(400, f"cannot apply the chat template to 'messages': {e}", param="messages") from None
         check_length(prompt_ids, max_tokens, "messages")
         engine = await engine_for(sid)
-        (completions,) = await engine.generate([prompt_ids], params_of(req, max_tokens))
+        (completions,) = await engine.generate([prompt_ids], params_of(req, max_tokens), session=sid)
         choices = []
         for i, c in enumerate(completions):
             text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
