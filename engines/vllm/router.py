@@ -37,7 +37,9 @@ class VLLMRouter:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [router_binary(), "--host", self.host, "--port", str(self.port)]
+        # its Prometheus exporter defaults to a fixed port (29000): give each router its own, or a second one dies
+        cmd = [router_binary(), "--host", self.host, "--port", str(self.port),
+               "--prometheus-host", self.host, "--prometheus-port", str(free_port(self.host))]
         if self.prefill:
             cmd += ["--vllm-pd-disaggregation", "--kv-connector", self.kv_connector, "--policy", self.policy]
             for u in self.prefill:
