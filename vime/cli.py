@@ -107,7 +107,8 @@ def _train(cfg: Any, args: argparse.Namespace) -> int:
     if args.steps is not None:
         cfg.loop.num_steps = args.steps
     result = train(cfg, resume=args.resume)
-    print("\n" + result["summary"])
+    print("\nlast step's samples:\n  " + "\n  ".join(result["samples"]))
+    print(result["summary"])
     print(f"plot: {result['plot']}\nmetrics: {cfg.run.out_dir}/metrics.jsonl, tensorboard: {cfg.run.out_dir}/tensorboard")
     return 0
 

@@ -123,4 +123,6 @@ def train(cfg: "Config", resume: str | None = None, progress: bool = True) -> di
                             tok_s=f"{metrics['rollout/tokens_per_s']:.0f}")
         plot = run.metrics.plot(title=f"vime: {cfg.algorithm.name} on {cfg.model.path}")
         summary = run.metrics.summary()
-        return {"summary": summary, "plot": str(plot), "history": run.metrics.history}
+        last = [s for g in groups for s in g][:3] if cfg.loop.num_steps > start else []
+        samples = [f"prompt={s.prompt!r} response={s.response!r} reward={s.reward}" for s in last]
+        return {"summary": summary, "plot": str(plot), "history": run.metrics.history, "samples": samples}

@@ -85,6 +85,9 @@ class MetricsLogger:
         mism = [r["consistency/max_abs_diff"] for r in self.history if "consistency/max_abs_diff" in r]
         if mism:
             lines.append(f"train/inference log-prob max |Δ|: {max(mism):.2e} (worst step)")
+        tps = [r["rollout/tokens_per_s"] for r in self.history if "rollout/tokens_per_s" in r]
+        if tps:
+            lines.append(f"rollout throughput: {sum(tps) / len(tps):.0f} response tokens/s (mean over steps)")
         for k in ("time/rollout", "time/train", "time/weight_sync"):
             vals = [r[k] for r in self.history if k in r]
             if vals:
