@@ -2,7 +2,6 @@
 pushes, checkpoints."""
 from __future__ import annotations
 
-import json
 
 import psutil
 import pytest

@@ -142,8 +142,10 @@ class Assembly(contextlib.ExitStack):
         cfg = self.cfg
         if not cfg.data.eval_path:
             return float("nan")
-        records = PromptSource(DataConfig(**{**cfg.data.model_dump(), "path": cfg.data.eval_path,
-                                             "shuffle": False})).records[: cfg.loop.eval_size]
+        if getattr(self, "eval_records", None) is None:  # read the eval file once, not at every eval
+            self.eval_records = PromptSource(DataConfig(**{**cfg.data.model_dump(), "path": cfg.data.eval_path,
+                                                           "shuffle": False})).records[: cfg.loop.eval_size]
+        records = self.eval_records
         ctx = dataclasses.replace(self.ctx, params=dataclasses.replace(self.ctx.params, n=1, temperature=0.0),
                                   seed_base=None, counters={"prompts": 0})
         groups = asyncio.run(self.rollout_fn(records, ctx))

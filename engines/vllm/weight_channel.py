@@ -9,8 +9,6 @@ engines paused: they may hold half-updated weights and must be restarted and re-
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -20,15 +18,10 @@ from typing import Any, Iterable
 import httpx
 import torch
 
+from engines.vllm.server import free_port
 from vime.weights import WeightPushError, WeightsConfig
 
 Bucket = list[tuple[str, torch.Tensor]]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def bucket_meta(bucket: Bucket) -> dict[str, Any]:
@@ -71,7 +64,7 @@ class VLLMWeightChannel:
         if self.cfg.backend == "gloo":
             from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
-            port = _free_port()
+            port = free_port(self.master_address)
             world = 1 + self.workers_per_engine * len(self.urls)
             futs = [self.pool.submit(self._post, u, "/init_weight_transfer_engine", {"init_info": {
                 "master_address": self.master_address, "master_port": port, "world_size": world,
