@@ -11,6 +11,15 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (e.g. from `timeout`) into a normal exit, so `with server:` blocks stop the whole vLLM process
+    tree; killed outright, the API server dies but its EngineCore child keeps the GPU memory."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC",

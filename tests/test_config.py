@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,23 @@ def test_cli_bad_key_exits_before_starting_anything(tmp_path):
                        text=True, timeout=60)
     assert r.returncode == 2
     assert "unknown key 'rolout'" in r.stderr and str(p) in r.stderr
+
+
+def test_weights_backend_must_fit_placement(tmp_path):
+    """ipc maps the trainer's GPU buffer into the engine (same GPU); nccl cannot link two processes on one GPU."""
+    p = write(tmp_path, RECIPE)
+    with pytest.raises(ConfigError, match="ipc .*placement.colocate: true") as e:
+        load_config(p, ["weights.backend=ipc"])
+    assert str(p) in str(e.value)
+    with pytest.raises(ConfigError, match="nccl cannot link"):
+        load_config(p, ["weights.backend=nccl", "placement.colocate=true"])
+    assert load_config(p, ["weights.backend=ipc", "placement.colocate=true"]).weights.backend == "ipc"
+    assert load_config(p, ["weights.backend=nccl"]).weights.backend == "nccl"
+
+
+def test_gpu_recipes_load():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    gpu = load_config(root / "grpo_gpu.yaml")
+    assert (gpu.weights.backend, gpu.placement.colocate, gpu.trainer.dtype) == ("ipc", True, "bfloat16")
+    split = load_config(root / "grpo_2gpu_nccl.yaml")
+    assert (split.weights.backend, split.placement.colocate) == ("nccl", False)

@@ -28,6 +28,17 @@ from vime.weights import WeightPushError
 CHANNELS = {"vllm": "engines.vllm.weight_channel:VLLMWeightChannel"}
 
 
+def gpu_free_gb() -> float:
+    """Free memory of the first visible GPU as the driver sees it (all processes), in GB."""
+    import os
+    import subprocess
+
+    gpu = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", gpu],
+                         capture_output=True, text=True, timeout=30).stdout
+    return float(out.split()[0]) / 1024 if out.strip() else float("nan")
+
+
 class Assembly(contextlib.ExitStack):
     def __init__(self, cfg: Config, progress: bool = True):
         super().__init__()
@@ -35,6 +46,7 @@ class Assembly(contextlib.ExitStack):
         self.out = Path(cfg.run.out_dir)
         self.progress = progress
         self.version = "default"
+        self.sleeps = self.asleep = False
 
     def build(self) -> "Assembly":
         cfg = self.cfg
@@ -44,13 +56,20 @@ class Assembly(contextlib.ExitStack):
         self.buffer = DataBuffer(group_filters(cfg.rollout.group_filters))
         self.tokenizer = load_tokenizer(cfg)
         t, e = cfg.trainer, cfg.engine
-        bundles, trainer_idx, engine_idx = plan(cfg.placement.colocate, t.world_size,
+        colocate = cfg.placement.colocate
+        bundles, trainer_idx, engine_idx = plan(colocate, t.world_size,
                                                 {"CPU": t.cpus_per_rank, "GPU": t.gpus_per_rank}, e.num_servers,
                                                 {"CPU": e.cpus_per_engine, "GPU": e.gpus_per_engine})
+        # Colocated on GPUs: each bundle holds one GPU that a trainer rank and an engine share (half each to
+        # Ray), and the engines sleep while the trainer runs.
+        self.sleeps = colocate and t.gpus_per_rank > 0 and e.gpus_per_engine > 0
+        if self.sleeps:
+            t = t.model_copy(update={"gpus_per_rank": t.gpus_per_rank / 2})
+            e = e.model_copy(update={"gpus_per_engine": e.gpus_per_engine / 2})
         pg = placement_group(bundles, name=f"vime-{self.out.name}")
         self.callback(remove_placement_group, pg)
         self.engines = make_engine_group(e, cfg.model.path, str(self.out / "logs"), weights_backend=cfg.weights.backend,
-                                         placement=(pg, engine_idx))
+                                         placement=(pg, engine_idx), sleep_mode=self.sleeps)
         self.callback(self.engines.stop)
         self.engines.start()
         self.trainer = make_trainer(t, cfg.model.path, placement=(pg, trainer_idx))
@@ -75,8 +94,32 @@ class Assembly(contextlib.ExitStack):
         self.trainer.connect_weights(CHANNELS[self.cfg.engine.name], self.cfg.weights.model_dump(),
                                      self.engines.urls())
 
+    def release_engines(self) -> dict[str, float]:
+        """Colocated on GPUs: the engines give their memory to the trainer until the next push."""
+        if not self.sleeps or self.asleep:
+            return {}
+        before = gpu_free_gb()
+        self.engines.sleep(level=1)
+        self.asleep = True
+        return {"memory/engine_sleep_freed_gb": gpu_free_gb() - before}
+
     def push_weights(self, version: str) -> dict[str, float]:
-        """Push the trainer's weights to every engine; a failed push restarts the engines and retries once."""
+        """Push the trainer's weights to every engine (waking sleeping ones: weights first, KV cache after the
+        push); a failed push restarts the engines and retries once."""
+        mem: dict[str, float] = {}
+        if self.asleep:
+            before = gpu_free_gb()
+            self.engines.wake_up(["weights"])
+        try:
+            stats = self._push(version)
+        finally:
+            if self.asleep:
+                self.engines.wake_up(["kv_cache"])
+                self.asleep = False
+                mem = {"memory/engine_wake_used_gb": before - gpu_free_gb()}
+        return stats | mem
+
+    def _push(self, version: str) -> dict[str, float]:
         try:
             stats = self.trainer.push_weights(version)
         except Exception as e:  # noqa: BLE001 - Ray wraps the WeightPushError

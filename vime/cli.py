@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--size", default="tiny")
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    m.add_argument("--device", default="cpu", help="where to initialise (cuda: fast for the 0.5b/1.5b/7b sizes)")
     d = sub.add_parser("make-data", help="write the toy arithmetic task as train/eval JSONL")
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "make-model":
         from vime.models import make_model
 
-        print(make_model(args.arch, args.size, args.out, seed=args.seed))
+        print(make_model(args.arch, args.size, args.out, seed=args.seed, dtype=args.dtype, device=args.device))
         return 0
     if args.cmd == "make-data":
         from vime.rewards.arithmetic import write_dataset

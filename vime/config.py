@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vime.algorithms.recipe import AlgorithmConfig
 from vime.data.source import DataConfig
@@ -52,6 +52,16 @@ class Config(Strict):
     gateway: GatewayConfig = GatewayConfig()
     run: RunConfig = RunConfig()
 
+    @model_validator(mode="after")
+    def _weights_fit_placement(self) -> "Config":
+        if self.weights.backend == "ipc" and not self.placement.colocate:
+            raise ValueError("weights.backend=ipc maps the trainer's GPU memory into the engine, so it needs "
+                             "placement.colocate: true; use weights.backend=nccl for separate GPUs")
+        if self.weights.backend == "nccl" and self.placement.colocate:
+            raise ValueError("weights.backend=nccl cannot link two processes on one GPU; with placement.colocate: "
+                             "true use weights.backend=ipc")
+        return self
+
 
 class ConfigError(ValueError):
     pass
@@ -91,7 +101,9 @@ def _explain(e: ValidationError, origin: dict[str, str], default_src: str) -> st
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc)
         src = origin.get(key, default_src)
-        if err["type"] == "extra_forbidden":
+        if not loc:  # a rule across sections (a model validator)
+            lines.append(f"{err['msg'].removeprefix('Value error, ')} (in {src})")
+        elif err["type"] == "extra_forbidden":
             allowed = _allowed_keys(Config, loc)
             lines.append(f"unknown key '{key}' in {src}; allowed here: {', '.join(allowed)}")
         elif err["type"] == "missing":

@@ -14,6 +14,8 @@ class RoleConfig(BaseModel):
 
     num_servers: int = Field(default=1, ge=1)
     args: dict[str, Any] = Field(default_factory=dict, description="flags for this role only, verbatim")
+    env: dict[str, str] = Field(default_factory=dict, description="environment for this role only (e.g. "
+                                                                 "CUDA_VISIBLE_DEVICES without Ray placement)")
 
 
 class RouterConfig(BaseModel):
@@ -50,8 +52,11 @@ class EngineConfig(BaseModel):
 
 
 def make_engine_group(cfg: EngineConfig, model_path: str, log_dir: str, weights_backend: str | None = None,
-                      placement: Any = None) -> Any:
+                      placement: Any = None, sleep_mode: bool = False) -> Any:
     """Build (not start) the engine group named by `cfg.name`; `weights_backend` readies in-place updates,
-    `placement` = (Ray placement group, bundle index per engine) runs each engine in a Ray actor."""
+    `placement` = (Ray placement group, bundle index per engine) runs each engine in a Ray actor, `sleep_mode`
+    lets the engines free their GPU memory while a colocated trainer runs."""
     cls = resolve(ENGINES, cfg.name, kind="engine")
-    return cls(cfg, model_path=model_path, log_dir=log_dir, weights_backend=weights_backend, placement=placement)
+    kw = {"sleep_mode": True} if sleep_mode else {}  # engines without sleep support need not take the argument
+    return cls(cfg, model_path=model_path, log_dir=log_dir, weights_backend=weights_backend, placement=placement,
+               **kw)

@@ -67,6 +67,7 @@ def warm_start(run: "Assembly") -> None:
     if cfg.loop.sft_steps:
         source = PromptSource(cfg.data.model_copy(update={"seed": cfg.data.seed + 1}))
         run.trainer.set_lr(cfg.loop.sft_lr or cfg.trainer.lr)
+        run.release_engines()
         for i in run.progress_bar(range(cfg.loop.sft_steps), "sft"):
             stats = run.trainer.train_step(run.sft_samples(source, cfg.loop.sft_batch_size), "sft")
             run.metrics.log(-cfg.loop.sft_steps + i, {"sft/loss": stats["loss"]})
@@ -103,6 +104,7 @@ def train(cfg: "Config", resume: str | None = None, progress: bool = True) -> di
             batch = run.training_batch()
             with timer("train"):
                 if batch:
+                    metrics |= run.release_engines()  # colocated on a GPU: the engines sleep while we train
                     trainer_lp = run.trainer.logprobs(batch, T)
                     metrics |= consistency(batch, trainer_lp)
                     old = trainer_lp if algo.old_logprobs == "recompute" else [s.logprobs for s in batch]

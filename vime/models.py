@@ -35,14 +35,25 @@ class Size:
     heads: int
     kv_heads: int
     vocab: int
+    tie: bool | None = None  # None: the architecture's default
+    init_std: float = 0.1
 
 
+# The last three have the real Qwen2.5 shapes (GPU benchmarks); their tokenizer stays small (ids above it are
+# never sampled by a trained policy, but a random one may emit them — they decode to "").
 SIZES = {
     "tiny": Size(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512),
     "small": Size(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=2, vocab=512),
     "100m": Size(hidden=768, intermediate=3072, layers=12, heads=12, kv_heads=4, vocab=512),
     "500m": Size(hidden=1024, intermediate=5632, layers=24, heads=16, kv_heads=2, vocab=512),
+    "0.5b": Size(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab=151936, tie=True,
+                 init_std=0.02),
+    "1.5b": Size(hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2, vocab=151936, tie=True,
+                 init_std=0.02),
+    "7b": Size(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152064, tie=False,
+               init_std=0.02),
 }
+TOKENIZER_VOCAB = 512
 ARCHS = ("qwen2", "qwen3", "llama")
 
 
@@ -69,8 +80,9 @@ def hf_config(arch: str, size: Size, *, tie: bool | None = None):
     common = dict(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
                   num_hidden_layers=size.layers, num_attention_heads=size.heads,
                   num_key_value_heads=size.kv_heads, max_position_embeddings=2048, rms_norm_eps=1e-6,
-                  bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, initializer_range=0.1,
+                  bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, initializer_range=size.init_std,
                   dtype="float32")
+    tie = size.tie if tie is None else tie
     if arch == "qwen2":
         return tf.Qwen2Config(**common, tie_word_embeddings=True if tie is None else tie, rope_theta=1_000_000.0)
     if arch == "qwen3":
@@ -81,9 +93,11 @@ def hf_config(arch: str, size: Size, *, tie: bool | None = None):
     raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
 
 
-def make_model(arch: str, size: str, out: str | Path, *, seed: int = 0, tie: bool | None = None) -> Path:
-    """Write a standard HF directory (config, fp32 safetensors, tokenizer, chat template) that both
-    transformers and vLLM load. Same (arch, size, seed) → byte-identical weights."""
+def make_model(arch: str, size: str, out: str | Path, *, seed: int = 0, tie: bool | None = None,
+               dtype: str = "float32", device: str = "cpu") -> Path:
+    """Write a standard HF directory (config, safetensors, tokenizer, chat template) that both transformers
+    and vLLM load. Same (arch, size, seed, device) → byte-identical weights. Big sizes: `dtype="bfloat16"`,
+    `device="cuda"` (initialised on the GPU in seconds instead of minutes on the CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -92,10 +106,11 @@ def make_model(arch: str, size: str, out: str | Path, *, seed: int = 0, tie: boo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = SIZES[size]
-    tok = train_tokenizer(spec.vocab)
+    tok = train_tokenizer(min(spec.vocab, TOKENIZER_VOCAB))
     cfg = hf_config(arch, spec, tie=tie)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
     with torch.no_grad():  # random norm gains and biases, so adapters that drop or swap them are caught
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -27,6 +27,8 @@ class TrainerConfig(BaseModel):
     clip_grad: float = Field(default=1.0, ge=0)
     micro_batch_size: int = Field(default=8, ge=1, description="sequences per micro-batch (memory bound)")
     distributed_optimizer: bool = False
+    optimizer: bool = Field(default=True, description="false: forward and weight export only, no optimiser "
+                                                      "state (e.g. to benchmark pushes of models too big to train)")
     recompute: bool = False
     seed: int = 1234
     cpus_per_rank: float = Field(default=1.0, gt=0)

@@ -115,6 +115,11 @@ class VLLMClient:
         if self.vllm_version >= (0, 27, 0):
             body["output_mode"] = "text"
             body["sampling_params"].setdefault("detokenize", True)
+        else:
+            # 0.26 leaves a non-streamed request CUMULATIVE and answers with the last update only, which for n > 1
+            # holds just the children that finished last (seen on an H100: ~170 of 256 samples per GRPO step).
+            # FINAL_ONLY (= 2) makes the engine aggregate all n children into the final output.
+            body["sampling_params"].setdefault("output_kind", 2)
         data = await self._post("/inference/v1/generate", body)
         choices = sorted(data["choices"], key=lambda c: c["index"])
         return [parse_choice(c, self.local_version) for c in choices]

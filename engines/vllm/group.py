@@ -84,9 +84,10 @@ class VLLMEngineGroup:
     """
 
     def __init__(self, cfg: EngineConfig, *, model_path: str, log_dir: str, weights_backend: str | None = None,
-                 placement: tuple[Any, list[int]] | None = None):
+                 placement: tuple[Any, list[int]] | None = None, sleep_mode: bool = False):
         self.cfg = cfg
         self.weights_backend = weights_backend
+        self.sleep_mode = sleep_mode  # colocated on a GPU: servers release memory while the trainer runs
         self.placement = placement  # (Ray placement group, bundle index per server): servers run in Ray actors
         self.model_path = model_path
         self.log_dir = Path(log_dir)
@@ -102,12 +103,15 @@ class VLLMEngineGroup:
         return ["server"] * c.num_engines
 
     def _server_env(self, i: int) -> dict[str, str]:
-        env = dict(self.cfg.env)
+        role = self.roles()[i]
+        env = {**self.cfg.env, **(getattr(self.cfg, role).env if role != "server" else {})}
         if on_cpu() and len(self.roles()) > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
             # Without explicit pinning every CPU server binds core 0 and they crawl.
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(i % (os.cpu_count() or 1))
         if self.cfg.topology == "pd":
             env.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(free_port()))  # one per server on a host
+        if self.weights_backend == "ipc":  # CUDA IPC handles are pickles (the server listens on loopback)
+            env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         return env
 
     def _server_args(self, role: str) -> dict[str, Any]:
@@ -116,9 +120,14 @@ class VLLMEngineGroup:
             args.update(pd_args(role, on_cpu(), self.cfg.kv_connector))
             args.update(getattr(self.cfg, role).args)
         if self.weights_backend:
-            # vime's own engines (gloo, disk) register into vLLM's factory when this module is imported
+            from engines.vllm.weight_channel import VLLM_ENGINE_NAMES
+
+            # vime's own engines (gloo, disk, vime_ipc) register into vLLM's factory when this module is imported
             args.setdefault("worker_extension_cls", "engines.vllm.worker_ext.VimeWorkerExtension")
-            args.setdefault("weight_transfer_config", {"backend": self.weights_backend})
+            args.setdefault("weight_transfer_config",
+                            {"backend": VLLM_ENGINE_NAMES.get(self.weights_backend, self.weights_backend)})
+        if self.sleep_mode:
+            args.setdefault("enable_sleep_mode", True)
         return args
 
     def _server_kwargs(self, i: int, port: int | None) -> dict[str, Any]:
@@ -239,6 +248,23 @@ class VLLMEngineGroup:
                     continue
                 sums[key] = sums.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
         return {**out, **sums}
+
+    def _post_all(self, path: str, params: Any = None) -> None:
+        import httpx
+
+        for s in self.servers:
+            r = httpx.post(s.base_url + path, params=params, timeout=self.cfg.request_timeout_s)
+            if r.status_code >= 400:
+                raise RuntimeError(f"{s.base_url}{path} -> {r.status_code}: {r.text[:300]}")
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the servers' GPU memory (KV cache dropped; weights offloaded to host at level 1) so a colocated
+        trainer can use it. Needs engines started with sleep_mode."""
+        self._post_all("/sleep", {"level": level})
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore memory: tags=["weights"] first (then push), ["kv_cache"] last; None = everything."""
+        self._post_all("/wake_up", [("tags", t) for t in tags or []])
 
     def urls(self) -> list[str]:
         """Every vLLM server (not the router): where weights go."""

@@ -1,14 +1,17 @@
 """The sender side of the weight-transfer channel, driving vLLM's RL routes over HTTP.
 
 One control flow for every backend: pause → start_weight_update → update_weights per bucket (with the
-backend's data plane: a gloo broadcast, a safetensors file, ...) → finish_weight_update(version) →
+backend's data plane: a gloo or NCCL broadcast, a CUDA-IPC staging buffer, a safetensors file) →
+finish_weight_update(version) →
 reset_prefix_cache → check every engine reports the version → resume. It runs in the process that holds the
 tensors (trainer rank 0, or a test's transformers model). Any failure raises `WeightPushError` and leaves the
 engines paused: they may hold half-updated weights and must be restarted and re-synced, never resumed.
 """
 from __future__ import annotations
 
+import base64
 import os
+import pickle
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +21,13 @@ from typing import Any, Iterable
 import httpx
 import torch
 
-from engines.vllm.server import free_port
+from engines.vllm.server import free_port, vllm_version
 from vime.weights import WeightPushError, WeightsConfig
 
 Bucket = list[tuple[str, torch.Tensor]]
+
+# weights.backend -> the engine name the vLLM servers are started with (`--weight-transfer-config`)
+VLLM_ENGINE_NAMES = {"gloo": "gloo", "disk": "disk", "nccl": "nccl", "ipc": "vime_ipc"}
 
 
 def bucket_meta(bucket: Bucket) -> dict[str, Any]:
@@ -35,15 +41,17 @@ def pack(bucket: Bucket) -> torch.Tensor:
 
 class VLLMWeightChannel:
     def __init__(self, cfg: WeightsConfig | dict[str, Any], urls: list[str], *, master_address: str = "127.0.0.1",
-                 workers_per_engine: int = 1, new_finish_api: bool = True):
+                 workers_per_engine: int = 1, new_finish_api: bool | None = None):
         self.cfg = cfg if isinstance(cfg, WeightsConfig) else WeightsConfig(**cfg)
         self.urls = list(urls)
         self.master_address = master_address
         self.workers_per_engine = workers_per_engine
-        self.new_finish_api = new_finish_api  # vLLM >= 0.27 takes weight_version in /finish_weight_update
+        # vLLM >= 0.27 takes weight_version in /finish_weight_update and reports it in /weight_info
+        self.new_finish_api = vllm_version() >= (0, 27, 0) if new_finish_api is None else new_finish_api
         self.http = httpx.Client(timeout=self.cfg.timeout_s)
         self.pool = ThreadPoolExecutor(max(4, len(self.urls) * 2))
-        self.pg = None
+        self.pg: Any = None  # gloo process group / NCCL communicator
+        self.staging: torch.Tensor | None = None  # ipc: the buffer engines map once
         self.connected = False
 
     # ---- control plane ---------------------------------------------------------------------------------
@@ -61,36 +69,75 @@ class VLLMWeightChannel:
         return [f.result(timeout=self.cfg.timeout_s) for f in futs]
 
     def connect(self) -> None:
-        if self.cfg.backend == "gloo":
+        backend = self.cfg.backend
+        if backend in ("nccl", "ipc") and not torch.cuda.is_available():
+            raise WeightPushError(f"weights.backend={backend!r} needs a CUDA GPU in the trainer process; use gloo "
+                                  "or disk on CPU")
+        if backend in ("gloo", "nccl"):
+            self._connect_broadcast(backend)
+        elif backend == "ipc":
+            self._connect_ipc()
+        else:
+            self._all("/init_weight_transfer_engine", {"init_info": {}})
+        self.connected = True
+
+    def _connect_broadcast(self, backend: str) -> None:
+        """One group: the sender is rank 0, every engine worker joins at its rank offset."""
+        port = free_port(self.master_address)
+        world = 1 + self.workers_per_engine * len(self.urls)
+        extra = {"timeout_s": self.cfg.timeout_s} if backend == "gloo" else {}
+        futs = [self.pool.submit(self._post, u, "/init_weight_transfer_engine", {"init_info": {
+            "master_address": self.master_address, "master_port": port, "world_size": world,
+            "rank_offset": 1 + i * self.workers_per_engine, **extra}}) for i, u in enumerate(self.urls)]
+        if backend == "gloo":
             from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
-            port = free_port(self.master_address)
-            world = 1 + self.workers_per_engine * len(self.urls)
-            futs = [self.pool.submit(self._post, u, "/init_weight_transfer_engine", {"init_info": {
-                "master_address": self.master_address, "master_port": port, "world_size": world,
-                "rank_offset": 1 + i * self.workers_per_engine, "timeout_s": self.cfg.timeout_s}})
-                for i, u in enumerate(self.urls)]
             self.pg = stateless_init_torch_distributed_process_group(
                 self.master_address, port, 0, world, backend="gloo", timeout=timedelta(seconds=self.cfg.timeout_s))
-            for f in futs:
-                f.result(timeout=self.cfg.timeout_s)
-        elif self.cfg.backend == "disk":
-            self._all("/init_weight_transfer_engine", {"init_info": {}})
-        else:
-            raise WeightPushError(f"weights.backend={self.cfg.backend!r} runs on GPUs only (see the device "
-                                  "recipe); use gloo or disk on CPU")
-        self.connected = True
+        else:  # vLLM's own NCCL engine, trainer side
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+            self.pg = NCCLWeightTransferEngine.trainer_init(
+                {"master_address": self.master_address, "master_port": port, "world_size": world})
+        for f in futs:
+            f.result(timeout=self.cfg.timeout_s)
+
+    def _connect_ipc(self) -> None:
+        """Allocate the staging buffer once and let every engine (on this GPU) map it."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        self.staging = torch.empty(self.cfg.bucket_mb << 20, dtype=torch.uint8, device="cuda")
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        handle = base64.b64encode(pickle.dumps({uuid: reduce_tensor(self.staging)[1]})).decode()
+        self._all("/init_weight_transfer_engine", {"init_info": {"mode": "staging", "handle": handle}})
 
     # ---- data plane ------------------------------------------------------------------------------------
     def _send_bucket(self, bucket: Bucket) -> int:
         meta = bucket_meta(bucket)
-        if self.cfg.backend == "gloo":
-            futs = [self.pool.submit(self._post, u, "/update_weights", {"update_info": meta}) for u in self.urls]
-            buf = pack(bucket)
-            self.pg.broadcast(buf, root=0).wait()
+        if self.cfg.backend == "ipc":
+            return self._send_ipc(bucket)
+        if self.cfg.backend in ("gloo", "nccl"):  # engines block in /update_weights until the broadcast lands
+            futs = [self.pool.submit(self._post, u, "/update_weights",
+                                     {"update_info": {**meta, "packed": True} if self.cfg.backend == "nccl" else meta})
+                    for u in self.urls]
+            if self.cfg.backend == "gloo":
+                buf = pack(bucket)
+                self.pg.broadcast(buf, root=0).wait()
+                nbytes = buf.numel()
+            else:
+                from vllm.distributed.weight_transfer.nccl_engine import (
+                    NCCLTrainerSendWeightsArgs,
+                    NCCLWeightTransferEngine,
+                )
+
+                NCCLWeightTransferEngine.trainer_send_weights(
+                    iter([(n, t.detach().contiguous()) for n, t in bucket]),
+                    NCCLTrainerSendWeightsArgs(group=self.pg, packed=True))
+                torch.cuda.synchronize()
+                nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
             for f in futs:
                 f.result(timeout=self.cfg.timeout_s)
-            return buf.numel()
+            return nbytes
         from safetensors.torch import save_file
 
         path = os.path.join(self.cfg.disk_dir, f"vime-{uuid.uuid4().hex}.safetensors")
@@ -100,6 +147,26 @@ class VLLMWeightChannel:
             return os.path.getsize(path)
         finally:
             os.unlink(path)
+
+    def _send_ipc(self, bucket: Bucket) -> int:
+        """Copy tensors into the staging buffer (device to device) and have the engines load views of it;
+        a bucket larger than the buffer goes in several rounds."""
+        assert self.staging is not None
+        cap, sent, off, part = self.staging.numel(), 0, 0, []
+        for name, t in bucket + [("", None)]:  # a sentinel flushes the last round
+            nbytes = 0 if t is None else t.numel() * t.element_size()
+            if nbytes > cap:
+                raise WeightPushError(f"tensor {name} ({nbytes >> 20} MiB) is larger than the ipc staging buffer "
+                                      f"({cap >> 20} MiB): raise weights.bucket_mb")
+            if part and (t is None or off + nbytes > cap):
+                torch.cuda.synchronize()
+                self._all("/update_weights", {"update_info": bucket_meta(part)})
+                sent, off, part = sent + off, 0, []
+            if t is not None:
+                self.staging[off:off + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
+                part.append((name, t))
+                off += nbytes
+        return sent
 
     def push(self, buckets: Iterable[Bucket], version: str) -> dict[str, float]:
         if not self.connected:
@@ -130,6 +197,7 @@ class VLLMWeightChannel:
 
     def close(self) -> None:
         self.pg = None
+        self.staging = None
         self.connected = False
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.http.close()

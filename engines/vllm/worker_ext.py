@@ -5,7 +5,10 @@ vLLM's standard RL routes (`/init_weight_transfer_engine`, `/start_weight_update
 `/finish_weight_update`) exactly like the built-in `nccl`/`ipc` engines:
 
 - `gloo`: a broadcast over a stateless gloo group (the CPU counterpart of vLLM's `nccl` engine);
-- `disk`: each bucket as a safetensors file (e.g. on /dev/shm), for any platform.
+- `disk`: each bucket as a safetensors file (e.g. on /dev/shm), for any platform;
+- `vime_ipc` (`weights.backend: ipc`, GPU): one CUDA-IPC staging buffer mapped once (`ipc_engine.py`).
+
+vLLM's own `nccl` engine serves `weights.backend: nccl` unchanged.
 
 Both load through vLLM's layerwise-reload lifecycle and then fix the CPU backend's pre-packed tied lm_head,
 which the reload never rebuilds (without it log-probs are off by nats after a push).
@@ -143,6 +146,9 @@ class DiskWeightTransferEngine(_ReloadingEngine):
 for _name, _cls in (("gloo", GlooWeightTransferEngine), ("disk", DiskWeightTransferEngine)):
     if _name not in WeightTransferEngineFactory._registry:
         WeightTransferEngineFactory.register_engine(_name, _cls)
+if "vime_ipc" not in WeightTransferEngineFactory._registry:  # CUDA only: loaded when a server asks for it
+    WeightTransferEngineFactory.register_engine("vime_ipc", "engines.vllm.ipc_engine",
+                                                "StagingIPCWeightTransferEngine")
 
 
 class VimeWorkerExtension:

@@ -14,13 +14,21 @@ import torch.distributed as dist
 from trainers.megatron import adapter
 
 
+def local_state(w: Any) -> dict[str, torch.Tensor]:
+    """This rank's state dict, built once: its tensors share storage with the parameters (updated in place by
+    the optimiser), and rebuilding it per tensor costs more than the GPU copy of a whole push."""
+    if getattr(w, "_state", None) is None:
+        w._state = w.module().state_dict()
+    return w._state
+
+
 def param_plan(w: Any) -> list[tuple[int, str, str, list[int], str]]:
     """(stage, local name, global name, full shape, dtype) for every parameter, identical on all ranks."""
     from megatron.core import parallel_state as ps
 
     if getattr(w, "_plan", None) is None:
         mine = []
-        for name, t in w.module().state_dict().items():
+        for name, t in local_state(w).items():
             if name.endswith("_extra_state"):
                 continue
             shape = list(t.shape)
@@ -42,7 +50,7 @@ def gather_full(w: Any, stage: int, local_name: str, shape: list[int], dtype: st
     dev = "cpu" if w.on_cpu else "cuda"
     full = None
     if w.pp_rank == stage:
-        t = w.module().state_dict()[local_name].detach()
+        t = local_state(w)[local_name].detach()
         if adapter.tp_dim(local_name) is not None and w.cfg.tp > 1:
             parts = [torch.empty_like(t) for _ in range(w.cfg.tp)]
             dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())

@@ -63,7 +63,10 @@ def transformer_config(hf_cfg: Any, *, tp: int, pp: int, dtype: torch.dtype, on_
         qk_layernorm=spec.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=True, batch_p2p_sync=not on_cpu, variable_seq_lengths=False,
+        # build on the GPU when there is one. Keep perform_initialization on: in megatron-core 0.16 the GPU init
+        # path is also what tags TP-sharded weights (`tensor_model_parallel`); untagged, grad-norm and clipping
+        # count only TP rank 0's shard (seen on 2×H100: TP=2 grad norm 6.90 vs 9.11 at TP=1).
+        use_cpu_initialization=on_cpu, batch_p2p_sync=not on_cpu, variable_seq_lengths=False,
         recompute_granularity="full" if recompute else None, recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
     )

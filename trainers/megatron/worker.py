@@ -118,6 +118,9 @@ class MegatronWorker:
         c = self.cfg
         if c.dtype == "bfloat16":
             model = Float16Module(self.tcfg, model)
+        if not c.optimizer:
+            self.model, self.optimizer, self.scheduler = model, None, None
+            return
         self.model = DistributedDataParallel(
             config=self.tcfg, module=model,
             ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
@@ -137,8 +140,16 @@ class MegatronWorker:
             end_wd=c.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
 
     def module(self) -> torch.nn.Module:
-        m = self.model.module
-        return m.module if hasattr(m, "module") and not hasattr(m, "decoder") else m
+        """The GPTModel under the DDP / Float16Module wrappers."""
+        m = self.model
+        while hasattr(m, "module"):
+            m = m.module
+        return m
+
+    def _release_cache(self) -> None:
+        """Hand cached activation memory back to the driver, so a colocated engine can wake up into it."""
+        if not self.on_cpu:
+            torch.cuda.empty_cache()
 
     # ---- forward / train ---------------------------------------------------------------------------------
     def _run(self, samples: list[dict[str, Any]], forward_only: bool, loss_fn: Any, loss_kwargs: dict[str, Any],
@@ -202,6 +213,7 @@ class MegatronWorker:
         with torch.no_grad():
             outs = self._run(samples, True, None, {}, temperature)
         self.model.train()
+        self._release_cache()
         if not ps.is_pipeline_last_stage():
             return None
         result, i = [], 0
@@ -237,6 +249,8 @@ class MegatronWorker:
 
     def train_step(self, samples: list[dict[str, Any]], loss: str, loss_kwargs: dict[str, Any],
                    temperature: float = 1.0) -> dict[str, float]:
+        if self.optimizer is None:
+            raise RuntimeError("this trainer was built with trainer.optimizer=false (forward/export only)")
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outs = self._run(samples, False, get_loss(loss), loss_kwargs, temperature)
@@ -254,6 +268,7 @@ class MegatronWorker:
         metrics = {k[:-4]: v / n for k, v in total.items() if v or k in ("loss_sum", "entropy_sum")}
         metrics.update(grad_norm=float(grad_norm or 0.0), update_ok=float(bool(ok)), tokens=n,
                        lr=float(self.optimizer.param_groups[0]["lr"]))
+        self._release_cache()
         return metrics
 
     # ---- weights out ---------------------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+"""Rollout throughput on one GPU: bare vLLM vs vime's engine adapter vs vime's OpenAI gateway — one server, the
+same token-id prompts, seeds, sampling (temperature 1, one log-prob per token, as RL needs) and concurrency,
+in one run. Best of two passes per path, paths interleaved.
+`python benchmarks/bench_gpu_rollout.py [model_dir]` (default models/qwen2-0.5b)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import exit_on_sigterm, bar_png, write  # noqa: E402
+
+REQUESTS, CONCURRENCY, PROMPT_LEN, MAX_TOKENS = 256, 128, 64, 128
+
+
+def prompts() -> list[list[int]]:
+    return [[3 + (i * 131 + j * 17) % 500 for j in range(PROMPT_LEN)] for i in range(REQUESTS)]
+
+
+async def drive_http(url: str, model: str, headers: dict[str, str] | None = None) -> tuple[float, int]:
+    import httpx
+
+    sem = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(client: httpx.AsyncClient, i: int, p: list[int]) -> int:
+        body = {"model": model, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": i, "logprobs": 0}
+        async with sem:
+            r = await client.post(url + "/v1/completions", json=body, headers=headers)
+            r.raise_for_status()
+            return int(r.json()["usage"]["completion_tokens"])
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=CONCURRENCY)) as client:
+        t = time.perf_counter()
+        n = sum(await asyncio.gather(*(one(client, i, p) for i, p in enumerate(prompts()))))
+    return time.perf_counter() - t, n
+
+
+async def drive_adapter(url: str, version: tuple[int, int, int]) -> tuple[float, int]:
+    from engines.vllm.client import VLLMClient
+    from vime.types import SamplingParams
+
+    client = VLLMClient(url, version=version)
+    sem = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(i: int, p: list[int]) -> int:
+        async with sem:
+            (c,) = await client.generate_one(p, SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=i))
+            return len(c.token_ids)
+
+    t = time.perf_counter()
+    n = sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts()))))
+    dt = time.perf_counter() - t
+    await client.aclose()
+    return dt, n
+
+
+def main() -> None:
+    import httpx
+    import torch
+
+    from engines.vllm.server import VLLMServer, free_port, kill_tree
+
+    model = sys.argv[1] if len(sys.argv) > 1 else "models/qwen2-0.5b"
+    out = Path(os.environ.get("VIME_BENCH_OUT", Path(__file__).resolve().parent / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    card = torch.cuda.get_device_name(0)
+    server = VLLMServer(model, args={"enforce_eager": True, "dtype": "bfloat16", "max_model_len": 1024,
+                                     "gpu_memory_utilization": 0.5, "max_num_seqs": 256},
+                        log_path=out / "vllm_rollout.log", startup_timeout_s=900)
+    rows = []
+    with server:
+        url = server.base_url
+        port = free_port()
+        gw = subprocess.Popen([sys.executable, "-m", "vime.gateway.server", "--engine-url", url, "--tokenizer", model,
+                               "--model-name", model, "--port", str(port), "--api-key", "bench"],
+                              stdout=open(out / "gateway.log", "wb"), stderr=subprocess.STDOUT)
+        try:
+            gw_url = f"http://127.0.0.1:{port}"
+            for _ in range(240):
+                try:
+                    if httpx.get(gw_url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            paths = {
+                "bare vLLM": lambda: asyncio.run(drive_http(url, model)),
+                "vime adapter": lambda: asyncio.run(drive_adapter(url, server.version)),
+                "vime gateway": lambda: asyncio.run(drive_http(gw_url, model, {"Authorization": "Bearer bench"})),
+            }
+            paths["bare vLLM"]()  # warm-up
+            for rep in range(2):
+                for name, run in paths.items():
+                    dt, n = run()
+                    rows.append({"path": name, "rep": rep, "seconds": dt, "completion_tokens": n,
+                                 "tokens_per_s": n / dt})
+                    print(f"{name:13s} rep {rep}: {n / dt:8.0f} tok/s ({n} tokens, {dt:.1f} s)", flush=True)
+        finally:
+            kill_tree(gw.pid)
+    best = {p: max(r["tokens_per_s"] for r in rows if r["path"] == p) for p in ("bare vLLM", "vime adapter",
+                                                                               "vime gateway")}
+    ratios = {"adapter_over_bare": best["vime adapter"] / best["bare vLLM"],
+              "gateway_over_bare": best["vime gateway"] / best["bare vLLM"]}
+    print(f"ratios (best of 2): {ratios}")
+    write("gpu_rollout", {"card": card, "rows": rows, "best_tokens_per_s": best, **ratios, "requests": REQUESTS,
+                          "concurrency": CONCURRENCY, "prompt_len": PROMPT_LEN, "max_tokens": MAX_TOKENS,
+                          "model": model}, out)
+    bar_png("gpu_rollout", list(best), list(best.values()), "completion tokens/s",
+            f"rollout, {card}, {CONCURRENCY} concurrent (adapter {ratios['adapter_over_bare']:.2f}, "
+            f"gateway {ratios['gateway_over_bare']:.2f})", out)
+
+
+if __name__ == "__main__":
+    exit_on_sigterm()
+    main()

@@ -1,0 +1,219 @@
+"""Weight update on one GPU, colocated, per model size — vime vs vLLM's own CUDA-IPC push, same server, same run.
+
+- vLLM baseline: an HF model in this process pushed with vLLM's `IPCWeightTransferEngine.trainer_send_weights`
+  (send_mode="http": one handle per tensor, layerwise reload) — start + send + finish, as vLLM documents it.
+- vime: the Megatron trainer (a Ray actor on the same GPU) pushes through `VLLMWeightChannel(backend=ipc)`:
+  Megatron → HF layout conversion, copy into the staging buffer mapped once by the engine, `load_weights` in
+  place, prefix-cache reset, pause/resume — the whole `push()` is timed, conversion included.
+- ceiling: a device-to-device copy of 2 GiB (bytes read + written per second), measured in the same run.
+Correctness: after a trainer step changed the weights, engine log-probs (greedy) vs the trainer's, and vs the
+engine before the push. `python benchmarks/bench_gpu_weights.py [sizes...]` (default 0.5b 1.5b 7b).
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import exit_on_sigterm, write  # noqa: E402
+
+PUSHES = 5
+MODELS = Path(os.environ.get("VIME_MODELS", "models"))
+
+
+def copy_gbps(nbytes: int = 2 << 30) -> float:
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def ensure_model(size: str) -> Path:
+    from vime.models import make_model
+
+    path = MODELS / f"qwen2-{size}"
+    if not (path / "config.json").exists():
+        make_model("qwen2", size, path, dtype="bfloat16", device="cuda")
+    return path
+
+
+def engine_logprobs(url: str, version: tuple[int, int, int], prompt: list[int]) -> tuple[list[int], list[float]]:
+    from engines.vllm.client import VLLMClient
+    from vime.types import SamplingParams
+
+    async def go():
+        client = VLLMClient(url, version=version)
+        try:
+            (c,) = await client.generate_one(prompt, SamplingParams(max_tokens=16, temperature=0.0))
+            return c.token_ids, c.logprobs
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def vllm_push(url: str, model) -> float:
+    import httpx
+    from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerSendWeightsArgs, IPCWeightTransferEngine
+
+    t = time.perf_counter()
+    httpx.post(url + "/start_weight_update", timeout=300).raise_for_status()
+    IPCWeightTransferEngine.trainer_send_weights(iter(model.named_parameters()),
+                                                 IPCTrainerSendWeightsArgs(send_mode="http", url=url))
+    httpx.post(url + "/finish_weight_update", timeout=300).raise_for_status()
+    return time.perf_counter() - t
+
+
+def bench_size(size: str, out_dir: Path, backend: str = "ipc", engine_env: dict[str, str] | None = None) -> dict:
+    """backend=ipc: engine on this GPU, vLLM's own IPC push measured first as the baseline; backend=nccl: the
+    engine on another GPU (engine_env CUDA_VISIBLE_DEVICES), vLLM's NCCL engine, no baseline."""
+    from engines.vllm.server import VLLMServer
+
+    path = ensure_model(size)
+    nbytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    bucket_mb = 2048 if size == "7b" else 1024
+    row: dict = {"size": size, "model_bytes": nbytes, "backend": backend}
+    server = VLLMServer(str(path), args={
+        "enforce_eager": True, "dtype": "bfloat16", "max_model_len": 1024, "gpu_memory_utilization": 0.3,
+        "worker_extension_cls": "engines.vllm.worker_ext.VimeWorkerExtension",
+        "weight_transfer_config": {"backend": "vime_ipc" if backend == "ipc" else backend}},
+        env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **(engine_env or {})},
+        log_path=out_dir / f"vllm_{backend}_{size}.log", startup_timeout_s=900)
+    t = time.perf_counter()
+    with server:
+        row["engine_start_s"] = time.perf_counter() - t
+        url = server.base_url
+        prompt = [3 + (i * 37) % 500 for i in range(48)]
+        if backend == "ipc":
+            vllm_baseline(url, path, row)
+        trainer_side(size, path, url, server.version, prompt, backend, bucket_mb, row)
+    if "vllm_ipc_s" in row:
+        row["vime_over_vllm"] = row["vime_push_s"] / row["vllm_ipc_s"]
+        row["vllm_gb_per_s"] = nbytes / row["vllm_ipc_s"] / 1e9
+    row["vime_gb_per_s"] = nbytes / row["vime_push_s"] / 1e9
+    return row
+
+
+def vllm_baseline(url: str, path: Path, row: dict) -> None:
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # vLLM's own IPC push of the HF model (the same weights the server loaded)
+    httpx.post(url + "/init_weight_transfer_engine", json={"init_info": {"mode": "vllm"}},
+               timeout=300).raise_for_status()
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).cuda()
+    times = [vllm_push(url, hf) for _ in range(PUSHES + 1)][1:]
+    row["vllm_ipc_s"] = statistics.median(times)
+    row["vllm_ipc_s_all"] = times
+    httpx.post(url + "/reset_prefix_cache", timeout=60)
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def trainer_side(size: str, path: Path, url: str, version: tuple[int, int, int], prompt: list[int], backend: str,
+                 bucket_mb: int, row: dict) -> None:
+    """The Megatron trainer pushes through vime's weight channel; then engine vs trainer log-probs."""
+    from vime.trainer import TrainerConfig, make_trainer
+    from vime.types import Sample
+
+    tcfg = TrainerConfig(world_size=1, gpus_per_rank=1, dtype="bfloat16", lr=1e-3, micro_batch_size=8,
+                         optimizer=size != "7b")
+    t = time.perf_counter()
+    trainer = make_trainer(tcfg, str(path))
+    row["trainer_start_s"] = time.perf_counter() - t
+    try:
+        trainer.connect_weights("engines.vllm.weight_channel:VLLMWeightChannel",
+                                {"backend": backend, "bucket_mb": bucket_mb}, [url])
+        before_ids, before_lp = engine_logprobs(url, version, prompt)
+        if tcfg.optimizer:  # change the weights, so the push has something to prove
+            sft = [Sample(prompt_ids=prompt[:16], response_ids=before_ids[:8], logprobs=[0.0] * 8)] * 4
+            trainer.train_step(sft, "sft")
+        stats = [trainer.push_weights(f"v{i}") for i in range(PUSHES + 1)][1:]
+        row["vime_push_s"] = statistics.median(s["push_s"] for s in stats)
+        row["vime_transfer_s"] = statistics.median(s["transfer_s"] for s in stats)
+        row["vime_push_s_all"] = [s["push_s"] for s in stats]
+        ids, lp = engine_logprobs(url, version, prompt)
+        (tlp,) = trainer.logprobs([Sample(prompt_ids=prompt, response_ids=ids, logprobs=lp)], 1.0)
+        row["engine_vs_trainer_max_abs"] = max(abs(a - b) for a, b in zip(lp, tlp))
+        row["engine_vs_trainer_mean_abs"] = sum(abs(a - b) for a, b in zip(lp, tlp)) / len(lp)
+        row["weights_changed"] = tcfg.optimizer
+        if tcfg.optimizer:
+            (old,) = trainer.logprobs([Sample(prompt_ids=prompt, response_ids=before_ids,
+                                              logprobs=before_lp)], 1.0)
+            row["engine_before_vs_trainer_after_max_abs"] = max(abs(a - b) for a, b in zip(before_lp, old))
+    finally:
+        trainer.shutdown()
+
+
+def plot(rows: list[dict], out: Path, card: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [1000 * r["vllm_ipc_s"] for r in rows], 0.4, label="vLLM IPC push (HF model)")
+    ax.bar([i + 0.2 for i in x], [1000 * r["vime_push_s"] for r in rows], 0.4, label="vime push (Megatron, ipc)")
+    for i, r in enumerate(rows):
+        ax.text(i + 0.2, 1000 * r["vime_push_s"], f"{r['vime_over_vllm']:.2f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), [r["size"] for r in rows])
+    ax.set_ylabel("ms per weight update")
+    ax.set_title(f"colocated weight update, {card}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "gpu_weights.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    import torch
+
+    from vime.placement import ensure_ray
+
+    out = Path(os.environ.get("VIME_BENCH_OUT", Path(__file__).resolve().parent / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = sys.argv[1:] or ["0.5b", "1.5b", "7b"]
+    card = torch.cuda.get_device_name(0)
+    ceiling = copy_gbps()
+    print(f"{card}: device copy {ceiling:.0f} GB/s (read+write)", flush=True)
+    ensure_ray()
+    rows = []
+    for size in sizes:
+        try:
+            row = bench_size(size, out)
+        except Exception as e:  # noqa: BLE001 - record and go on to the next size
+            row = {"size": size, "error": f"{type(e).__name__}: {e}"[:2000]}
+        row["copy_fraction"] = (2 * row["model_bytes"] / ceiling / 1e9) / row["vime_push_s"] if "vime_push_s" in row \
+            else None
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if not k.endswith("_all")},
+              flush=True)
+        write("gpu_weights", {"card": card, "copy_gb_per_s": ceiling, "pushes": PUSHES, "rows": rows}, out)
+    good = [r for r in rows if "vime_push_s" in r]
+    if good:
+        plot(good, out, card)
+
+
+if __name__ == "__main__":
+    exit_on_sigterm()
+    main()

@@ -1,0 +1,170 @@
+"""Runs that need two GPUs of one host (issue [multigpu]); each part writes its own JSON under $VIME_BENCH_OUT.
+
+  python benchmarks/bench_multigpu.py tp        # Megatron TP=2 and DP=2 vs TP=1: logits and one train step
+  python benchmarks/bench_multigpu.py nccl      # trainer on GPU 0, engine on GPU 1: NCCL push, 0.5b and 1.5b
+  python benchmarks/bench_multigpu.py pd        # prefill on GPU 0, decode on GPU 1 (NIXL, vllm-router) vs one server
+
+The GRPO step with split placement is `vime train -c configs/grpo_2gpu_nccl.yaml` (run by scripts/device_run.sh).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import exit_on_sigterm, write  # noqa: E402
+
+OUT = Path(os.environ.get("VIME_BENCH_OUT", Path(__file__).resolve().parent / "results"))
+MODELS = Path(os.environ.get("VIME_MODELS", "models"))
+
+
+def batch(n: int = 8, length: int = 64):
+    from vime.types import Sample
+
+    rows = [[3 + (i * 53 + j * 11) % 500 for j in range(length)] for i in range(n)]
+    return [Sample(prompt_ids=r[:8], response_ids=r[8:], logprobs=[0.0] * (length - 8)) for r in rows]
+
+
+def tp() -> None:
+    """Same weights, same batch: TP=1, TP=2 and DP=2 logits and one SFT step (loss, grad norm)."""
+    import torch
+
+    from benchmarks.bench_gpu_weights import ensure_model
+    from vime.placement import ensure_ray
+    from vime.trainer import TrainerConfig, make_trainer
+
+    ensure_ray()
+    model = str(ensure_model("0.5b"))
+    tokens = [3 + (j * 29) % 500 for j in range(128)]
+    res: dict = {"model": "qwen2-0.5b", "card": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count()}
+    logits = {}
+    for name, tp_, world in (("tp1", 1, 1), ("tp2", 2, 2), ("dp2", 1, 2)):
+        t = time.perf_counter()
+        trainer = make_trainer(TrainerConfig(world_size=world, tp=tp_, gpus_per_rank=1, dtype="bfloat16", lr=1e-5,
+                                             micro_batch_size=4), model)
+        try:
+            logits[name] = trainer.forward_logits(tokens).float()
+            stats = trainer.train_step(batch(), "sft")
+            res[name] = {"start_s": time.perf_counter() - t, "loss": stats["loss"], "grad_norm": stats["grad_norm"]}
+        finally:
+            trainer.shutdown()
+        print(name, res[name], flush=True)
+    for name in ("tp2", "dp2"):
+        d = (logits[name] - logits["tp1"]).abs()
+        res[name]["logits_max_abs_vs_tp1"] = float(d.max())
+        res[name]["logits_mean_abs_vs_tp1"] = float(d.mean())
+        res[name]["argmax_agree_vs_tp1"] = float((logits[name].argmax(-1) == logits["tp1"].argmax(-1)).float().mean())
+        res[name]["loss_rel_diff_vs_tp1"] = abs(res[name]["loss"] - res["tp1"]["loss"]) / abs(res["tp1"]["loss"])
+    res["logits_abs_scale"] = float(logits["tp1"].abs().mean())
+    print(res, flush=True)
+    write("multigpu_tp", res, OUT)
+
+
+def p2p_gbps(nbytes: int = 1 << 30) -> float:
+    """GPU 0 → GPU 1 copy (NVLink if the GPUs have it), bytes moved per second."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
+    times = []
+    for i in range(13):
+        torch.cuda.synchronize(0)
+        torch.cuda.synchronize(1)
+        t = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(1)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    del src, dst
+    torch.cuda.empty_cache()
+    return nbytes / statistics.median(times) / 1e9
+
+
+def nccl() -> None:
+    """Trainer on GPU 0 (Ray sees only it), engine on GPU 1: vLLM's NCCL weight-transfer engine."""
+    import subprocess
+
+    import torch
+
+    from benchmarks.bench_gpu_weights import bench_size
+
+    card = torch.cuda.get_device_name(0)
+    link = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True).stdout
+    bw = p2p_gbps()
+    print(f"GPU0->GPU1 copy {bw:.0f} GB/s", flush=True)
+    os.environ["CUDA_VISIBLE_DEVICES"] = "0"  # for Ray, started below: the trainer gets GPU 0
+    from vime.placement import ensure_ray
+
+    ensure_ray()
+    rows = []
+    for size in ("0.5b", "1.5b"):
+        try:
+            row = bench_size(size, OUT, backend="nccl", engine_env={"CUDA_VISIBLE_DEVICES": "1"})
+            row["fraction_of_p2p"] = row["vime_gb_per_s"] / bw
+        except Exception as e:  # noqa: BLE001
+            row = {"size": size, "error": f"{type(e).__name__}: {e}"[:2000]}
+        rows.append(row)
+        print({k: v for k, v in row.items() if not k.endswith("_all")}, flush=True)
+        write("multigpu_nccl", {"card": card, "gpus": 2, "p2p_gb_per_s": bw, "topology": link, "rows": rows}, OUT)
+
+
+def greedy_ids(url: str, model: str, prompts: list[list[int]]) -> list[list[int]]:
+    import httpx
+
+    out = []
+    for p in prompts:
+        r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": p, "max_tokens": 32,
+                                                      "temperature": 0.0, "ignore_eos": True,
+                                                      "return_token_ids": True}, timeout=300)
+        r.raise_for_status()
+        out.append(r.json()["choices"][0]["token_ids"])
+    return out
+
+
+def pd() -> None:
+    import torch
+
+    import benchmarks.bench_pd as load
+    from benchmarks.bench_gpu_weights import ensure_model
+    from vime.engine import EngineConfig, RoleConfig, make_engine_group
+
+    load.REQUESTS, load.CONCURRENCY, load.PROMPT_LEN, load.MAX_TOKENS = 256, 32, 1024, 64
+    model = str(ensure_model("0.5b"))
+    args = {"enforce_eager": True, "dtype": "bfloat16", "max_model_len": 2048, "gpu_memory_utilization": 0.4}
+    prompts = [[3 + (i * 41 + j * 13) % 500 for j in range(300)] for i in range(8)]
+    rows, ids = [], {}
+    for name, cfg in (("single server", EngineConfig(args=args, env={"CUDA_VISIBLE_DEVICES": "0"},
+                                                     startup_timeout_s=900)),
+                      ("P/D 1+1 (nixl, vllm-router)", EngineConfig(
+                          topology="pd", args=args, startup_timeout_s=900,
+                          prefill=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "0"}),
+                          decode=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "1"})))):
+        with make_engine_group(cfg, model, str(OUT / ("pd_logs" if "P/D" in name else "single_logs"))) as group:
+            url = group.router.base_url if group.router else group.urls()[0]
+            ids[name] = greedy_ids(url, model, prompts)
+            asyncio.run(load.drive(url, model, 10_000))  # warm-up (and the NIXL handshake)
+            r = {"topology": name, **asyncio.run(load.drive(url, model, 0))}
+            if group.router:
+                r["engine_counters"] = group.step_metrics()
+            rows.append(r)
+            print(f"{name}: {r['tokens_per_s']:.0f} tok/s, TTFT {1000 * r['ttft_mean_s']:.0f} ms", flush=True)
+    names = list(ids)
+    equal = sum(a == b for a, b in zip(ids[names[0]], ids[names[1]]))
+    res = {"card": torch.cuda.get_device_name(0), "gpus": 2, "rows": rows, "greedy_equal": f"{equal}/{len(prompts)}",
+           "throughput_ratio_pd_over_single": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
+           "ttft_ratio_pd_over_single": rows[1]["ttft_mean_s"] / rows[0]["ttft_mean_s"],
+           "requests": load.REQUESTS, "concurrency": load.CONCURRENCY, "prompt_len": load.PROMPT_LEN,
+           "max_tokens": load.MAX_TOKENS}
+    print({k: v for k, v in res.items() if k != "rows"}, flush=True)
+    write("multigpu_pd", res, OUT)
+
+
+if __name__ == "__main__":
+    exit_on_sigterm()
+    OUT.mkdir(parents=True, exist_ok=True)
+    {"tp": tp, "nccl": nccl, "pd": pd}[sys.argv[1]]()

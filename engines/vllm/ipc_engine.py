@@ -1,0 +1,103 @@
+"""vime's CUDA-IPC weight-transfer engine (`weights.backend: ipc`), registered into vLLM's factory as `vime_ipc`.
+
+Why not vLLM's own `ipc` engine as it is: it opens one CUDA IPC handle per tensor on every push and reloads
+layer by layer, which costs ~150 ms whatever the model size (see `shared/notes/gpu_anchor.md`). Here the
+trainer opens ONE staging buffer at connect time; the engine maps it once, and every bucket of a push is a
+`load_weights` over views of that buffer — the data never leaves the GPU and no handle is opened per push.
+
+It subclasses vLLM's `IPCWeightTransferEngine`: `init_info.mode = "vllm"` switches back to the parent's exact
+per-push-handle path, which the benchmark uses as the baseline on the same server. The handle is a pickle (CUDA
+IPC handles carry torch types), so like vLLM's it needs `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, and the engine's
+RL routes must stay on loopback.
+"""
+from __future__ import annotations
+
+import base64
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.multiprocessing.reductions import rebuild_cuda_tensor
+from vllm.distributed.weight_transfer.base import WeightTransferInitInfo, WeightTransferUpdateInfo
+from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+
+from engines.vllm.worker_ext import views
+
+
+@dataclass
+class StagingInitInfo(WeightTransferInitInfo):
+    mode: str = "staging"  # "staging" (vime) or "vllm" (the parent engine, per-push handles)
+    handle: str | None = None  # base64 pickle of {gpu_uuid: reduce_tensor args} of the trainer's staging buffer
+
+
+@dataclass
+class StagingUpdateInfo(WeightTransferUpdateInfo):
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+
+
+def open_handle(handle_b64: str, device_index: int) -> torch.Tensor:
+    """Map the trainer's buffer into this process (the GPU must be the same physical device)."""
+    from vllm import envs
+
+    if not envs.VLLM_ALLOW_INSECURE_SERIALIZATION:
+        raise ValueError("weights.backend=ipc needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 in the engine "
+                         "environment (vime sets it; keep the engine on loopback)")
+    handles = pickle.loads(base64.b64decode(handle_b64))
+    uuid = str(torch.cuda.get_device_properties(device_index).uuid)
+    if uuid not in handles:
+        raise ValueError(f"weights.backend=ipc: this engine runs on GPU {uuid} but the trainer's buffer is on "
+                         f"{list(handles)}; ipc needs the engine on trainer rank 0's GPU (placement.colocate: "
+                         "true) — use weights.backend=nccl for separate GPUs")
+    args = list(handles[uuid])
+    args[6] = device_index  # reduce_tensor's device slot: this process's index of that GPU
+    return rebuild_cuda_tensor(*args)
+
+
+class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
+    init_info_cls = StagingInitInfo
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mode = "staging"
+        self.buffer: torch.Tensor | None = None
+
+    def parse_update_info(self, update_dict: dict[str, Any]) -> Any:
+        if self.mode == "vllm":
+            return super().parse_update_info(update_dict)
+        try:
+            return StagingUpdateInfo(**update_dict)
+        except TypeError as e:
+            raise ValueError(f"invalid update_info for the vime ipc engine: {e}") from e
+
+    def init_transfer_engine(self, init_info: StagingInitInfo) -> None:
+        self.mode = init_info.mode
+        self.buffer = None
+        if self.mode == "staging":
+            if not init_info.handle:
+                raise ValueError("vime ipc init_info needs `handle` (the trainer's staging buffer)")
+            self.buffer = open_handle(init_info.handle, self.device.index)
+        elif self.mode != "vllm":
+            raise ValueError(f"vime ipc init_info.mode must be 'staging' or 'vllm', got {self.mode!r}")
+
+    # Staging mode loads straight into the live parameters (plain bf16/fp16 models need no post-processing);
+    # the vLLM mode keeps the parent's layerwise reload.
+    def start_weight_update(self) -> None:
+        if self.mode == "vllm":
+            super().start_weight_update()
+
+    def finish_weight_update(self) -> None:
+        if self.mode == "vllm":
+            super().finish_weight_update()
+
+    def receive_weights(self, update_info: Any) -> None:
+        if self.mode == "vllm":
+            return super().receive_weights(update_info)
+        if self.buffer is None:
+            raise RuntimeError("vime ipc engine not initialised: call /init_weight_transfer_engine first")
+        self.model.load_weights(views(self.buffer, update_info.names, update_info.dtype_names, update_info.shapes))
+
+    def shutdown(self) -> None:
+        self.buffer = None
