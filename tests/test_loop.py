@@ -81,6 +81,18 @@ def test_failure_leaves_no_processes(ray_cluster, repo_root, model_dir, tmp_path
     assert alive_actors(ray_cluster) == []
 
 
+def test_failed_start_leaves_nothing_behind(ray_cluster, repo_root, model_dir, tmp_path):
+    """A part that fails while the assembly starts (here the weight channel: nccl needs a GPU) stops the parts
+    already running — engines, trainer ranks and the placement group — so the next run in the cluster starts."""
+    before = {p.pid for p in vllm_procs()}
+    with pytest.raises(Exception, match="needs a CUDA GPU"):
+        train(recipe(repo_root, model_dir, tmp_path, "weights.backend=nccl"), progress=False)
+    assert {p.pid for p in vllm_procs()} - before == set()
+    assert alive_actors(ray_cluster) == []
+    live = [g for g in ray_cluster.util.placement_group_table().values() if g["state"] != "REMOVED"]
+    assert live == []
+
+
 def test_agent_rollout_trains_on_recorded_sessions(ray_cluster, repo_root, model_dir, tmp_path):
     cfg = recipe(repo_root, model_dir, tmp_path, "rollout.function=vime.rollout.agent:agent_rollout",
                  "rollout.agent=plugins:two_turn_agent", "rollout.reward=math", "rollout.batch_size=4",

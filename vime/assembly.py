@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,15 @@ class Assembly(contextlib.ExitStack):
         self.sleeps = self.asleep = False
 
     def build(self) -> "Assembly":
+        """Start every part; if any part fails to start, stop the ones already running (the caller's `with`
+        never sees a half-built assembly, so it could not clean up)."""
+        try:
+            return self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> "Assembly":
         cfg = self.cfg
         random.seed(cfg.run.seed)
         ensure_ray(cfg.ray)
@@ -66,7 +76,7 @@ class Assembly(contextlib.ExitStack):
         if self.sleeps:
             t = t.model_copy(update={"gpus_per_rank": t.gpus_per_rank / 2})
             e = e.model_copy(update={"gpus_per_engine": e.gpus_per_engine / 2})
-        pg = placement_group(bundles, name=f"vime-{self.out.name}")
+        pg = placement_group(bundles, name=f"vime-{self.out.name}-{uuid.uuid4().hex[:6]}")
         self.callback(remove_placement_group, pg)
         self.engines = make_engine_group(e, cfg.model.path, str(self.out / "logs"), weights_backend=cfg.weights.backend,
                                          placement=(pg, engine_idx), sleep_mode=self.sleeps)

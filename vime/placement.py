@@ -5,6 +5,8 @@ The same code places ranks on CPU bundles here and GPU bundles on GPU hosts; onl
 from __future__ import annotations
 
 import os
+import random
+import socket
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -79,3 +81,29 @@ def remove_placement_group(pg: Any) -> None:
 
     if ray.is_initialized():
         ray.util.remove_placement_group(pg)
+
+
+_PORTS = random.SystemRandom()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now, drawn below the kernel's ephemeral range: a port the OS handed out (bind to 0)
+    can be given to an outgoing connection before its new owner listens on it (seen as EADDRINUSE in a weight
+    channel's rendezvous); ports outside the range are only ever taken by explicit binds. Ray's worker ports
+    (10002-19999 by default) are avoided too, and the draw never touches the `random` state runs seed."""
+    low = 32768
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    for _ in range(200):
+        port = _PORTS.randint(20000 if low > 21000 else 1024, low - 1)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: fall back to the kernel's choice
+        s.bind((host, 0))
+        return s.getsockname()[1]

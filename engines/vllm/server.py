@@ -10,7 +10,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from typing import Any
 
 import httpx
 import psutil
+
+from vime.placement import free_port  # noqa: F401 - re-exported: engines import it from here
 
 
 class EngineStartError(RuntimeError):
@@ -35,12 +36,6 @@ def vllm_version() -> tuple[int, int, int]:
         except metadata.PackageNotFoundError:
             continue
     raise EngineStartError("vLLM is not installed in this environment (pip install 'vime[cpu]' or 'vime[gpu]')")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def to_cli_flags(args: dict[str, Any]) -> list[str]:

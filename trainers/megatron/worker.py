@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,13 +20,8 @@ from trainers.megatron.batching import microbatches, response_values
 from trainers.megatron.logprobs import logprobs_and_entropy
 from trainers.megatron.spec import build_model, transformer_config
 from vime.algorithms.losses import get_loss
+from vime.placement import free_port
 from vime.trainer import TrainerConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class MegatronWorker:
@@ -44,7 +38,7 @@ class MegatronWorker:
     def address(self) -> tuple[str, int]:
         import ray
 
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port("")
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, int]:
         from megatron.core import parallel_state as ps
