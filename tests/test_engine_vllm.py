@@ -136,3 +136,24 @@ def test_rollout_into_buffer(qwen2_engines, model_dir, repo_root, tmp_path):
     assert again["samples"] == 32
     first = [s.response_ids for s in samples[:32]]
     assert [s.response_ids for s in read_jsonl(tmp_path / "again.jsonl")] == first
+
+
+def test_gpu_launch_flags_and_role_env():
+    """What a GPU run hands each server (checked without starting one): the weight backend's vLLM engine name,
+    sleep mode when colocated, the IPC pickle opt-in, and per-role environment for P/D on separate GPUs."""
+    from engines.vllm.group import VLLMEngineGroup
+    from vime.engine import EngineConfig, RoleConfig
+
+    g = VLLMEngineGroup(EngineConfig(), model_path="m", log_dir="/tmp", weights_backend="ipc", sleep_mode=True)
+    args, env = g._server_args("server"), g._server_env(0)
+    assert args["weight_transfer_config"] == {"backend": "vime_ipc"} and args["enable_sleep_mode"] is True
+    assert env["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
+    g = VLLMEngineGroup(EngineConfig(), model_path="m", log_dir="/tmp", weights_backend="nccl")
+    assert g._server_args("server")["weight_transfer_config"] == {"backend": "nccl"}
+    assert "enable_sleep_mode" not in g._server_args("server")
+    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in g._server_env(0)
+    pd = EngineConfig(topology="pd", env={"A": "1"}, prefill=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "0"}),
+                      decode=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "1"}))
+    g = VLLMEngineGroup(pd, model_path="m", log_dir="/tmp")
+    assert [g._server_env(i)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["0", "1"]
+    assert g._server_env(1)["A"] == "1"
