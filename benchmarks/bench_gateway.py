@@ -40,9 +40,10 @@ def main() -> None:
 
     import httpx
 
-    from engines.vllm.server import free_port, kill_tree
+    from engines.vllm.server import kill_tree
     from vime.engine import EngineConfig, make_engine_group
     from vime.models import make_model
+    from vime.placement import free_port
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -63,7 +63,8 @@ def main() -> None:
     import httpx
     import torch
 
-    from engines.vllm.server import VLLMServer, free_port, kill_tree
+    from engines.vllm.server import VLLMServer, kill_tree
+    from vime.placement import free_port
 
     model = sys.argv[1] if len(sys.argv) > 1 else "models/qwen2-0.5b"
     out = Path(os.environ.get("VIME_BENCH_OUT", Path(__file__).resolve().parent / "results"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -93,7 +94,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     (10002-19999 by default) are avoided too, and the draw never touches the `random` state runs seed."""
     low = 32768
     try:
-        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         pass
     for _ in range(200):

@@ -10,8 +10,9 @@ from typing import Any
 
 from engines.vllm.client import VLLMClient
 from engines.vllm.router import VLLMRouter, pd_args
-from engines.vllm.server import VLLMServer, free_port
+from engines.vllm.server import VLLMServer
 from vime.engine import EngineConfig
+from vime.placement import free_port
 from vime.types import Completion, SamplingParams
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import httpx
 
-from engines.vllm.server import EngineStartError, _die_with_parent, free_port, kill_tree, log_tail
+from engines.vllm.server import EngineStartError, _die_with_parent, kill_tree, log_tail
+from vime.placement import free_port
 
 
 def router_binary() -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import psutil
 
-from vime.placement import free_port  # noqa: F401 - re-exported: engines import it from here
+from vime.placement import free_port
 
 
 class EngineStartError(RuntimeError):

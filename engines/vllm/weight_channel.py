@@ -21,7 +21,8 @@ from typing import Any, Iterable
 import httpx
 import torch
 
-from engines.vllm.server import free_port, vllm_version
+from engines.vllm.server import vllm_version
+from vime.placement import free_port
 from vime.weights import WeightPushError, WeightsConfig
 
 Bucket = list[tuple[str, torch.Tensor]]
@@ -113,9 +114,9 @@ class VLLMWeightChannel:
 
     # ---- data plane ------------------------------------------------------------------------------------
     def _send_bucket(self, bucket: Bucket) -> int:
-        meta = bucket_meta(bucket)
-        if self.cfg.backend == "ipc":
+        if self.cfg.backend == "ipc":  # describes each round itself (a bucket may not fit the buffer at once)
             return self._send_ipc(bucket)
+        meta = bucket_meta(bucket)
         if self.cfg.backend in ("gloo", "nccl"):  # engines block in /update_weights until the broadcast lands
             futs = [self.pool.submit(self._post, u, "/update_weights",
                                      {"update_info": {**meta, "packed": True} if self.cfg.backend == "nccl" else meta})
