@@ -1,32 +1,63 @@
 #!/usr/bin/env bash
 # The GPU recipe, run on the device machine from the repo root after the staged wheels are installed
 # (see README "GPU"): bash scripts/device_run.sh PHASE
-#   smoke    imports, the 0.5b model, one vLLM start (fills the kernel caches: the first start takes minutes)
-#   single   one GPU: pytest -m gpu, configs/grpo_gpu.yaml, rollout and trainer benchmarks
-#   weights  one GPU: colocated weight update vs vLLM's IPC push, 0.5b / 1.5b / 7b
-#   multi    two GPUs: Megatron TP=2/DP=2, NCCL push with split placement, configs/grpo_2gpu_nccl.yaml, P/D
-# Results (JSON, PNG, logs) go to $VIME_BENCH_OUT and are packed into $OUT/PHASE.tgz.
+#   smoke    imports, the 0.5b model, one vLLM start (fills the kernel caches)
+#   loop     one GPU: pytest -m gpu, configs/grpo_gpu.yaml (+ report), trainer vs bare Megatron-core
+#   bench    one GPU: rollout vs bare vLLM, colocated weight update vs vLLM's IPC push ($SIZES, default 0.5b 1.5b 7b)
+#   single   loop then bench on GPU 0 (a one-GPU machine)
+#   pair     loop on GPU 0 and bench on GPU 1 at the same time (a two-GPU machine: half the wall time)
+#   multi    two GPUs: $PARTS of tp (Megatron TP=2/DP=2), nccl (split-placement push), grpo_nccl
+#            (configs/grpo_2gpu_nccl.yaml), pd (prefill GPU 0, decode GPU 1)
+# Results (JSON, PNG, logs) go to /tmp/results/PHASE and are re-packed into $OUT/PHASE.tgz after every part, so a
+# call cut off at its limit still returns what finished.
 set -uo pipefail
-phase=${1:?usage: device_run.sh smoke|single|weights|multi}
+phase=${1:?usage: device_run.sh smoke|loop|bench|single|pair|multi}
+here=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 RAY_DEDUP_LOGS=0
+# FlashInfer's top-k/top-p sampler is JIT-built at the first engine start (two minutes on a fresh machine); vime's
+# rollouts sample at plain temperature, which never reaches it.
+export VLLM_USE_FLASHINFER_SAMPLER=0
 export VIME_MODELS=/tmp/models VIME_BENCH_OUT=/tmp/results/$phase
 mkdir -p "$VIME_BENCH_OUT" "$VIME_MODELS"
 py=python3
-cleanup() {  # nothing of a finished or killed part may keep GPU memory (patterns bracketed: never match this shell)
-  pkill -9 -f "[v]llm.entrypoints"; pkill -9 -f "[E]ngineCore"; pkill -9 -f "[v]llm-router"
-  ray stop --force >/dev/null 2>&1
-  nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null; sleep 1
+
+ancestors() { local p=$$; while [ "$p" -gt 1 ]; do echo "$p"; p=$(awk '/^PPid:/{print $2}' /proc/$p/status); done; }
+cleanup() {  # nothing of a finished or killed part may keep GPU memory
+  if [ -n "${VIME_SCOPE:-}" ]; then  # a branch of `pair`: only what this branch started (its env carries the tag)
+    local keep; keep=" $(ancestors | tr '\n' ' ') "
+    for p in $(grep -lzx "VIME_SCOPE=$VIME_SCOPE" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3); do
+      [[ $keep == *" $p "* ]] || kill -9 "$p" 2>/dev/null
+    done
+  else  # patterns bracketed: never match this shell
+    pkill -9 -f "[v]llm.entrypoints"; pkill -9 -f "[E]ngineCore"; pkill -9 -f "[v]llm-router"
+    ray stop --force >/dev/null 2>&1
+    nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
+  fi
+  sleep 1
 }
+pack() { [ -n "${OUT:-}" ] && tar -C /tmp/results -czf "$OUT/$phase.tgz.part" "$phase" && mv "$OUT/$phase.tgz.part" "$OUT/$phase.tgz"; }
 step() {  # step NAME TIMEOUT CMD...: run one part, keep going on failure, log it
   local name=$1 t=$2; shift 2
-  echo "=== $name ($(date +%T))"
+  echo "=== $phase/$name ($(date +%T))"
   timeout -k 10 "$t" "$@" > "$VIME_BENCH_OUT/$name.log" 2>&1; local rc=$?
-  tail -n 25 "$VIME_BENCH_OUT/$name.log"; echo "=== $name rc=$rc"; cleanup
+  tail -n 15 "$VIME_BENCH_OUT/$name.log" | cut -c1-400; echo "=== $phase/$name rc=$rc ($(date +%T))"; cleanup; pack
 }
-cleanup  # a part killed in an earlier call may have left an engine behind
 model05() { [ -f $VIME_MODELS/qwen2-0.5b/config.json ] || $py -m vime.cli make-model --size 0.5b --dtype bfloat16 \
   --device cuda --out $VIME_MODELS/qwen2-0.5b; }
+loop() {
+  step pytest_gpu 240 $py -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+  step grpo_gpu 220 $py -m vime.cli train -c configs/grpo_gpu.yaml --set model.path=$VIME_MODELS/qwen2-0.5b \
+    --set run.out_dir=/tmp/runs/grpo_gpu
+  cp /tmp/runs/grpo_gpu/metrics.jsonl "$VIME_BENCH_OUT/grpo_gpu_metrics.jsonl"
+  step grpo_report 30 $py benchmarks/gpu_grpo_report.py /tmp/runs/grpo_gpu gpu_grpo
+  step trainer 100 $py benchmarks/bench_gpu_trainer.py $VIME_MODELS/qwen2-0.5b
+}
+bench() {
+  step rollout 170 $py benchmarks/bench_gpu_rollout.py $VIME_MODELS/qwen2-0.5b
+  step weights 330 $py benchmarks/bench_gpu_weights.py ${SIZES:-0.5b 1.5b 7b}
+}
+cleanup  # a part killed in an earlier call may have left an engine behind
 case $phase in
   smoke)
     nvidia-smi --query-gpu=name,memory.total --format=csv; nvidia-smi topo -m
@@ -41,30 +72,30 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
     log_path='$VIME_BENCH_OUT/vllm_smoke.log', startup_timeout_s=400) as s:
     import httpx; print('started in', round(time.time() - t), 's;', httpx.get(s.base_url + '/v1/models').json()['data'][0]['id'])
 " ;;
-  single)
-    export CUDA_VISIBLE_DEVICES=0
+  loop) export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; model05; loop ;;
+  bench) export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; model05; bench ;;
+  single) export CUDA_VISIBLE_DEVICES=0; model05; loop; bench ;;
+  pair)  # two branches, each with its own GPU, Ray cluster (RAY_TMPDIR) and cleanup scope
     model05
-    step pytest_gpu 200 $py -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
-    step grpo_gpu 200 $py -m vime.cli train -c configs/grpo_gpu.yaml --set model.path=$VIME_MODELS/qwen2-0.5b \
-      --set run.out_dir=/tmp/runs/grpo_gpu
-    cp /tmp/runs/grpo_gpu/metrics.jsonl "$VIME_BENCH_OUT/grpo_gpu_metrics.jsonl"; cp /tmp/runs/grpo_gpu/run.png "$VIME_BENCH_OUT/grpo_gpu_run.png"
-    step grpo_report 30 $py benchmarks/gpu_grpo_report.py /tmp/runs/grpo_gpu gpu_grpo
-    step rollout 150 $py benchmarks/bench_gpu_rollout.py $VIME_MODELS/qwen2-0.5b ;;
-  weights)
-    export CUDA_VISIBLE_DEVICES=0
-    step trainer 150 $py benchmarks/bench_gpu_trainer.py $VIME_MODELS/qwen2-0.5b
-    step weights 400 $py benchmarks/bench_gpu_weights.py ${SIZES:-0.5b 1.5b 7b} ;;
+    CUDA_VISIBLE_DEVICES=0 VIME_SCOPE=g0 RAY_TMPDIR=/tmp/ray_g0 bash "$here/device_run.sh" loop & a=$!
+    sleep 20  # the engines' first starts fill the same kernel caches: let the first one begin alone
+    CUDA_VISIBLE_DEVICES=1 VIME_SCOPE=g1 RAY_TMPDIR=/tmp/ray_g1 bash "$here/device_run.sh" bench & b=$!
+    wait $a $b ;;
   multi)
     model05
-    step tp 200 $py benchmarks/bench_multigpu.py tp
-    step nccl 240 $py benchmarks/bench_multigpu.py nccl
-    step grpo_nccl 200 $py -m vime.cli train -c configs/grpo_2gpu_nccl.yaml --set model.path=$VIME_MODELS/qwen2-0.5b \
-      --set run.out_dir=/tmp/runs/grpo_nccl
-    [ -f /tmp/runs/grpo_nccl/metrics.jsonl ] && cp /tmp/runs/grpo_nccl/metrics.jsonl "$VIME_BENCH_OUT/grpo_nccl_metrics.jsonl"
-    step pd 200 $py benchmarks/bench_multigpu.py pd ;;
+    for part in ${PARTS:-tp nccl grpo_nccl pd}; do
+      case $part in
+        grpo_nccl)
+          step grpo_nccl 200 $py -m vime.cli train -c configs/grpo_2gpu_nccl.yaml \
+            --set model.path=$VIME_MODELS/qwen2-0.5b --set run.out_dir=/tmp/runs/grpo_nccl
+          cp /tmp/runs/grpo_nccl/metrics.jsonl "$VIME_BENCH_OUT/grpo_nccl_metrics.jsonl" 2>/dev/null; pack ;;
+        nccl) step nccl 260 $py benchmarks/bench_multigpu.py nccl ;;
+        *) step "$part" 200 $py benchmarks/bench_multigpu.py "$part" ;;
+      esac
+    done ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac
-cleanup
-[ -n "${OUT:-}" ] && tar -C /tmp/results -czf "$OUT/$phase.tgz" "$phase" && ls -la "$OUT"
-for f in "$VIME_BENCH_OUT"/*.json; do [ -f "$f" ] && { echo "--- $f"; head -c 3000 "$f"; echo; }; done
+[ -n "${VIME_SCOPE:-}" ] || cleanup
+pack; [ -n "${OUT:-}" ] && ls -la "$OUT"
+for f in "$VIME_BENCH_OUT"/*.json; do [ -f "$f" ] && { echo "--- $f"; head -c 2500 "$f"; echo; }; done
 exit 0
