@@ -50,7 +50,7 @@ def bare(model_dir: str) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    model = DistributedDataParallel(config=cfg, module=Float16Module(cfg, model),
+    model = DistributedDataParallel(config=cfg, module=Float16Module(cfg, model.cuda()),
                                     ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, bf16=True, clip_grad=1.0), [model])
     data = tokens(hf.vocab_size).cuda()
