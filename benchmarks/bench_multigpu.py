@@ -3,6 +3,7 @@
   python benchmarks/bench_multigpu.py tp        # Megatron TP=2 and DP=2 vs TP=1: logits and one train step
   python benchmarks/bench_multigpu.py nccl      # trainer on GPU 0, engine on GPU 1: NCCL push, 0.5b and 1.5b
   python benchmarks/bench_multigpu.py pd        # prefill on GPU 0, decode on GPU 1 (NIXL, vllm-router) vs one server
+  python benchmarks/bench_multigpu.py pd_equal  # the same pair in float32: greedy tokens vs one server, exactly
 
 The GRPO step with split placement is `vime train -c configs/grpo_2gpu_nccl.yaml` (run by scripts/device_run.sh).
 """
@@ -126,6 +127,57 @@ def greedy_ids(url: str, model: str, prompts: list[list[int]]) -> list[list[int]
     return out
 
 
+def greedy_top(url: str, model: str, prompts: list[list[int]]) -> list[tuple[list[int], list[dict[str, float]]]]:
+    """Greedy ids with the top-5 log-probs at each position (to tell a near-tie from a wrong token)."""
+    import httpx
+
+    out = []
+    for p in prompts:
+        r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": p, "max_tokens": 32, "logprobs": 5, "return_tokens_as_token_ids": True,
+                                                      "temperature": 0.0, "ignore_eos": True,
+                                                      "return_token_ids": True}, timeout=300)
+        r.raise_for_status()
+        ch = r.json()["choices"][0]
+        out.append((ch["token_ids"], ch["logprobs"]["top_logprobs"]))
+    return out
+
+
+def pd_equal() -> None:
+    """bf16 greedy decoding of a random model sits on near-ties (top-2 log-probs within bf16 noise), so P/D vs
+    one server is checked in float32 (Triton attention: FlashAttention has no fp32), where only a wrong KV
+    transfer can change a token; for any mismatch, the margin at the first differing position is reported."""
+    import torch
+
+    from benchmarks.bench_gpu_weights import ensure_model
+    from vime.engine import EngineConfig, RoleConfig, make_engine_group
+
+    model = str(ensure_model("0.5b"))
+    args = {"enforce_eager": True, "dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.4,
+            "attention_backend": "TRITON_ATTN"}
+    prompts = [[3 + (i * 41 + j * 13) % 500 for j in range(300)] for i in range(8)]
+    got = {}
+    for name, cfg in (("single", EngineConfig(args=args, env={"CUDA_VISIBLE_DEVICES": "0"}, startup_timeout_s=900)),
+                      ("pd", EngineConfig(topology="pd", args=args, startup_timeout_s=900,
+                                          prefill=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "0"}),
+                                          decode=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "1"})))):
+        with make_engine_group(cfg, model, str(OUT / f"pd_equal_{name}_logs")) as group:
+            url = group.router.base_url if group.router else group.urls()[0]
+            got[name] = greedy_top(url, model, prompts)
+    rows = []
+    for (a, top), (b, _) in zip(got["single"], got["pd"]):
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        row = {"equal": a == b, "first_diff": first}
+        if first is not None:  # single server's log-probs of its token and of P/D's token at that position
+            lp = {int(k.split(":")[-1]) if k.startswith("token_id:") else k: v for k, v in top[first].items()}
+            row["single_top"] = top[first]
+            row["margin_nats"] = (lp.get(a[first], float("nan")) - lp.get(b[first], float("nan")))
+        rows.append(row)
+    res = {"card": torch.cuda.get_device_name(0), "gpus": 2, "dtype": "float32", "attention_backend": "TRITON_ATTN",
+           "greedy_equal": f"{sum(r['equal'] for r in rows)}/{len(rows)}", "tokens_per_prompt": 32, "rows": rows}
+    print(res, flush=True)
+    write("multigpu_pd_equal", res, OUT)
+
+
 def pd() -> None:
     import torch
 
@@ -167,4 +219,4 @@ def pd() -> None:
 if __name__ == "__main__":
     exit_on_sigterm()
     OUT.mkdir(parents=True, exist_ok=True)
-    {"tp": tp, "nccl": nccl, "pd": pd}[sys.argv[1]]()
+    {"tp": tp, "nccl": nccl, "pd": pd, "pd_equal": pd_equal}[sys.argv[1]]()

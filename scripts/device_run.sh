@@ -7,7 +7,7 @@
 #   single   loop then bench on GPU 0 (a one-GPU machine)
 #   pair     loop on GPU 0 and bench on GPU 1 at the same time (a two-GPU machine: half the wall time)
 #   multi    two GPUs: $PARTS of tp (Megatron TP=2/DP=2), nccl (split-placement push), grpo_nccl
-#            (configs/grpo_2gpu_nccl.yaml), pd (prefill GPU 0, decode GPU 1)
+#            (configs/grpo_2gpu_nccl.yaml), pd (prefill GPU 0, decode GPU 1), pd_equal (the same in fp32, greedy)
 # Results (JSON, PNG, logs) go to /tmp/results/PHASE and are re-packed into $OUT/PHASE.tgz after every part, so a
 # call cut off at its limit still returns what finished.
 set -uo pipefail
@@ -83,7 +83,7 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
     wait $a $b ;;
   multi)
     model05
-    for part in ${PARTS:-tp nccl grpo_nccl pd}; do
+    for part in ${PARTS:-tp nccl grpo_nccl pd pd_equal}; do
       case $part in
         grpo_nccl)
           step grpo_nccl 200 $py -m vime.cli train -c configs/grpo_2gpu_nccl.yaml \

@@ -118,6 +118,7 @@ class Assembly(contextlib.ExitStack):
         push); a failed push restarts the engines and retries once."""
         mem: dict[str, float] = {}
         if self.asleep:
+            self.trainer.release_memory()  # the trainer's cached activations go back before the engine wakes
             before = gpu_free_gb()
             self.engines.wake_up(["weights"])
         try:

@@ -126,6 +126,10 @@ class MegatronTrainer:
         """Run a worker method on every rank (e.g. the sender side of a weight channel)."""
         return self._fan(method, None, *args)
 
+    def release_memory(self) -> None:
+        """Give cached GPU memory back before a colocated engine wakes (no-op on CPU)."""
+        self._fan("release_memory")
+
     def shutdown(self) -> None:
         import ray
 

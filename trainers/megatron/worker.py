@@ -140,8 +140,10 @@ class MegatronWorker:
             m = m.module
         return m
 
-    def _release_cache(self) -> None:
-        """Hand cached activation memory back to the driver, so a colocated engine can wake up into it."""
+    def release_memory(self) -> None:
+        """Hand cached activation memory back to the driver, so a colocated engine can wake up into it. Called
+        by the loop before a wake only: emptying the cache after every step would make the next step allocate
+        its activations afresh (measured: a fifth of the step time on an H100)."""
         if not self.on_cpu:
             torch.cuda.empty_cache()
 
@@ -207,7 +209,6 @@ class MegatronWorker:
         with torch.no_grad():
             outs = self._run(samples, True, None, {}, temperature)
         self.model.train()
-        self._release_cache()
         if not ps.is_pipeline_last_stage():
             return None
         result, i = [], 0
@@ -262,7 +263,6 @@ class MegatronWorker:
         metrics = {k[:-4]: v / n for k, v in total.items() if v or k in ("loss_sum", "entropy_sum")}
         metrics.update(grad_norm=float(grad_norm or 0.0), update_ok=float(bool(ok)), tokens=n,
                        lr=float(self.optimizer.param_groups[0]["lr"]))
-        self._release_cache()
         return metrics
 
     # ---- weights out ---------------------------------------------------------------------------------------
