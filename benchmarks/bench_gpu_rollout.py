@@ -1,7 +1,7 @@
 """Rollout throughput on one GPU: bare vLLM (its OpenAI completions route and its token-in/token-out generate
 route) vs vime's engine adapter (on the generate route) vs vime's OpenAI gateway — one server, the
 same token-id prompts, seeds, sampling (temperature 1, one log-prob per token, as RL needs) and concurrency,
-in one run. Best of two passes per path, paths interleaved.
+in one run. Best of two passes per path (ROLLOUT_REPS), paths interleaved.
 `python benchmarks/bench_gpu_rollout.py [model_dir]` (default models/qwen2-0.5b)."""
 from __future__ import annotations
 
@@ -29,6 +29,25 @@ def prompts() -> list[list[int]]:
     return [[3 + (i * 131 + j * 17) % 500 for j in range(PROMPT_LEN)] for i in range(REQUESTS)]
 
 
+RETRIES = {"count": 0}
+
+
+async def post(client, url: str, body: dict, headers: dict[str, str] | None = None):
+    """One request; a connection the server dropped is retried once and counted (an H100 run lost one to
+    httpx.ReadError after 166 good answers, cause not found)."""
+    import httpx
+
+    for attempt in (0, 1):
+        try:
+            r = await client.post(url, json=body, headers=headers)
+            r.raise_for_status()
+            return r
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            if attempt:
+                raise
+            RETRIES["count"] += 1
+
+
 async def drive_http(url: str, model: str, headers: dict[str, str] | None = None) -> tuple[float, int]:
     import httpx
 
@@ -37,8 +56,7 @@ async def drive_http(url: str, model: str, headers: dict[str, str] | None = None
     async def one(client: httpx.AsyncClient, i: int, p: list[int]) -> int:
         body = {"model": model, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": i, "logprobs": 0}
         async with sem:
-            r = await client.post(url + "/v1/completions", json=body, headers=headers)
-            r.raise_for_status()
+            r = await post(client, url + "/v1/completions", body, headers)
             return int(r.json()["usage"]["completion_tokens"])
 
     async with httpx.AsyncClient(timeout=600, limits=LIMITS()) as client:
@@ -57,9 +75,8 @@ async def drive_generate_route(url: str) -> tuple[float, int]:
     async def one(client: httpx.AsyncClient, i: int, p: list[int]) -> int:
         sp = {"n": 1, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": i, "logprobs": 0, "output_kind": 2}
         async with sem:
-            r = await client.post(url + "/inference/v1/generate", json={"token_ids": p, "sampling_params": sp,
-                                                                        "stream": False})
-            r.raise_for_status()
+            r = await post(client, url + "/inference/v1/generate", {"token_ids": p, "sampling_params": sp,
+                                                                    "stream": False})
             return len(r.json()["choices"][0]["token_ids"])
 
     async with httpx.AsyncClient(timeout=600, limits=LIMITS()) as client:
@@ -123,7 +140,7 @@ def main() -> None:
                 "vime gateway": lambda: asyncio.run(drive_http(gw_url, model, {"Authorization": "Bearer bench"})),
             }
             paths["bare vLLM"]()  # warm-up
-            for rep in range(2):
+            for rep in range(int(os.environ.get("ROLLOUT_REPS", "2"))):
                 for name, run in paths.items():
                     dt, n = run()
                     rows.append({"path": name, "rep": rep, "seconds": dt, "completion_tokens": n,
@@ -138,7 +155,7 @@ def main() -> None:
               "gateway_over_bare": best["vime gateway"] / best["bare vLLM"]}
     print(f"ratios (best of 2): {ratios}")
     write("gpu_rollout", {"card": card, "rows": rows, "best_tokens_per_s": best, **ratios, "requests": REQUESTS,
-                          "concurrency": CONCURRENCY, "prompt_len": PROMPT_LEN, "max_tokens": MAX_TOKENS,
+                          "retried_requests": RETRIES["count"], "concurrency": CONCURRENCY, "prompt_len": PROMPT_LEN, "max_tokens": MAX_TOKENS,
                           "model": model}, out)
     bar_png("gpu_rollout", list(best), list(best.values()), "completion tokens/s",
             f"rollout, {card}, {CONCURRENCY} concurrent (adapter {ratios['adapter_over_bare']:.2f}, "
