@@ -88,7 +88,8 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
         grpo_nccl)
           step grpo_nccl 200 $py -m vime.cli train -c configs/grpo_2gpu_nccl.yaml \
             --set model.path=$VIME_MODELS/qwen2-0.5b --set run.out_dir=/tmp/runs/grpo_nccl
-          cp /tmp/runs/grpo_nccl/metrics.jsonl "$VIME_BENCH_OUT/grpo_nccl_metrics.jsonl" 2>/dev/null; pack ;;
+          cp /tmp/runs/grpo_nccl/metrics.jsonl "$VIME_BENCH_OUT/grpo_nccl_metrics.jsonl" 2>/dev/null
+          step grpo_nccl_report 30 $py benchmarks/gpu_grpo_report.py /tmp/runs/grpo_nccl multigpu_grpo_nccl ;;
         nccl) step nccl 260 $py benchmarks/bench_multigpu.py nccl ;;
         *) step "$part" 200 $py benchmarks/bench_multigpu.py "$part" ;;
       esac
