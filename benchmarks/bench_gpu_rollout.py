@@ -153,10 +153,10 @@ def main() -> None:
     # (an OpenAI completions endpoint) against vLLM's own /v1/completions
     ratios = {"adapter_over_bare": best["vime adapter"] / best["bare vLLM generate route"],
               "gateway_over_bare": best["vime gateway"] / best["bare vLLM"]}
-    print(f"ratios (best of 2): {ratios}")
+    print(f"ratios (best pass): {ratios}")
     write("gpu_rollout", {"card": card, "rows": rows, "best_tokens_per_s": best, **ratios, "requests": REQUESTS,
-                          "retried_requests": RETRIES["count"], "concurrency": CONCURRENCY, "prompt_len": PROMPT_LEN, "max_tokens": MAX_TOKENS,
-                          "model": model}, out)
+                          "retried_requests": RETRIES["count"], "concurrency": CONCURRENCY,
+                          "prompt_len": PROMPT_LEN, "max_tokens": MAX_TOKENS, "model": model}, out)
     bar_png("gpu_rollout", list(best), list(best.values()), "completion tokens/s",
             f"rollout, {card}, {CONCURRENCY} concurrent (adapter {ratios['adapter_over_bare']:.2f}, "
             f"gateway {ratios['gateway_over_bare']:.2f})", out)
