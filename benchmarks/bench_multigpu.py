@@ -133,9 +133,9 @@ def greedy_top(url: str, model: str, prompts: list[list[int]]) -> list[tuple[lis
 
     out = []
     for p in prompts:
-        r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": p, "max_tokens": 32, "logprobs": 5, "return_tokens_as_token_ids": True,
-                                                      "temperature": 0.0, "ignore_eos": True,
-                                                      "return_token_ids": True}, timeout=300)
+        body = {"model": model, "prompt": p, "max_tokens": 32, "logprobs": 5, "temperature": 0.0, "ignore_eos": True,
+                "return_token_ids": True, "return_tokens_as_token_ids": True}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=300)
         r.raise_for_status()
         ch = r.json()["choices"][0]
         out.append((ch["token_ids"], ch["logprobs"]["top_logprobs"]))
