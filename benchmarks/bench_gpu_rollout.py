@@ -48,21 +48,30 @@ async def post(client, url: str, body: dict, headers: dict[str, str] | None = No
             RETRIES["count"] += 1
 
 
+async def timed(one) -> tuple[float, int]:
+    """Every prompt through `one(i, prompt) -> completion tokens`, CONCURRENCY at a time: (seconds, tokens)."""
+    sem = asyncio.Semaphore(CONCURRENCY)
+
+    async def gated(i: int, p: list[int]) -> int:
+        async with sem:
+            return await one(i, p)
+
+    t = time.perf_counter()
+    n = sum(await asyncio.gather(*(gated(i, p) for i, p in enumerate(prompts()))))
+    return time.perf_counter() - t, n
+
+
 async def drive_http(url: str, model: str, headers: dict[str, str] | None = None) -> tuple[float, int]:
     import httpx
 
-    sem = asyncio.Semaphore(CONCURRENCY)
-
-    async def one(client: httpx.AsyncClient, i: int, p: list[int]) -> int:
-        body = {"model": model, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": i, "logprobs": 0}
-        async with sem:
+    async with httpx.AsyncClient(timeout=600, limits=LIMITS()) as client:
+        async def one(i: int, p: list[int]) -> int:
+            body = {"model": model, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": i,
+                    "logprobs": 0}
             r = await post(client, url + "/v1/completions", body, headers)
             return int(r.json()["usage"]["completion_tokens"])
 
-    async with httpx.AsyncClient(timeout=600, limits=LIMITS()) as client:
-        t = time.perf_counter()
-        n = sum(await asyncio.gather(*(one(client, i, p) for i, p in enumerate(prompts()))))
-    return time.perf_counter() - t, n
+        return await timed(one)
 
 
 async def drive_generate_route(url: str) -> tuple[float, int]:
@@ -70,19 +79,14 @@ async def drive_generate_route(url: str) -> tuple[float, int]:
     OpenAI completions route also formats and detokenizes each log-prob, which costs the server time)."""
     import httpx
 
-    sem = asyncio.Semaphore(CONCURRENCY)
-
-    async def one(client: httpx.AsyncClient, i: int, p: list[int]) -> int:
-        sp = {"n": 1, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": i, "logprobs": 0, "output_kind": 2}
-        async with sem:
+    async with httpx.AsyncClient(timeout=600, limits=LIMITS()) as client:
+        async def one(i: int, p: list[int]) -> int:
+            sp = {"n": 1, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": i, "logprobs": 0, "output_kind": 2}
             r = await post(client, url + "/inference/v1/generate", {"token_ids": p, "sampling_params": sp,
                                                                     "stream": False})
             return len(r.json()["choices"][0]["token_ids"])
 
-    async with httpx.AsyncClient(timeout=600, limits=LIMITS()) as client:
-        t = time.perf_counter()
-        n = sum(await asyncio.gather(*(one(client, i, p) for i, p in enumerate(prompts()))))
-    return time.perf_counter() - t, n
+        return await timed(one)
 
 
 async def drive_adapter(url: str, version: tuple[int, int, int]) -> tuple[float, int]:
@@ -90,18 +94,15 @@ async def drive_adapter(url: str, version: tuple[int, int, int]) -> tuple[float,
     from vime.types import SamplingParams
 
     client = VLLMClient(url, version=version)
-    sem = asyncio.Semaphore(CONCURRENCY)
 
     async def one(i: int, p: list[int]) -> int:
-        async with sem:
-            (c,) = await client.generate_one(p, SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=i))
-            return len(c.token_ids)
+        (c,) = await client.generate_one(p, SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=i))
+        return len(c.token_ids)
 
-    t = time.perf_counter()
-    n = sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts()))))
-    dt = time.perf_counter() - t
-    await client.aclose()
-    return dt, n
+    try:
+        return await timed(one)
+    finally:
+        await client.aclose()
 
 
 def main() -> None:

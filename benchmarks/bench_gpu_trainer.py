@@ -27,6 +27,18 @@ def tokens(vocab: int):
     return torch.randint(3, min(vocab, 500), (MICRO * N_MICRO, SEQ), generator=g)
 
 
+def config_and_samples(model_dir: str) -> tuple:
+    """vime's trainer config and the step's samples (the same tokens as the bare run), for both vime paths."""
+    from transformers import AutoConfig
+
+    from vime.trainer import TrainerConfig
+    from vime.types import Sample
+
+    rows = tokens(AutoConfig.from_pretrained(model_dir).vocab_size).tolist()
+    cfg = TrainerConfig(world_size=1, gpus_per_rank=1, dtype="bfloat16", lr=1e-5, micro_batch_size=MICRO)
+    return cfg, [Sample(prompt_ids=r[:1], response_ids=r[1:], logprobs=[0.0] * (SEQ - 1)) for r in rows]
+
+
 def bare(model_dir: str) -> None:
     """The baseline, in its own process: plain Megatron-core, no vime code on the step path except the spec."""
     import torch
@@ -110,18 +122,13 @@ def timed(step, name: str) -> float:
 def inproc(model_dir: str) -> None:
     """vime's worker (its batching, loss and optimizer step) in this process: no Ray, no serialisation."""
     import torch
-    from transformers import AutoConfig
 
     from trainers.megatron.trainer import to_rank_dict
     from trainers.megatron.worker import MegatronWorker
     from vime.placement import free_port
-    from vime.trainer import TrainerConfig
-    from vime.types import Sample
 
-    hf = AutoConfig.from_pretrained(model_dir)
-    rows = [to_rank_dict(Sample(prompt_ids=r[:1], response_ids=r[1:], logprobs=[0.0] * (SEQ - 1)), None, None)
-            for r in tokens(hf.vocab_size).tolist()]
-    cfg = TrainerConfig(world_size=1, gpus_per_rank=1, dtype="bfloat16", lr=1e-5, micro_batch_size=MICRO)
+    cfg, samples = config_and_samples(model_dir)
+    rows = [to_rank_dict(x, None, None) for x in samples]
     w = MegatronWorker(cfg.model_dump(), model_dir, 0, 1)
     w.setup("127.0.0.1", free_port())
     s = timed(lambda: w.train_step(rows, "sft", {}, 1.0), "inproc")
@@ -131,17 +138,10 @@ def inproc(model_dir: str) -> None:
 
 
 def vime(model_dir: str) -> tuple[float, list[float]]:
-    import torch
-    from transformers import AutoConfig
+    from vime.trainer import make_trainer
 
-    from vime.trainer import TrainerConfig, make_trainer
-    from vime.types import Sample
-
-    hf = AutoConfig.from_pretrained(model_dir)
-    data = tokens(hf.vocab_size).tolist()
-    samples = [Sample(prompt_ids=row[:1], response_ids=row[1:], logprobs=[0.0] * (SEQ - 1)) for row in data]
-    trainer = make_trainer(TrainerConfig(world_size=1, gpus_per_rank=1, dtype="bfloat16", lr=1e-5,
-                                         micro_batch_size=MICRO), model_dir)
+    cfg, samples = config_and_samples(model_dir)
+    trainer = make_trainer(cfg, model_dir)
     try:
         times = []
         for i in range(WARMUP + STEPS):
@@ -151,7 +151,6 @@ def vime(model_dir: str) -> tuple[float, list[float]]:
                 times.append(time.perf_counter() - t)
     finally:
         trainer.shutdown()
-    del torch
     return statistics.median(times), times
 
 

@@ -114,19 +114,6 @@ def nccl() -> None:
         write("multigpu_nccl", {"card": card, "gpus": 2, "p2p_gb_per_s": bw, "topology": link, "rows": rows}, OUT)
 
 
-def greedy_ids(url: str, model: str, prompts: list[list[int]]) -> list[list[int]]:
-    import httpx
-
-    out = []
-    for p in prompts:
-        r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": p, "max_tokens": 32,
-                                                      "temperature": 0.0, "ignore_eos": True,
-                                                      "return_token_ids": True}, timeout=300)
-        r.raise_for_status()
-        out.append(r.json()["choices"][0]["token_ids"])
-    return out
-
-
 def greedy_top(url: str, model: str, prompts: list[list[int]]) -> list[tuple[list[int], list[dict[str, float]]]]:
     """Greedy ids with the top-5 log-probs at each position (to tell a near-tie from a wrong token)."""
     import httpx
@@ -198,7 +185,7 @@ def pd() -> None:
                           decode=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "1"})))):
         with make_engine_group(cfg, model, str(OUT / ("pd_logs" if "P/D" in name else "single_logs"))) as group:
             url = group.router.base_url if group.router else group.urls()[0]
-            ids[name] = greedy_ids(url, model, prompts)
+            ids[name] = [t for t, _ in greedy_top(url, model, prompts)]
             asyncio.run(load.drive(url, model, 10_000))  # warm-up (and the NIXL handshake)
             r = {"topology": name, **asyncio.run(load.drive(url, model, 0))}
             if group.router:
