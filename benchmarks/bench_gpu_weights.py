@@ -88,8 +88,8 @@ def bench_size(size: str, out_dir: Path, backend: str = "ipc", engine_env: dict[
 
     path = ensure_model(size)
     nbytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    bucket_mb = 2048 if size == "7b" else 1024
-    row: dict = {"size": size, "model_bytes": nbytes, "backend": backend}
+    bucket_mb = int(os.environ.get("VIME_BUCKET_MB", 4096))  # 4 GiB: a 7B model in four rounds, smaller ones in one
+    row: dict = {"size": size, "model_bytes": nbytes, "backend": backend, "bucket_mb": bucket_mb}
     server = VLLMServer(str(path), args={
         "enforce_eager": True, "dtype": "bfloat16", "max_model_len": 1024, "gpu_memory_utilization": 0.3,
         "worker_extension_cls": "engines.vllm.worker_ext.VimeWorkerExtension",

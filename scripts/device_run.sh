@@ -51,7 +51,7 @@ loop() {
     --set run.out_dir=/tmp/runs/grpo_gpu
   cp /tmp/runs/grpo_gpu/metrics.jsonl "$VIME_BENCH_OUT/grpo_gpu_metrics.jsonl"
   step grpo_report 30 $py benchmarks/gpu_grpo_report.py /tmp/runs/grpo_gpu gpu_grpo
-  step trainer 100 $py benchmarks/bench_gpu_trainer.py $VIME_MODELS/qwen2-0.5b
+  step trainer 200 $py benchmarks/bench_gpu_trainer.py $VIME_MODELS/qwen2-0.5b
 }
 bench() {
   step rollout 170 $py benchmarks/bench_gpu_rollout.py $VIME_MODELS/qwen2-0.5b

@@ -169,6 +169,9 @@ def test_fused_logprobs_equal_log_softmax_in_value_entropy_and_gradient(dtype, t
         assert torch.allclose(ent, -(ref_all.exp() * ref_all).sum(-1).detach(), atol=1e-4)
         assert torch.allclose(x.grad.float(), ref_x.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
         assert torch.equal(x.detach(), base)  # the caller's logits are never overwritten
+        with torch.no_grad():  # forward-only, in the [s, b, V] layout LogProbHead gets from Megatron
+            lp_sb, none = logprobs_and_entropy(base.transpose(0, 1).contiguous(), targets.t(), temperature, False)
+        assert none is None and torch.allclose(lp_sb.t(), ref, atol=1e-5)
     finally:
         ps.destroy_model_parallel()
         dist.destroy_process_group()

@@ -1,17 +1,24 @@
 """Token log-probs and entropy from vocab-parallel logits (each TP rank holds V/TP columns).
 
-One autograd function in the manner of Megatron's `vocab_parallel_cross_entropy` (which we cannot use as is: it
-gives no entropy of the same distribution): the forward works in place on one fp32 copy of the logits (shift,
-exp, normalise) and keeps only the softmax; the backward is `onehot - softmax`, written into that buffer. With a
-real vocabulary (151,936 columns for Qwen2.5) the logits are the largest tensors of the step, so every pass over
-them counts: on an H100, vime's 0.5B step ran 12% behind bare Megatron-core, and the profile put the extra
-kernel time in full-vocab elementwise passes of the plain autograd version (float copy, shift, exp, entropy,
-each kept for backward). This version is 1.85x faster than that one on CPU; not yet re-timed on a GPU.
+With a real vocabulary (151,936 columns for Qwen2.5) the logits are the largest tensors of the step, so every
+full-vocab pass counts: on an H100, vime's 0.5B step ran 12% behind bare Megatron-core, and the profile put the
+extra kernel time in full-vocab copies and elementwise passes. Two things here remove them:
+
+- `LogProbHead` takes the logits where Megatron's own cross-entropy does. Megatron's GPTModel returns logits as
+  [b, s, V] through a transposed full copy, which `Float16Module` then upcasts to fp32 (two more full copies, and
+  the same again in backward); given labels, it instead hands its [s, b, V] bf16 logits to
+  `compute_language_model_loss`, and only the [b, s] result is transposed and upcast.
+- `_VocabParallelLogProb` is one autograd function in the manner of Megatron's `vocab_parallel_cross_entropy`
+  (which gives no entropy of the same distribution, so we cannot use it as is): the fp32 shifted logits are made
+  in one pass from the bf16 ones, the softmax is built in place and is the only [.., V] tensor kept for
+  backward, and the backward (`onehot - softmax`) is written straight into the input's dtype.
 
 TP: the max, the exp-sum, the picked logit and the entropy term are summed over the TP group in the forward; the
 backward needs no communication (the global softmax restricted to local columns is the local gradient).
 """
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -31,38 +38,40 @@ class _VocabParallelLogProb(torch.autograd.Function):
                 with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         from megatron.core import parallel_state as ps
 
-        x = logits.float()
-        if x.data_ptr() == logits.data_ptr():
-            x = x.clone()  # fp32 logits come in as they are: never overwrite the caller's tensor
+        v_local = logits.shape[-1]
+        top = _tp_all_reduce(logits.max(-1).values.float(), dist.ReduceOp.MAX)
+        x = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        torch.sub(logits, top.unsqueeze(-1), out=x)  # the fp32 shifted logits in one pass over the bf16 ones
         if temperature != 1.0:
             x.div_(temperature)
-        v_local = x.shape[-1]
-        x.sub_(_tp_all_reduce(x.max(-1).values, dist.ReduceOp.MAX).unsqueeze(-1))  # shifted
         local = targets - ps.get_tensor_model_parallel_rank() * v_local
         inside = (local >= 0) & (local < v_local)
         local = local.clamp(0, v_local - 1)
         picked = _tp_all_reduce(x.gather(-1, local.unsqueeze(-1)).squeeze(-1) * inside)
-        # entropy = lse - Σ p·shifted; Σ e^s·s is taken before the exp overwrites the shifted logits
-        e_s = _tp_all_reduce((x.exp() * x).sum(-1)) if with_entropy else None
-        x.exp_()
+        if with_entropy:  # entropy = lse - Σ p·shifted, with Σ e^s·s taken in the shifted logits' own buffer
+            e = x.exp()
+            e_s = _tp_all_reduce(x.mul_(e).sum(-1))
+            x = e
+        else:
+            x.exp_()
         sumexp = _tp_all_reduce(x.sum(-1))
         lse = sumexp.log()
         logp = picked - lse
-        entropy = lse - e_s / sumexp if e_s is not None else torch.zeros_like(lse)
-        x.div_(sumexp.unsqueeze(-1))  # softmax, the only [.., V] tensor kept for backward
-        ctx.save_for_backward(x, local, inside)
-        ctx.temperature, ctx.dtype = temperature, logits.dtype
+        entropy = lse - e_s / sumexp if with_entropy else torch.zeros_like(lse)
         ctx.mark_non_differentiable(entropy)
+        if ctx.needs_input_grad[0]:  # a forward-only pass (old/ref log-probs) keeps nothing
+            x.div_(sumexp.unsqueeze(-1))  # softmax
+            ctx.save_for_backward(x, local, inside)
+            ctx.temperature, ctx.dtype = temperature, logits.dtype
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_logp: torch.Tensor, _g_entropy: torch.Tensor):  # type: ignore[override]
         softmax, local, inside = ctx.saved_tensors
-        grad = softmax.mul_(-g_logp.unsqueeze(-1))  # d logp / d shifted = onehot - softmax
-        grad.scatter_add_(-1, local.unsqueeze(-1), (g_logp * inside).unsqueeze(-1))
-        if ctx.temperature != 1.0:
-            grad.div_(ctx.temperature)
-        return grad.to(ctx.dtype), None, None, None
+        grad = softmax.scatter_add_(-1, local.unsqueeze(-1), -inside.unsqueeze(-1).to(softmax.dtype))  # p - onehot
+        scale = -g_logp.unsqueeze(-1) / ctx.temperature  # d logp / d logits = (onehot - p) / T
+        return torch.mul(grad, scale, out=torch.empty(grad.shape, dtype=ctx.dtype, device=grad.device)), None, None, \
+            None
 
 
 def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -71,3 +80,29 @@ def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperatur
     gradient; None when not asked for)."""
     logp, entropy = _VocabParallelLogProb.apply(logits, targets, temperature, with_entropy)
     return logp, entropy if with_entropy else None
+
+
+class LogProbHead:
+    """Stands in for a GPTModel's `compute_language_model_loss(labels, logits)`: the model, called with
+    `labels=targets`, then returns per-token log-probs [b, s] instead of logits. What a call needs besides
+    (temperature, entropy or not, a look at the logits) is set on the head before the forward; the entropy of
+    the last call is left in `entropy`."""
+
+    def __init__(self) -> None:
+        self.temperature = 1.0
+        self.with_entropy = True
+        self.on_logits: Callable[[torch.Tensor], Any] | None = None
+        self.entropy: torch.Tensor | None = None
+
+    def __call__(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.on_logits is not None:
+            self.on_logits(logits.transpose(0, 1))  # [b, s, V/TP]
+        logp, ent = logprobs_and_entropy(logits, labels.t(), self.temperature, self.with_entropy)
+        self.entropy = None if ent is None else ent.t()
+        return logp.t()
+
+    @classmethod
+    def install(cls, gpt_model: torch.nn.Module) -> "LogProbHead":
+        head = cls()
+        gpt_model.compute_language_model_loss = head  # an instance attribute shadows the method
+        return head

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from trainers.megatron import adapter, export
 from trainers.megatron.batching import microbatches, response_values
-from trainers.megatron.logprobs import logprobs_and_entropy
+from trainers.megatron.logprobs import LogProbHead
 from trainers.megatron.spec import build_model, transformer_config
 from vime.algorithms.losses import get_loss
 from vime.placement import free_port
@@ -70,6 +70,7 @@ class MegatronWorker:
                             post_process=ps.is_pipeline_last_stage())
         if not self.on_cpu:
             model = model.cuda()
+        self.head = LogProbHead.install(model) if ps.is_pipeline_last_stage() else None
         self._load_hf_into(model)
         self._wrap(model)
         return {"rank": self.rank, "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank}
@@ -155,31 +156,33 @@ class MegatronWorker:
 
         mbs, length = microbatches(samples, self.cfg.micro_batch_size)
         dev = "cpu" if self.on_cpu else "cuda"
+        n_tokens = torch.tensor(float(sum(mb["loss_mask"].sum() for mb in mbs)), device=dev)  # counted on the host
         mbs = [{k: v.to(dev) for k, v in mb.items()} for mb in mbs]
-        n_tokens = torch.tensor(float(sum(mb["loss_mask"].sum() for mb in mbs)), device=dev)
         dist.all_reduce(n_tokens, group=ps.get_data_parallel_group())
         scale = self.cfg.dp * len(mbs) / max(1.0, float(n_tokens))  # → a token mean over the global batch
         mask = torch.triu(torch.ones(length, length, dtype=torch.bool, device=dev), 1)[None, None]
 
-        def loss_func(mb: dict[str, torch.Tensor], logits: torch.Tensor):
-            if on_logits is not None:
-                on_logits(logits)
-            logp, ent = logprobs_and_entropy(logits, mb["targets"], temperature)
+        if self.head is not None:  # the model's last stage returns per-token log-probs (see LogProbHead)
+            h = self.head
+            h.temperature, h.with_entropy, h.on_logits = temperature, not forward_only, on_logits
+
+        def loss_func(mb: dict[str, torch.Tensor], logp: torch.Tensor):
             lm = mb["loss_mask"]
-            out = {"logp": logp.detach(), "entropy": ent, "mask_sum": lm.sum()}
+            out = {"logp": logp.detach(), "mask_sum": lm.sum()}
             if forward_only:
                 return logp.sum() * 0.0, out
             tok_loss, metrics = loss_fn(logp, mb, **loss_kwargs)
             loss = (tok_loss * lm).sum()
             out["loss_sum"] = loss.detach()
-            out["entropy_sum"] = (ent * lm).sum()
+            out["entropy_sum"] = (self.head.entropy * lm).sum()
             for k, v in metrics.items():
                 out[k + "_sum"] = (v * lm).sum()
             return loss * scale, out
 
         def forward_step(data_iter: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
             mb = next(data_iter)
-            out = model(input_ids=mb["tokens"], position_ids=mb["position_ids"], attention_mask=mask)
+            out = model(input_ids=mb["tokens"], position_ids=mb["position_ids"], attention_mask=mask,
+                        labels=mb["targets"])
             return out, partial(loss_func, mb)
 
         return get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(mbs),
@@ -226,7 +229,7 @@ class MegatronWorker:
         captured: list[torch.Tensor] = []
 
         def capture(logits: torch.Tensor) -> None:
-            captured.append(gather_from_tensor_model_parallel_region(logits.float())[0].cpu())
+            captured.append(gather_from_tensor_model_parallel_region(logits.float().contiguous())[0].cpu())
 
         sample = {"prompt_ids": tokens[:1], "response_ids": tokens[1:]}
         self.model.eval()
