@@ -50,6 +50,7 @@ loop() {
   step grpo_gpu 220 $py -m vime.cli train -c configs/grpo_gpu.yaml --set model.path=$VIME_MODELS/qwen2-0.5b \
     --set run.out_dir=/tmp/runs/grpo_gpu
   cp /tmp/runs/grpo_gpu/metrics.jsonl "$VIME_BENCH_OUT/grpo_gpu_metrics.jsonl"
+  cp /tmp/runs/grpo_gpu/run.png "$VIME_BENCH_OUT/grpo_gpu_run.png" 2>/dev/null
   step grpo_report 30 $py benchmarks/gpu_grpo_report.py /tmp/runs/grpo_gpu gpu_grpo
   step trainer 200 $py benchmarks/bench_gpu_trainer.py $VIME_MODELS/qwen2-0.5b
 }
