@@ -76,3 +76,36 @@ def test_split_placement_nccl_step(tmp_path, repo_root):
         f"model.path={MODEL}", f"run.out_dir={tmp_path}", "loop.sft_steps=5", "loop.num_steps=1"])
     (h,) = steps(train(cfg, progress=False))
     assert h["consistency/mean_abs_diff"] < 0.05 and h["sync/push_s"] > 0
+
+
+def test_logprobs_match_log_softmax_at_qwen_vocab():
+    """The log-prob function as the trainer runs it on a GPU (bf16 logits over Qwen2.5's 151,936 columns, in the
+    [s, b, V] layout Megatron hands to LogProbHead) against `log_softmax` in fp32: value, entropy, gradient."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from trainers.megatron.logprobs import logprobs_and_entropy
+    from vime.placement import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    ps.initialize_model_parallel(1, 1)
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        base = (torch.randn(64, 2, 151936, generator=g, device="cuda") * 3).bfloat16()
+        targets = torch.randint(0, 151936, (64, 2), generator=g, device="cuda")
+        weights = torch.randn(64, 2, generator=g, device="cuda")
+        for temperature in (1.0, 0.7):
+            x, ref_x = base.clone().requires_grad_(), base.clone().requires_grad_()
+            logp, ent = logprobs_and_entropy(x, targets, temperature)
+            (logp * weights).sum().backward()
+            ref_all = torch.log_softmax(ref_x.float() / temperature, -1)
+            ref = ref_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            (ref * weights).sum().backward()
+            assert (logp - ref).abs().max() < 1e-4
+            assert (ent - -(ref_all.exp() * ref_all).sum(-1).detach()).abs().max() < 1e-3
+            assert torch.allclose(x.grad.float(), ref_x.grad.float(), atol=1e-3, rtol=2e-2)  # bf16: 1/128 steps
+            assert x.grad.dtype == torch.bfloat16
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
