@@ -70,8 +70,8 @@ class _VocabParallelLogProb(torch.autograd.Function):
         softmax, local, inside = ctx.saved_tensors
         grad = softmax.scatter_add_(-1, local.unsqueeze(-1), -inside.unsqueeze(-1).to(softmax.dtype))  # p - onehot
         scale = -g_logp.unsqueeze(-1) / ctx.temperature  # d logp / d logits = (onehot - p) / T
-        return torch.mul(grad, scale, out=torch.empty(grad.shape, dtype=ctx.dtype, device=grad.device)), None, None, \
-            None
+        out = torch.empty(grad.shape, dtype=ctx.dtype, device=grad.device)  # the product lands in the input dtype
+        return torch.mul(grad, scale, out=out), None, None, None
 
 
 def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
