@@ -19,7 +19,8 @@ from benchmarks.common import exit_on_sigterm, bar_png, write  # noqa: E402
 REQUESTS, CONCURRENCY, PROMPT_LEN, MAX_TOKENS = 256, 128, 64, 128
 
 
-def LIMITS():  # noqa: N802 - every path keeps all its connections alive, as vime's adapter does (httpx keeps 20)
+def LIMITS():  # noqa: N802 - the bare paths keep all their connections alive (httpx's default keeps 20); the
+    # adapter uses its own client's pool (VLLMClient: up to 512 connections, 64 kept alive)
     import httpx
 
     return httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
