@@ -41,7 +41,8 @@ def main() -> None:
     import httpx
 
     from engines.vllm.server import kill_tree
-    from vime.engine import EngineConfig, make_engine_group
+    from engines.vllm.config import VLLMEngineConfig as EngineConfig
+    from vime.specs import make_engine_group
     from vime.models import make_model
     from vime.placement import free_port
 

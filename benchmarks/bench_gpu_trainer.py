@@ -138,7 +138,7 @@ def inproc(model_dir: str) -> None:
 
 
 def vime(model_dir: str) -> tuple[float, list[float]]:
-    from vime.trainer import make_trainer
+    from vime.specs import make_trainer
 
     cfg, samples = config_and_samples(model_dir)
     trainer = make_trainer(cfg, model_dir)

@@ -132,7 +132,8 @@ def vllm_baseline(url: str, path: Path, row: dict) -> None:
 def trainer_side(size: str, path: Path, url: str, version: tuple[int, int, int], prompt: list[int], backend: str,
                  bucket_mb: int, row: dict) -> None:
     """The Megatron trainer pushes through vime's weight channel; then engine vs trainer log-probs."""
-    from vime.trainer import TrainerConfig, make_trainer
+    from vime.trainer import TrainerConfig
+    from vime.specs import make_trainer
     from vime.types import Sample
 
     tcfg = TrainerConfig(world_size=1, gpus_per_rank=1, dtype="bfloat16", lr=1e-3, micro_batch_size=8,

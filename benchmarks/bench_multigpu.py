@@ -37,7 +37,8 @@ def tp() -> None:
 
     from benchmarks.bench_gpu_weights import ensure_model
     from vime.placement import ensure_ray
-    from vime.trainer import TrainerConfig, make_trainer
+    from vime.trainer import TrainerConfig
+    from vime.specs import make_trainer
 
     ensure_ray()
     model = str(ensure_model("0.5b"))
@@ -136,7 +137,8 @@ def pd_equal() -> None:
     import torch
 
     from benchmarks.bench_gpu_weights import ensure_model
-    from vime.engine import EngineConfig, RoleConfig, make_engine_group
+    from engines.vllm.config import VLLMEngineConfig as EngineConfig, RoleConfig
+    from vime.specs import make_engine_group
 
     model = str(ensure_model("0.5b"))
     args = {"enforce_eager": True, "dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.4,
@@ -170,7 +172,8 @@ def pd() -> None:
 
     import benchmarks.bench_pd as load
     from benchmarks.bench_gpu_weights import ensure_model
-    from vime.engine import EngineConfig, RoleConfig, make_engine_group
+    from engines.vllm.config import VLLMEngineConfig as EngineConfig, RoleConfig
+    from vime.specs import make_engine_group
 
     load.REQUESTS, load.CONCURRENCY, load.PROMPT_LEN, load.MAX_TOKENS = 256, 32, 1024, 64
     model = str(ensure_model("0.5b"))

@@ -48,7 +48,8 @@ async def drive(url: str, model: str, offset: int) -> dict[str, float]:
 
 
 def main() -> None:
-    from vime.engine import EngineConfig, make_engine_group
+    from engines.vllm.config import VLLMEngineConfig as EngineConfig
+    from vime.specs import make_engine_group
     from vime.models import make_model
 
     rows = []

@@ -39,7 +39,8 @@ def buckets(sd, bucket_bytes=64 << 20):
 
 
 def engine(model_dir: Path, log_dir: Path, backend: str):
-    from vime.engine import EngineConfig, make_engine_group
+    from engines.vllm.config import VLLMEngineConfig as EngineConfig
+    from vime.specs import make_engine_group
 
     cfg = EngineConfig(args=ENGINE_ARGS, startup_timeout_s=600)
     return make_engine_group(cfg, str(model_dir), str(log_dir), weights_backend=backend).start()

@@ -42,7 +42,8 @@ def model_dir(tmp_path_factory):
 
 
 def start_engines(model_path: Path, log_dir: Path, num_engines: int = 1, weights: str | None = None, **args):
-    from vime.engine import EngineConfig, make_engine_group
+    from engines.vllm.config import VLLMEngineConfig as EngineConfig
+    from vime.specs import make_engine_group
 
     cfg = EngineConfig(num_engines=num_engines, args={**ENGINE_ARGS, **args}, startup_timeout_s=240)
     return make_engine_group(cfg, str(model_path), str(log_dir), weights_backend=weights).start()

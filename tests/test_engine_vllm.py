@@ -116,7 +116,7 @@ def test_bad_model_dir_fails_with_log_tail_and_no_orphan(tmp_path):
 
 def test_rollout_into_buffer(qwen2_engines, model_dir, repo_root, tmp_path):
     from vime.config import load_config
-    from vime.rollout.runner import run_rollout
+    from vime.run_rollout import run_rollout
     from vime.types import read_jsonl
 
     cfg = load_config(repo_root / "configs" / "grpo_tiny_cpu.yaml",
@@ -142,7 +142,7 @@ def test_gpu_launch_flags_and_role_env():
     """What a GPU run hands each server (checked without starting one): the weight backend's vLLM engine name,
     sleep mode when colocated, the IPC pickle opt-in, and per-role environment for P/D on separate GPUs."""
     from engines.vllm.group import VLLMEngineGroup
-    from vime.engine import EngineConfig, RoleConfig
+    from engines.vllm.config import VLLMEngineConfig as EngineConfig, RoleConfig
 
     g = VLLMEngineGroup(EngineConfig(), model_path="m", log_dir="/tmp", weights_backend="ipc", sleep_mode=True)
     args, env = g._server_args("server"), g._server_env(0)

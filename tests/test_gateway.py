@@ -8,7 +8,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from vime.gateway.app import GatewayConfig
+from vime.gateway.config import GatewayConfig
 from vime.gateway.server import Gateway
 from vime.gateway.tools import hermes
 

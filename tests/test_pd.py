@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from conftest import ENGINE_ARGS, hf_response_logprobs
 from engines.vllm.weight_channel import VLLMWeightChannel
 from pd_oracle import pd_completion
-from vime.engine import EngineConfig, make_engine_group
+from engines.vllm.config import VLLMEngineConfig as EngineConfig
+from vime.specs import make_engine_group
 from vime.types import Sample, SamplingParams
 
 pytestmark = pytest.mark.slow

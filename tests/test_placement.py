@@ -35,7 +35,7 @@ def test_trainer_joins_existing_cluster(model_dir):
             "from vime.placement import RayConfig, ensure_ray;"
             f"ensure_ray(RayConfig(address={address!r}));"
             "import ray; assert ray.cluster_resources()['CPU'] == 2;"
-            "from vime.trainer import TrainerConfig, make_trainer;"
+            "from vime.trainer import TrainerConfig; from vime.specs import make_trainer;"
             "from vime.types import Sample;"
             f"tr = make_trainer(TrainerConfig(), {str(model_dir('qwen2'))!r});"
             "print(len(tr.logprobs([Sample(prompt_ids=[1, 5, 6], response_ids=[7, 8], logprobs=[0.0, 0.0])])[0]));"

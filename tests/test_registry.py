@@ -1,6 +1,6 @@
 import pytest
 
-from vime.registry import PluginError, load_callable, load_object, resolve, ENGINES
+from vime.registry import ENGINES, PluginError, load_callable, load_object
 from vime.rewards import get_reward_fn
 
 
@@ -33,4 +33,4 @@ def test_reward_lookup_errors():
 
 def test_unknown_engine_name():
     with pytest.raises(PluginError, match="unknown engine 'tgi'.*vllm"):
-        resolve(ENGINES, "tgi", kind="engine")
+        ENGINES.get("tgi")

@@ -9,6 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from vime.protocols import Trainer
+
 # Keys a resumed run may change; any other difference would make the resumed run diverge from the original.
 RESUMABLE_CHANGES = ("loop.num_steps", "loop.eval_every", "loop.save_every", "loop.keep", "run.out_dir",
                      "engine.startup_timeout_s", "engine.request_timeout_s", "engine.env", "ray.")
@@ -34,7 +36,7 @@ def incompatible_changes(saved: dict[str, Any], current: dict[str, Any]) -> list
     return changed
 
 
-def save(root: str | Path, step: int, trainer: Any, state: dict[str, Any], config: dict[str, Any],
+def save(root: str | Path, step: int, trainer: Trainer, state: dict[str, Any], config: dict[str, Any],
          export_hf: bool = True, keep: int | None = None) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

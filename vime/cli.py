@@ -1,22 +1,33 @@
-"""`vime <command>`: make-model, make-data, rollout, train. Recipes are YAML (`-c`), overridden by
-`--set key.path=value`; engine flags pass through verbatim as `--vllm-<flag> [value]`."""
+"""`vime <command>`: make-model, make-data, rollout, train, serve. Recipes are YAML (`-c`), overridden by
+`--set key.path=value`; engine flags pass through verbatim as `--<engine>-<flag> [value]` (the engine's
+registered name: `--vllm-max-num-seqs 64`)."""
 from __future__ import annotations
 
 import argparse
 import json
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from vime.registry import ENGINES
 
-def split_engine_flags(argv: list[str], prefix: str = "--vllm-") -> tuple[list[str], dict[str, Any]]:
-    """Pull `--vllm-max-num-seqs 64` / `--vllm-enforce-eager` out of argv into engine args (verbatim names)."""
-    rest, flags, i = [], {}, 0
+if TYPE_CHECKING:  # the CLI imports the config (pydantic, torch-free but not tiny) only for commands that need it
+    from vime.config import Config
+
+
+def split_engine_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Pull `--<engine>-max-num-seqs 64` / `--<engine>-enforce-eager` out of argv into engine args (verbatim
+    names), for every registered engine name (`engine_flag_owners` says whose they were)."""
+    prefixes = tuple(f"--{name}-" for name in ENGINES.names())
+    rest: list[str] = []
+    flags: dict[str, Any] = {}
+    i = 0
     while i < len(argv):
         a = argv[i]
-        if a.startswith(prefix):
+        prefix = next((p for p in prefixes if a.startswith(p)), None)
+        if prefix is not None:
             name, eq, val = a[len(prefix):].partition("=")
             if eq:
                 flags[name] = yaml.safe_load(val)
@@ -29,6 +40,12 @@ def split_engine_flags(argv: list[str], prefix: str = "--vllm-") -> tuple[list[s
             rest.append(a)
         i += 1
     return rest, flags
+
+
+def engine_flag_owners(argv: list[str]) -> set[str]:
+    """The engines whose `--<engine>-` flags appear in argv (flags for an engine the recipe does not run are an
+    error, not silently passed to another engine)."""
+    return {n for n in ENGINES.names() for a in argv if a.startswith(f"--{n}-")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if os.getcwd() not in sys.path:  # plug-ins like `examples.x:fn` resolve from where vime is run, as with -m
         sys.path.insert(0, os.getcwd())
-    argv, engine_flags = split_engine_flags(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    owners = engine_flag_owners(argv)
+    argv, engine_flags = split_engine_flags(argv)
     args = _parser().parse_args(argv)
     if args.cmd == "make-model":
         from vime.models import make_model
@@ -87,12 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vime: {e}", file=sys.stderr)
         return 2
+    if owners - {cfg.engine.name}:
+        print(f"vime: flags --{'-/--'.join(sorted(owners))}-* are for another engine than the recipe's "
+              f"engine.name={cfg.engine.name!r}", file=sys.stderr)
+        return 2
     _sigterm_to_exit()
     if args.cmd == "train":
         return _train(cfg, args)
     if args.cmd == "serve":
         return _serve(cfg)
-    from vime.rollout.runner import run_rollout
+    from vime.run_rollout import run_rollout
 
     out = args.out or f"{cfg.run.out_dir}/samples.jsonl"
     summary = run_rollout(cfg, steps=args.steps or 2, out=out)
@@ -103,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _train(cfg: Any, args: argparse.Namespace) -> int:
+def _train(cfg: Config, args: argparse.Namespace) -> int:
     from vime.loop import train
 
     if args.steps is not None:
@@ -115,16 +138,19 @@ def _train(cfg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(cfg: Any) -> int:
+def _serve(cfg: Config) -> int:
     import time
     from pathlib import Path
 
-    from vime.engine import make_engine_group
-    from vime.gateway.server import Gateway, gateway_config
-    from vime.rollout.runner import load_tokenizer
+    from vime.config import gateway_config
+    from vime.gateway.server import Gateway
+    from vime.rollout.context import load_tokenizer
+    from vime.specs import make_engine_group
 
-    with make_engine_group(cfg.engine, cfg.model.path, str(Path(cfg.run.out_dir) / "logs")) as engines:
-        with Gateway(engines, load_tokenizer(cfg), gateway_config(cfg)) as gw:
+    engines = make_engine_group(cfg.engine, cfg.model.path, str(Path(cfg.run.out_dir) / "logs"))
+    try:
+        engines.start()
+        with Gateway(engines, load_tokenizer(cfg.model.tokenizer or cfg.model.path), gateway_config(cfg)) as gw:
             print(f"OpenAI endpoint: {gw.base_url}\nAPI key: {gw.api_key}\nmodel: {gw.cfg.model_name}\n"
                   "sessions: send header x-session-id, or use base_url .../sessions/<id>/v1. Ctrl-C stops.",
                   flush=True)
@@ -133,6 +159,8 @@ def _serve(cfg: Any) -> int:
                     time.sleep(3600)
             except KeyboardInterrupt:
                 pass
+    finally:
+        engines.stop()
     return 0
 
 

@@ -1,23 +1,27 @@
 """The root config: it only composes the component configs, each of which lives beside its component.
 
-A recipe is YAML; `--set a.b=v` and `--vllm-<flag> v` override it. Every key is checked before anything starts,
-and an error names the key, the file it came from and the keys allowed there.
+A recipe is YAML; `--set a.b=v` and `--<engine>-<flag> v` override it. Every key is checked before anything
+starts, against the chosen engine's own schema too, and an error names the key, the file it came from and the
+keys allowed there.
 """
+
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from vime.algorithms.recipe import AlgorithmConfig
 from vime.data.source import DataConfig
 from vime.engine import EngineConfig
-from vime.gateway.app import GatewayConfig
-from vime.loop import LoopConfig
+from vime.gateway.config import GatewayConfig
 from vime.placement import PlacementConfig, RayConfig
-from vime.rollout.default import RolloutConfig
+from vime.registry import DEFAULT_ENGINE, PluginError
+from vime.rollout.config import RolloutConfig
+from vime.specs import engine_spec, trainer_spec
 from vime.trainer import TrainerConfig
 from vime.weights import WeightsConfig
 
@@ -38,6 +42,18 @@ class RunConfig(Strict):
     save_samples: bool = Field(default=False, description="write every step's samples to out_dir/samples/")
 
 
+class LoopConfig(Strict):
+    num_steps: int = Field(default=20, ge=0, description="RL steps")
+    sft_steps: int = Field(default=0, ge=0, description="supervised warm-start steps before RL")
+    sft_batch_size: int = Field(default=64, ge=1)
+    sft_lr: float | None = Field(default=None, description="warm-start learning rate (default: trainer.lr)")
+    eval_every: int = Field(default=5, ge=0, description="0 = only before and after")
+    eval_size: int = Field(default=64, ge=1)
+    save_every: int = Field(default=0, ge=0, description="0 = no checkpoints")
+    keep: int = Field(default=2, ge=1, description="checkpoints kept")
+    max_staleness: int = Field(default=0, ge=0, description="weight versions a batch may lag behind (sync: 0)")
+
+
 class Config(Strict):
     model: ModelConfig
     engine: EngineConfig = EngineConfig()
@@ -53,14 +69,41 @@ class Config(Strict):
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
-    def _weights_fit_placement(self) -> "Config":
-        if self.weights.backend == "ipc" and not self.placement.colocate:
-            raise ValueError("weights.backend=ipc maps the trainer's GPU memory into the engine, so it needs "
-                             "placement.colocate: true; use weights.backend=nccl for separate GPUs")
-        if self.weights.backend == "nccl" and self.placement.colocate:
-            raise ValueError("weights.backend=nccl cannot link two processes on one GPU; with placement.colocate: "
-                             "true use weights.backend=ipc")
+    def _parts_agree(self) -> Config:
+        """Rules that span sections belong to the part that knows them: the engine's spec (its weight backends,
+        what they need of placement) and the trainer's spec (the keys its backend takes in trainer.args)."""
+        spec = engine_spec(self.engine.name)
+        errors = []
+        if self.weights.backend not in spec.weight_backends:
+            offered = "; ".join(f"{k}: {v}" for k, v in spec.weight_backends.items())
+            errors.append(f"weights.backend={self.weights.backend!r} is not offered by engine {spec.name!r}; "
+                          f"choose one of: {offered}")
+        else:
+            errors += spec.validate(self.engine, self.weights, self.placement.colocate)
+        errors += trainer_spec(self.trainer.name).check_args(self.trainer.args)
+        if errors:
+            raise ValueError("\n  ".join(errors))
         return self
+
+
+@functools.cache
+def config_schema(engine: str) -> type[Config]:
+    """The root config with the `engine` section typed by that engine's own schema."""
+    cls = engine_spec(engine).config
+    if cls is EngineConfig:
+        return Config
+    return create_model(f"Config_{engine.replace(':', '_').replace('.', '_')}", __base__=Config,
+                        engine=(cls, Field(default_factory=cls)))
+
+
+def gateway_config(cfg: Config) -> GatewayConfig:
+    """The recipe's gateway section, with what only the whole recipe knows filled in (the context limit is in
+    the engine's flags, which only the engine's spec can read)."""
+    limit = engine_spec(cfg.engine.name).context_limit(cfg.engine)
+    update: dict[str, Any] = {"model_name": cfg.gateway.model_name or cfg.model.path}
+    if limit:
+        update["max_model_len"] = int(limit)
+    return cfg.gateway.model_copy(update=update)
 
 
 class ConfigError(ValueError):
@@ -95,7 +138,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(getattr(cur, "model_fields", {}))
 
 
-def _explain(e: ValidationError, origin: dict[str, str], default_src: str) -> str:
+def _explain(e: ValidationError, origin: dict[str, str], default_src: str, schema: type[BaseModel]) -> str:
     lines = []
     for err in e.errors():
         loc = tuple(err["loc"])
@@ -104,7 +147,7 @@ def _explain(e: ValidationError, origin: dict[str, str], default_src: str) -> st
         if not loc:  # a rule across sections (a model validator)
             lines.append(f"{err['msg'].removeprefix('Value error, ')} (in {src})")
         elif err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(Config, loc)
+            allowed = _allowed_keys(schema, loc)
             lines.append(f"unknown key '{key}' in {src}; allowed here: {', '.join(allowed)}")
         elif err["type"] == "missing":
             lines.append(f"missing key '{key}' in {src}")
@@ -113,7 +156,7 @@ def _explain(e: ValidationError, origin: dict[str, str], default_src: str) -> st
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (),
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 engine_args: dict[str, Any] | None = None) -> Config:
     raw: dict[str, Any] = {}
     src = str(path) if path else "<defaults>"
@@ -134,10 +177,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
         origin[key] = f"--set {item}"
     for flag, value in (engine_args or {}).items():
         raw.setdefault("engine", {}).setdefault("args", {})[flag] = value
+    section = raw.get("engine")
+    engine = str(section.get("name", DEFAULT_ENGINE)) if isinstance(section, dict) else DEFAULT_ENGINE
     try:
-        return Config.model_validate(raw)
+        schema = config_schema(engine)
+    except PluginError as e:
+        raise ConfigError(f"invalid config:\n  bad value for 'engine.name' in {origin.get('engine.name', src)}: {e}") from None
+    try:
+        return schema.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_explain(e, origin, src)) from None
+        raise ConfigError(_explain(e, origin, src, schema)) from None
 
 
 def dump_config(cfg: Config) -> str:

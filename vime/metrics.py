@@ -88,10 +88,10 @@ class MetricsLogger:
         tps = [r["rollout/tokens_per_s"] for r in self.history if "rollout/tokens_per_s" in r]
         if tps:
             lines.append(f"rollout throughput: {sum(tps) / len(tps):.0f} response tokens/s (mean over steps)")
-        for k in ("time/rollout", "time/train", "time/weight_sync"):
-            vals = [r[k] for r in self.history if k in r]
+        for key in ("time/rollout", "time/train", "time/weight_sync"):
+            vals = [r[key] for r in self.history if key in r]
             if vals:
-                lines.append(f"{k}: {sum(vals) / len(vals):.2f} s/step")
+                lines.append(f"{key}: {sum(vals) / len(vals):.2f} s/step")
         return "\n".join(lines)
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CORPUS = Path(__file__).parent / "assets" / "corpus.txt"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
@@ -57,7 +58,7 @@ TOKENIZER_VOCAB = 512
 ARCHS = ("qwen2", "qwen3", "llama")
 
 
-def train_tokenizer(vocab_size: int):
+def train_tokenizer(vocab_size: int) -> Any:
     """A byte-level BPE tokenizer wrapped as a transformers fast tokenizer with the ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -74,7 +75,7 @@ def train_tokenizer(vocab_size: int):
     return fast
 
 
-def hf_config(arch: str, size: Size, *, tie: bool | None = None):
+def hf_config(arch: str, size: Size, *, tie: bool | None = None) -> Any:
     import transformers as tf
 
     common = dict(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,

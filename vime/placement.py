@@ -107,4 +107,4 @@ def free_port(host: str = "127.0.0.1") -> int:
             return port
     with socket.socket() as s:  # a crowded range: fall back to the kernel's choice
         s.bind((host, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])

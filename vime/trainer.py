@@ -1,12 +1,12 @@
 """Which trainer owns the weights, its parallel layout and optimiser. Backend-specific knobs are not modelled
-here: `args` goes verbatim to the backend (for Megatron: fields of TransformerConfig / OptimizerConfig)."""
+here: `args` goes verbatim to the backend (for Megatron: fields of TransformerConfig / OptimizerConfig), and the
+trainer's spec rejects a key the backend does not have when the recipe is loaded."""
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vime.registry import TRAINERS, resolve
 
 
 class TrainerConfig(BaseModel):
@@ -46,9 +46,3 @@ class TrainerConfig(BaseModel):
     def dp(self) -> int:
         return self.world_size // (self.tp * self.pp)
 
-
-def make_trainer(cfg: TrainerConfig, model_path: str, placement: Any = None) -> Any:
-    """Build and start the trainer named by `cfg.name` (its ranks are Ray actors); `placement` =
-    (Ray placement group, bundle index per rank)."""
-    cls = resolve(TRAINERS, cfg.name, kind="trainer")
-    return cls(cfg, model_path=model_path, placement=placement)

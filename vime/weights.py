@@ -1,5 +1,7 @@
-"""How trainer weights reach the engines. The channel itself lives with the engine (`engines/vllm/`), because
-it speaks the engine's weight-transfer API; this is only its config and the error it raises."""
+"""How trainer weights reach the engines. The channel itself lives with the engine (`engines/<name>/`), because
+it speaks the engine's weight-transfer API, and so does the list of backends it offers (the engine's spec checks
+`backend` against it); this is only the shared config and the error a failed push raises."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -10,11 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 class WeightsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["gloo", "nccl", "ipc", "disk"] = Field(
-        default="gloo", description="gloo (CPU), nccl (separate GPUs/hosts), ipc (same GPU), disk (any)")
+    backend: str = Field(default="gloo", description="a weight backend the engine offers (its spec lists them)")
     pause_mode: Literal["keep", "abort", "wait"] = Field(
-        default="keep", description="keep: in-flight requests freeze and continue on new weights (partial "
-                                    "rollouts); abort: return them partial; wait: drain first")
+        default="keep",
+        description="keep: in-flight requests freeze and continue on new weights (partial "
+        "rollouts); abort: return them partial; wait: drain first",
+    )
     bucket_mb: int = Field(default=256, ge=1, description="upper bound of one transfer bucket")
     timeout_s: float = Field(default=300.0, gt=0, description="no single step of a push may take longer")
     disk_dir: str = Field(default="/dev/shm", description="where the disk backend writes its buckets")

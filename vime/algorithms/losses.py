@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from vime.registry import load_callable
+from vime.registry import Registry
 
 LossOut = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -38,12 +38,10 @@ def policy_loss(logp: torch.Tensor, mb: dict[str, torch.Tensor], *, clip_low: fl
     return loss, metrics
 
 
-LOSSES: dict[str, Callable[..., LossOut]] = {"sft": sft_loss, "policy": policy_loss}
+LOSSES: Registry[Callable[..., LossOut]] = Registry(
+    "loss", "algorithm.loss", {"sft": sft_loss, "policy": policy_loss}, n_args=2
+)
 
 
 def get_loss(name: str) -> Callable[..., LossOut]:
-    if name in LOSSES:
-        return LOSSES[name]
-    if ":" not in name:
-        raise ValueError(f"unknown loss {name!r}; built-ins: {sorted(LOSSES)}, or give 'package.module:fn'")
-    return load_callable(name, 2, what="loss function")
+    return LOSSES.get(name)

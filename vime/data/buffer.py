@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Iterable
 
+from vime.registry import Registry
 from vime.types import Group, Sample
 
 
@@ -11,6 +12,11 @@ def drop_uniform_reward(group: Group) -> bool:
     """Keep a group only if its rewards differ: with equal rewards every group-relative advantage is 0."""
     rewards = {s.reward for s in group}
     return len(rewards) > 1
+
+
+FILTERS: Registry[Callable[[Group], bool]] = Registry(
+    "group filter", "rollout.group_filters", {"drop_uniform_reward": drop_uniform_reward}, n_args=1
+)
 
 
 class DataBuffer:

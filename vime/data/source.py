@@ -27,7 +27,7 @@ def read_records(path: str | Path, prompt_key: str, label_key: str) -> list[dict
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data file {str(p)!r} does not exist (data.path / data.eval_path)")
-    records = []
+    records: list[dict[str, Any]] = []
     with open(p) as f:
         for i, line in enumerate(f, 1):
             if not line.strip():

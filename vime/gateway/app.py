@@ -15,21 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vime.gateway.config import GatewayConfig
 from vime.gateway.sessions import SessionStore, Turn
-from vime.registry import load_callable
+from vime.gateway.tools import TOOL_PARSERS
+from vime.protocols import EngineGroup
 from vime.types import Completion, SamplingParams
-
-
-class GatewayConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    api_key: str | None = Field(default=None, description="Bearer key clients must send; None: $VIME_API_KEY")
-    model_name: str | None = Field(default=None, description="the id clients use; default: the model path")
-    tool_parser: str = Field(default="vime.gateway.tools:hermes", description="text -> (content, tool_calls)")
-    max_model_len: int = Field(default=4096, description="prompt + max_tokens limit per request")
-    default_max_tokens: int = 256
 
 
 class ChatRequest(BaseModel):
@@ -88,11 +78,11 @@ def parse(model: type[BaseModel], body: Any) -> Any:
         raise APIError(400, f"invalid field '{field}': {err['msg']}", param=field) from None
 
 
-def make_app(engines: Any, tokenizer: Any, cfg: GatewayConfig, store: SessionStore | None = None) -> FastAPI:
+def make_app(engines: EngineGroup, tokenizer: Any, cfg: GatewayConfig, store: SessionStore | None = None) -> FastAPI:
     app = FastAPI(title="vime gateway")
     app.state.store = store = store or SessionStore(tokenizer)
     model_name = cfg.model_name or "vime"
-    parse_tools = load_callable(cfg.tool_parser, 1, what="tool parser (gateway.tool_parser)")
+    parse_tools = TOOL_PARSERS.get(cfg.tool_parser)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -203,7 +193,7 @@ def make_app(engines: Any, tokenizer: Any, cfg: GatewayConfig, store: SessionSto
             check_length(x, req.max_tokens, "prompt")
         engine = await engine_for(sid or request.headers.get("x-session-id") or req.user)
         results = await engine.generate(ids, params_of(req, req.max_tokens))
-        choices = []
+        choices: list[dict[str, Any]] = []
         for group in results:
             for c in group:
                 choice = {"index": len(choices), "text": tokenizer.decode(c.token_ids, skip_special_tokens=True),

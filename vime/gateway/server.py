@@ -11,17 +11,12 @@ from typing import Any
 
 import uvicorn
 
-from vime.gateway.app import GatewayConfig, make_app
+from vime.gateway.app import make_app
+from vime.gateway.config import GatewayConfig
 from vime.gateway.sessions import SessionStore
-
-
-def gateway_config(cfg: Any) -> GatewayConfig:
-    """The recipe's gateway section, with what only the whole recipe knows filled in."""
-    limit = cfg.engine.args.get("max_model_len") or cfg.engine.args.get("max-model-len")
-    update: dict[str, Any] = {"model_name": cfg.gateway.model_name or cfg.model.path}
-    if limit:
-        update["max_model_len"] = int(limit)
-    return cfg.gateway.model_copy(update=update)
+from vime.protocols import EngineGroup
+from vime.registry import DEFAULT_ENGINE
+from vime.specs import engine_spec
 
 
 def resolve_api_key(cfg: GatewayConfig) -> str:
@@ -29,7 +24,7 @@ def resolve_api_key(cfg: GatewayConfig) -> str:
 
 
 class Gateway:
-    def __init__(self, engines: Any, tokenizer: Any, cfg: GatewayConfig):
+    def __init__(self, engines: EngineGroup, tokenizer: Any, cfg: GatewayConfig):
         self.cfg = cfg.model_copy(update={"api_key": resolve_api_key(cfg)})
         if not self.cfg.port:
             with socket.socket() as s:
@@ -82,11 +77,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import AutoTokenizer
 
-    from vime.registry import ENGINES, resolve
-
     p = argparse.ArgumentParser(prog="python -m vime.gateway.server")
     p.add_argument("--engine-url", action="append", required=True)
-    p.add_argument("--engine", default="vllm")
+    p.add_argument("--engine", default=DEFAULT_ENGINE, help="registered engine name or 'pkg.module:SPEC'")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--model-name", default=None)
     p.add_argument("--host", default="127.0.0.1")
@@ -94,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--max-model-len", type=int, default=4096)
     a = p.parse_args(argv)
-    engines = resolve(ENGINES, a.engine, kind="engine").attach(a.engine_url)
+    engines = engine_spec(a.engine).attach(a.engine_url)
     cfg = GatewayConfig(host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name or a.tokenizer,
                         max_model_len=a.max_model_len)
     gw = Gateway(engines, AutoTokenizer.from_pretrained(a.tokenizer), cfg)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vime.types import Sample
+from vime.types import Sample, Status
 
 
 @dataclass
@@ -50,8 +50,8 @@ class PromptBuilder:
         self.eos_text = tokenizer.decode([self.eos]) if self.eos is not None else None
 
     def render(self, messages: list[dict[str, Any]], tools: Any = None, generation_prompt: bool = True) -> str:
-        return self.tok.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
-                                            tokenize=False)
+        return str(self.tok.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
+                                                tokenize=False))
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False))
@@ -69,7 +69,8 @@ class PromptBuilder:
             # Templates that rewrite earlier turns: fall back to the tail after the last end-of-turn token.
             cut = before.rfind(self.eos_text) + len(self.eos_text) if self.eos_text else len(before)
             return after[cut:] if after[:cut] == before[:cut] else after[len(before):]
-        tail = before[before.rfind(self.eos_text) + len(self.eos_text):] if self.eos_text in before else ""
+        eos = self.eos_text
+        tail = before[before.rfind(eos) + len(eos):] if eos and eos in before else ""
         return tail + after[len(before):]
 
 
@@ -119,7 +120,7 @@ class SessionStore:
         p = len(s.turns[0].prompt_ids)
         return Sample(prompt_ids=s.ids[:p], response_ids=s.ids[p:], logprobs=s.logprobs[p:], loss_mask=s.mask[p:],
                       weight_versions=s.versions[p:] if any(s.versions[p:]) else [],
-                      status="completed" if s.turns[-1].finish_reason == "stop" else "truncated",
+                      status=Status.COMPLETED if s.turns[-1].finish_reason == "stop" else Status.TRUNCATED,
                       group_id=sid, prompt=s.messages[: len(s.messages) - 2 * len(s.turns) + 1] or s.messages[:1],
                       response=s.turns[-1].text, metadata={"turns": len(s.turns), "messages": s.messages, **kw})
 

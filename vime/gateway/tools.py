@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
+
+from vime.registry import Registry
 
 _HERMES = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 
@@ -25,3 +28,8 @@ def hermes(text: str) -> tuple[str | None, list[dict[str, Any]]]:
         return text, []
     content = _HERMES.sub("", text).strip()
     return content or None, calls
+
+
+TOOL_PARSERS: Registry[Callable[[str], tuple[str | None, list[dict[str, Any]]]]] = Registry(
+    "tool parser", "gateway.tool_parser", {"hermes": hermes}, n_args=1
+)

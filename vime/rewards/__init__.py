@@ -1,24 +1,21 @@
 """Reward functions: `Sample -> float`. Built-ins by name, anything else by import path `pkg.module:fn`."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-from vime.registry import load_callable
+from vime.registry import Registry
 from vime.rewards.arithmetic import arithmetic_reward
 from vime.rewards.math import exact_match, math_reward
 from vime.types import Sample
 
-BUILTIN: dict[str, Callable[[Sample], float]] = {
-    "exact_match": exact_match,
-    "math": math_reward,
-    "arithmetic": arithmetic_reward,
-}
+RewardFn = Callable[[Sample], float]
+
+REWARDS: Registry[RewardFn] = Registry(
+    "reward", "rollout.reward", {"exact_match": exact_match, "math": math_reward, "arithmetic": arithmetic_reward},
+    n_args=1,
+)
 
 
-def get_reward_fn(name: str) -> Callable[[Sample], float]:
-    if name in BUILTIN:
-        return BUILTIN[name]
-    if ":" not in name:
-        raise ValueError(f"unknown reward {name!r} (rollout.reward); built-ins: {sorted(BUILTIN)}, "
-                         "or give 'package.module:function'")
-    return load_callable(name, 1, what="reward function (rollout.reward)")
+def get_reward_fn(name: str) -> RewardFn:
+    return REWARDS.get(name)

@@ -12,8 +12,12 @@ import asyncio
 import uuid
 from typing import Any
 
-from vime.registry import load_callable
+from vime.registry import Registry
 from vime.types import Group
+
+
+# Agents are the user's code: no built-ins, only import paths; each takes (base_url, api_key, task).
+AGENTS: Registry[Any] = Registry("agent", "rollout.agent", {}, n_args=3)
 
 
 async def run_agent_group(agent: Any, record: dict[str, Any], ctx: Any, gateway: Any, group_id: str) -> Group:
@@ -36,7 +40,7 @@ async def run_agent_group(agent: Any, record: dict[str, Any], ctx: Any, gateway:
 
 async def agent_rollout(prompts: list[dict[str, Any]], ctx: Any) -> list[Group]:
     """The `RolloutFn` for agents: `ctx.gateway` is the running gateway, `ctx.agent` the agent's import path."""
-    agent = load_callable(ctx.agent, 3, what="agent (rollout.agent)")
+    agent = AGENTS.get(ctx.agent)
     groups = await asyncio.gather(*(run_agent_group(agent, r, ctx, ctx.gateway, f"s{ctx.step}-p{r.get('index', i)}")
                                     for i, r in enumerate(prompts)))
     return [g for g in groups if g]

@@ -4,12 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from vime.data.source import DataConfig
+from vime.protocols import EngineGroup
+from vime.rewards import get_reward_fn
+from vime.rollout.config import RolloutConfig
 from vime.types import Sample, SamplingParams
 
 
 @dataclass
 class RolloutContext:
-    engines: Any                               # a vime.protocols.EngineGroup
+    engines: EngineGroup
     tokenizer: Any                             # a transformers tokenizer
     params: SamplingParams
     reward_fn: Callable[[Sample], float]
@@ -34,7 +38,7 @@ class RolloutContext:
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def next_seed(self) -> int | None:
         """A distinct seed per prompt draw (children get seed+k inside the engine), so a run is reproducible
@@ -42,3 +46,17 @@ class RolloutContext:
         k = self.counters["prompts"]
         self.counters["prompts"] += 1
         return None if self.seed_base is None else self.seed_base + k * max(1, self.params.n)
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def make_context(r: RolloutConfig, data: DataConfig, engines: EngineGroup, tokenizer: Any) -> RolloutContext:
+    params = SamplingParams(n=r.n_samples, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
+                            top_k=r.top_k, stop=list(r.stop), extra=dict(r.sampling_extra))
+    return RolloutContext(engines=engines, tokenizer=tokenizer, params=params, reward_fn=get_reward_fn(r.reward),
+                          apply_chat_template=data.apply_chat_template, system_prompt=data.system_prompt,
+                          seed_base=r.seed, agent=r.agent)

@@ -1,0 +1,31 @@
+"""What the trainer gets: a batch of samples with advantages, refused when it is staler than the recipe allows;
+and the prompt + reference-answer samples of the supervised warm start."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from vime.algorithms.recipe import AlgorithmConfig, assign_advantages
+from vime.data.source import PromptSource
+from vime.types import Group, Sample
+
+
+def training_batch(groups: list[Group], algo: AlgorithmConfig, version: str, max_staleness: int) -> list[Sample]:
+    samples = assign_advantages(groups, algo)
+    sampled = (v for s in samples for v, m in zip(s.weight_versions, s.loss_mask) if m)  # not user/tool tokens
+    stale = set(sampled) - {version}
+    if stale and max_staleness == 0:
+        raise RuntimeError(f"batch holds tokens from weight versions {sorted(stale)} but the trainer is at "
+                           f"{version!r}; allow it with loop.max_staleness")
+    return samples
+
+
+def sft_samples(source: PromptSource, n: int, encode: Callable[[Any], list[int]], tokenizer: Any) -> list[Sample]:
+    """Prompt + reference answer + EOS, for the supervised warm start."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for rec in source.next_batch(n):
+        resp = tokenizer.encode(str(rec["label"]), add_special_tokens=False) + [eos]
+        out.append(Sample(prompt_ids=encode(rec["prompt"]), response_ids=resp, logprobs=[0.0] * len(resp)))
+    return out

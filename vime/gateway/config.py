@@ -1,0 +1,17 @@
+"""The gateway's section of a recipe. Kept apart from the app so that loading a config imports no web framework."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_key: str | None = Field(default=None, description="Bearer key clients must send; None: $VIME_API_KEY")
+    model_name: str | None = Field(default=None, description="the id clients use; default: the model path")
+    tool_parser: str = Field(default="vime.gateway.tools:hermes", description="text -> (content, tool_calls)")
+    max_model_len: int = Field(default=4096, description="prompt + max_tokens limit per request")
+    default_max_tokens: int = 256

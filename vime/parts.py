@@ -1,0 +1,91 @@
+"""The running parts of a training job, built from the recipe in one order and torn down together.
+
+`loop.py` reads as the algorithm; this file only starts things (Ray placement, engines, trainer, weight channel,
+gateway, metrics) and registers how each one stops, so a failure anywhere stops what already runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import uuid
+from pathlib import Path
+from typing import Any
+
+from vime.config import Config, gateway_config
+from vime.data.source import PromptSource
+from vime.evaluate import Evaluator
+from vime.metrics import MetricsLogger
+from vime.placement import ensure_ray, placement_group, plan, remove_placement_group
+from vime.rollout import ROLLOUTS
+from vime.rollout.context import load_tokenizer, make_context
+from vime.rollout.step import RolloutStep, make_buffer
+from vime.specs import engine_spec, make_engine_group, make_trainer
+from vime.step_metrics import EngineCounters
+from vime.sync import WeightSync
+
+
+
+class Parts(contextlib.ExitStack):
+    def __init__(self, cfg: Config, progress: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.out = Path(cfg.run.out_dir)
+        self.progress = progress
+
+    def build(self) -> Parts:
+        """Start every part; if any part fails to start, stop the ones already running (the caller's `with`
+        never sees a half-built run, so it could not clean up)."""
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        random.seed(cfg.run.seed)
+        ensure_ray(cfg.ray)
+        self.source = PromptSource(cfg.data)
+        self.buffer = make_buffer(cfg.rollout.group_filters)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        t, e = cfg.trainer, cfg.engine
+        colocate = cfg.placement.colocate
+        bundles, trainer_idx, engine_idx = plan(colocate, t.world_size,
+                                                {"CPU": t.cpus_per_rank, "GPU": t.gpus_per_rank}, e.num_servers,
+                                                {"CPU": e.cpus_per_engine, "GPU": e.gpus_per_engine})
+        # Colocated on GPUs: each bundle holds one GPU that a trainer rank and an engine share (half each to
+        # Ray), and the engines sleep while the trainer runs.
+        sleeps = colocate and t.gpus_per_rank > 0 and e.gpus_per_engine > 0
+        if sleeps:
+            t = t.model_copy(update={"gpus_per_rank": t.gpus_per_rank / 2})
+            e = e.model_copy(update={"gpus_per_engine": e.gpus_per_engine / 2})
+        pg = placement_group(bundles, name=f"vime-{self.out.name}-{uuid.uuid4().hex[:6]}")
+        self.callback(remove_placement_group, pg)
+        self.engines = make_engine_group(e, cfg.model.path, str(self.out / "logs"), weights_backend=cfg.weights.backend,
+                                         placement=(pg, engine_idx), sleep_mode=sleeps)
+        self.callback(self.engines.stop)
+        self.engines.start()
+        self.trainer = make_trainer(t, cfg.model.path, placement=(pg, trainer_idx))
+        self.callback(self.trainer.shutdown)
+        self.sync = WeightSync(self.trainer, self.engines, engine_spec(e.name).weight_channel, cfg.weights, sleeps)
+        self.sync.connect()
+        self.ctx = make_context(cfg.rollout, cfg.data, self.engines, self.tokenizer)
+        if cfg.rollout.agent:  # agents reach the engines through the OpenAI gateway, which records their tokens
+            from vime.gateway.server import Gateway
+
+            self.ctx.gateway = Gateway(self.engines, self.tokenizer, gateway_config(cfg)).start()
+            self.callback(self.ctx.gateway.stop)
+        samples_dir = self.out / "samples" if cfg.run.save_samples else None
+        self.rollout = RolloutStep(cfg.rollout.function, self.source, self.buffer, self.ctx, cfg.rollout.batch_size,
+                                   samples_dir)
+        self.evaluate = Evaluator(cfg.data, cfg.loop.eval_size, ROLLOUTS.get(cfg.rollout.function), self.ctx)
+        self.engine_counters = EngineCounters(self.engines)
+        self.metrics = MetricsLogger(self.out, wandb_project=cfg.run.wandb_project)
+        self.callback(self.metrics.close)
+
+    def progress_bar(self, it: Any, desc: str) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(it, desc=desc, unit="step", disable=not self.progress, dynamic_ncols=True)

@@ -1,0 +1,50 @@
+"""`vime rollout`: engines up, prompts through the rollout step, groups into the buffer, samples to JSONL."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vime.config import Config
+from vime.data.source import PromptSource
+from vime.protocols import EngineGroup
+from vime.rollout.context import load_tokenizer, make_context
+from vime.rollout.step import RolloutStep, make_buffer
+from vime.specs import make_engine_group
+from vime.types import Sample, write_jsonl
+
+
+def run_rollout(cfg: Config, steps: int, out: str | Path | None = None, progress: bool = True,
+                engines: EngineGroup | None = None) -> dict[str, float]:
+    """Run `steps` rollout steps and return a throughput summary; samples go to `out` as JSONL.
+    `engines` reuses a running engine group (tests, notebooks); otherwise the recipe's group is started and
+    stopped here."""
+    if engines is None:
+        group = make_engine_group(cfg.engine, cfg.model.path, str(Path(cfg.run.out_dir) / "logs"))
+        try:
+            return run_rollout(cfg, steps, out, progress, group.start())
+        finally:
+            group.stop()
+    buffer = make_buffer(cfg.rollout.group_filters)
+    ctx = make_context(cfg.rollout, cfg.data, engines, load_tokenizer(cfg.model.tokenizer or cfg.model.path))
+    rollout = RolloutStep(cfg.rollout.function, PromptSource(cfg.data), buffer, ctx, cfg.rollout.batch_size)
+    samples: list[Sample] = []
+    tokens, rewards = 0, []
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc="rollout", unit="step", disable=not progress)
+    for step in bar:
+        for g in rollout(step):
+            samples += g
+            tokens += sum(len(s.response_ids) for s in g)
+            rewards += [s.reward or 0.0 for s in g]
+        bar.set_postfix(reward=f"{sum(rewards) / max(1, len(rewards)):.3f}",
+                        tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+    elapsed = time.perf_counter() - t0
+    if out:
+        write_jsonl(samples, out)
+    return {"steps": steps, "samples": len(samples), "response_tokens": tokens, "seconds": elapsed,
+            "tokens_per_s": tokens / elapsed, "samples_per_s": len(samples) / elapsed,
+            "mean_reward": sum(rewards) / max(1, len(rewards)), "groups_kept": len(buffer),
+            "groups_dropped": buffer.stats["groups_dropped"]}
