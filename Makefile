@@ -8,7 +8,7 @@ CONSTRAIN := -c constraints-cpu.txt
 MODEL     := models/tiny-qwen2
 RECIPE    ?= configs/grpo_tiny_cpu.yaml
 
-.PHONY: install train test model clean
+.PHONY: install train test lint typecheck contracts check model clean
 
 install: $(STAMP)
 
@@ -31,7 +31,21 @@ model: $(MODEL)/config.json
 train: $(STAMP) $(MODEL)/config.json
 	$(BIN)/vime train -c $(RECIPE)
 
-test: $(STAMP)
+# Static checks first (seconds), then the suite (minutes): a lint error, a type error against a protocol or a
+# broken import contract fails `make test` before any server starts.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+contracts: $(STAMP)
+	$(BIN)/lint-imports
+
+check: lint typecheck contracts
+
+test: check
 	$(BIN)/python -m pytest -q -ra
 
 clean:

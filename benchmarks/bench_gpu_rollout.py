@@ -3,6 +3,7 @@ route) vs vime's engine adapter (on the generate route) vs vime's OpenAI gateway
 same token-id prompts, seeds, sampling (temperature 1, one log-prob per token, as RL needs) and concurrency,
 in one run. Best of two passes per path (ROLLOUT_REPS), paths interleaved.
 `python benchmarks/bench_gpu_rollout.py [model_dir]` (default models/qwen2-0.5b)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,12 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import exit_on_sigterm, bar_png, write  # noqa: E402
+from benchmarks.common import bar_png, exit_on_sigterm, write
 
 REQUESTS, CONCURRENCY, PROMPT_LEN, MAX_TOKENS = 256, 128, 64, 128
 
 
-def LIMITS():  # noqa: N802 - the bare paths keep all their connections alive (httpx's default keeps 20); the
+def LIMITS():
     # adapter uses its own client's pool (VLLMClient: up to 512 connections, 64 kept alive)
     import httpx
 
@@ -66,9 +67,9 @@ async def drive_http(url: str, model: str, headers: dict[str, str] | None = None
     import httpx
 
     async with httpx.AsyncClient(timeout=600, limits=LIMITS()) as client:
+
         async def one(i: int, p: list[int]) -> int:
-            body = {"model": model, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": i,
-                    "logprobs": 0}
+            body = {"model": model, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": i, "logprobs": 0}
             r = await post(client, url + "/v1/completions", body, headers)
             return int(r.json()["usage"]["completion_tokens"])
 
@@ -81,10 +82,12 @@ async def drive_generate_route(url: str) -> tuple[float, int]:
     import httpx
 
     async with httpx.AsyncClient(timeout=600, limits=LIMITS()) as client:
+
         async def one(i: int, p: list[int]) -> int:
             sp = {"n": 1, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": i, "logprobs": 0, "output_kind": 2}
-            r = await post(client, url + "/inference/v1/generate", {"token_ids": p, "sampling_params": sp,
-                                                                    "stream": False})
+            r = await post(
+                client, url + "/inference/v1/generate", {"token_ids": p, "sampling_params": sp, "stream": False}
+            )
             return len(r.json()["choices"][0]["token_ids"])
 
         return await timed(one)
@@ -117,16 +120,41 @@ def main() -> None:
     out = Path(os.environ.get("VIME_BENCH_OUT", Path(__file__).resolve().parent / "results"))
     out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name(0)
-    server = VLLMServer(model, args={"enforce_eager": True, "dtype": "bfloat16", "max_model_len": 1024,
-                                     "gpu_memory_utilization": 0.5, "max_num_seqs": 256},
-                        log_path=out / "vllm_rollout.log", startup_timeout_s=900)
+    server = VLLMServer(
+        model,
+        args={
+            "enforce_eager": True,
+            "dtype": "bfloat16",
+            "max_model_len": 1024,
+            "gpu_memory_utilization": 0.5,
+            "max_num_seqs": 256,
+        },
+        log_path=out / "vllm_rollout.log",
+        startup_timeout_s=900,
+    )
     rows = []
     with server:
         url = server.base_url
         port = free_port()
-        gw = subprocess.Popen([sys.executable, "-m", "vime.gateway.server", "--engine-url", url, "--tokenizer", model,
-                               "--model-name", model, "--port", str(port), "--api-key", "bench"],
-                              stdout=open(out / "gateway.log", "wb"), stderr=subprocess.STDOUT)
+        gw = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vime.gateway.server",
+                "--engine-url",
+                url,
+                "--tokenizer",
+                model,
+                "--model-name",
+                model,
+                "--port",
+                str(port),
+                "--api-key",
+                "bench",
+            ],
+            stdout=open(out / "gateway.log", "wb"),  # noqa: SIM115 - the gateway process owns it
+            stderr=subprocess.STDOUT,
+        )
         try:
             gw_url = f"http://127.0.0.1:{port}"
             for _ in range(240):
@@ -145,23 +173,45 @@ def main() -> None:
             for rep in range(int(os.environ.get("ROLLOUT_REPS", "2"))):
                 for name, run in paths.items():
                     dt, n = run()
-                    rows.append({"path": name, "rep": rep, "seconds": dt, "completion_tokens": n,
-                                 "tokens_per_s": n / dt})
+                    rows.append(
+                        {"path": name, "rep": rep, "seconds": dt, "completion_tokens": n, "tokens_per_s": n / dt}
+                    )
                     print(f"{name:13s} rep {rep}: {n / dt:8.0f} tok/s ({n} tokens, {dt:.1f} s)", flush=True)
         finally:
             kill_tree(gw.pid)
     best = {p: max(r["tokens_per_s"] for r in rows if r["path"] == p) for p in paths}
     # each vime path against bare vLLM on the route it rides: the adapter on /inference/v1/generate, the gateway
     # (an OpenAI completions endpoint) against vLLM's own /v1/completions
-    ratios = {"adapter_over_bare": best["vime adapter"] / best["bare vLLM generate route"],
-              "gateway_over_bare": best["vime gateway"] / best["bare vLLM"]}
+    ratios = {
+        "adapter_over_bare": best["vime adapter"] / best["bare vLLM generate route"],
+        "gateway_over_bare": best["vime gateway"] / best["bare vLLM"],
+    }
     print(f"ratios (best pass): {ratios}")
-    write("gpu_rollout", {"card": card, "rows": rows, "best_tokens_per_s": best, **ratios, "requests": REQUESTS,
-                          "retried_requests": RETRIES["count"], "concurrency": CONCURRENCY,
-                          "prompt_len": PROMPT_LEN, "max_tokens": MAX_TOKENS, "model": model}, out)
-    bar_png("gpu_rollout", list(best), list(best.values()), "completion tokens/s",
-            f"rollout, {card}, {CONCURRENCY} concurrent (adapter {ratios['adapter_over_bare']:.2f}, "
-            f"gateway {ratios['gateway_over_bare']:.2f})", out)
+    write(
+        "gpu_rollout",
+        {
+            "card": card,
+            "rows": rows,
+            "best_tokens_per_s": best,
+            **ratios,
+            "requests": REQUESTS,
+            "retried_requests": RETRIES["count"],
+            "concurrency": CONCURRENCY,
+            "prompt_len": PROMPT_LEN,
+            "max_tokens": MAX_TOKENS,
+            "model": model,
+        },
+        out,
+    )
+    bar_png(
+        "gpu_rollout",
+        list(best),
+        list(best.values()),
+        "completion tokens/s",
+        f"rollout, {card}, {CONCURRENCY} concurrent (adapter {ratios['adapter_over_bare']:.2f}, "
+        f"gateway {ratios['gateway_over_bare']:.2f})",
+        out,
+    )
 
 
 if __name__ == "__main__":

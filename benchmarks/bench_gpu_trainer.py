@@ -4,6 +4,7 @@ tokens, same run. A third path runs vime's worker in its own process without Ray
 round trip, no sample serialisation), which splits the gap between the two. VIME_PROFILE=1 also writes the top
 CUDA kernels of two steps of the bare and in-process paths (torch.profiler) next to the JSON.
 `python benchmarks/bench_gpu_trainer.py [model_dir]` (default models/qwen2-0.5b)."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import exit_on_sigterm, bar_png, write  # noqa: E402
+from benchmarks.common import bar_png, exit_on_sigterm, write
 
 SEQ, MICRO, N_MICRO, WARMUP, STEPS = 1024, 4, 4, 3, 6
 
@@ -65,8 +66,11 @@ def bare(model_dir: str) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    model = DistributedDataParallel(config=cfg, module=Float16Module(cfg, model.cuda()),
-                                    ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+    model = DistributedDataParallel(
+        config=cfg,
+        module=Float16Module(cfg, model.cuda()),
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+    )
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, bf16=True, clip_grad=1.0), [model])
     data = tokens(hf.vocab_size).cuda()
     pos = torch.arange(SEQ, device="cuda").unsqueeze(0).expand(MICRO, -1)
@@ -83,9 +87,15 @@ def bare(model_dir: str) -> None:
 
         model.zero_grad_buffer()
         opt.zero_grad()
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=mbs, model=[model],
-                                    num_microbatches=N_MICRO, seq_length=SEQ, micro_batch_size=MICRO,
-                                    forward_only=False)
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=mbs,
+            model=[model],
+            num_microbatches=N_MICRO,
+            seq_length=SEQ,
+            micro_batch_size=MICRO,
+            forward_only=False,
+        )
         opt.step()
 
     s = timed(step, "bare")
@@ -115,7 +125,8 @@ def timed(step, name: str) -> float:
             sync()
         out = Path(os.environ.get("VIME_BENCH_OUT", Path(__file__).resolve().parent / "results"))
         (out / f"gpu_trainer_profile_{name}.txt").write_text(
-            prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+            prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        )
     return statistics.median(times)
 
 
@@ -156,8 +167,9 @@ def vime(model_dir: str) -> tuple[float, list[float]]:
 
 def subprocess_path(flag: str, model: str) -> tuple[float, float]:
     """Run one path in a fresh process (each owns its process group and GPU memory); (median step s, peak GiB)."""
-    r = subprocess.run([sys.executable, __file__, flag, model], capture_output=True, text=True, timeout=900,
-                       check=False)
+    r = subprocess.run(
+        [sys.executable, __file__, flag, model], capture_output=True, text=True, timeout=900, check=False
+    )
     tag = flag.strip("-").upper() + " "
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith(tag)), None)
     if line is None:
@@ -176,17 +188,36 @@ def main() -> None:
     inproc_s, _ = subprocess_path("--inproc", model)
     vime_s, vime_all = vime(model)
     n_tok = MICRO * N_MICRO * SEQ
-    res = {"card": card, "model": model, "seq": SEQ, "micro_batch": MICRO, "micro_batches": N_MICRO,
-           "bare_step_s": bare_s, "bare_tokens_per_s": n_tok / bare_s, "bare_peak_gib": bare_mem,
-           "inproc_step_s": inproc_s, "inproc_tokens_per_s": n_tok / inproc_s,
-           "vime_step_s": vime_s, "vime_tokens_per_s": n_tok / vime_s, "vime_steps_s": vime_all,
-           "ratio": bare_s / vime_s, "ratio_inproc": bare_s / inproc_s}
-    print(f"bare Megatron-core {n_tok / bare_s:.0f} tok/s, vime worker in-process {n_tok / inproc_s:.0f} tok/s, "
-          f"vime {n_tok / vime_s:.0f} tok/s, ratio {res['ratio']:.2f} (in-process {res['ratio_inproc']:.2f})")
+    res = {
+        "card": card,
+        "model": model,
+        "seq": SEQ,
+        "micro_batch": MICRO,
+        "micro_batches": N_MICRO,
+        "bare_step_s": bare_s,
+        "bare_tokens_per_s": n_tok / bare_s,
+        "bare_peak_gib": bare_mem,
+        "inproc_step_s": inproc_s,
+        "inproc_tokens_per_s": n_tok / inproc_s,
+        "vime_step_s": vime_s,
+        "vime_tokens_per_s": n_tok / vime_s,
+        "vime_steps_s": vime_all,
+        "ratio": bare_s / vime_s,
+        "ratio_inproc": bare_s / inproc_s,
+    }
+    print(
+        f"bare Megatron-core {n_tok / bare_s:.0f} tok/s, vime worker in-process {n_tok / inproc_s:.0f} tok/s, "
+        f"vime {n_tok / vime_s:.0f} tok/s, ratio {res['ratio']:.2f} (in-process {res['ratio_inproc']:.2f})"
+    )
     write("gpu_trainer", res, out)
-    bar_png("gpu_trainer", ["bare Megatron-core", "vime worker, no Ray", "vime trainer"],
-            [n_tok / bare_s, n_tok / inproc_s, n_tok / vime_s], "tokens/s",
-            f"train step, {card} (ratio {res['ratio']:.2f})", out)
+    bar_png(
+        "gpu_trainer",
+        ["bare Megatron-core", "vime worker, no Ray", "vime trainer"],
+        [n_tok / bare_s, n_tok / inproc_s, n_tok / vime_s],
+        "tokens/s",
+        f"train step, {card} (ratio {res['ratio']:.2f})",
+        out,
+    )
 
 
 if __name__ == "__main__":

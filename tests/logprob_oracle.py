@@ -1,9 +1,10 @@
 """vime's log-prob function against plain fp32 `log_softmax` on the same logits, in a one-rank Megatron process
 group — shared by the CPU test (small vocabulary) and the GPU test (Qwen2.5's vocabulary, bf16)."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -35,5 +36,7 @@ def both(base: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, tempe
     ref = ref_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     (ref * weights).sum().backward()
     assert torch.equal(x.detach(), base)  # the caller's logits are never overwritten
-    return ({"logp": logp.detach(), "entropy": ent, "grad": x.grad},
-            {"logp": ref.detach(), "entropy": -(ref_all.exp() * ref_all).sum(-1).detach(), "grad": ref_x.grad})
+    return (
+        {"logp": logp.detach(), "entropy": ent, "grad": x.grad},
+        {"logp": ref.detach(), "entropy": -(ref_all.exp() * ref_all).sum(-1).detach(), "grad": ref_x.grad},
+    )

@@ -1,4 +1,5 @@
 """HF ↔ Megatron state-dict adapter: pure tensor bookkeeping, checked without any process group."""
+
 import pytest
 import torch
 from safetensors.torch import load_file

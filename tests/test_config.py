@@ -4,10 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from engines.vllm.server import to_cli_flags
 from vime.cli import split_engine_flags
 from vime.config import ConfigError, load_config
-
-from engines.vllm.server import to_cli_flags
 
 RECIPE = """
 model: {path: m}
@@ -37,7 +36,10 @@ def test_ill_typed_value_names_key(tmp_path):
 
 
 def test_unknown_top_level_section(tmp_path):
-    with pytest.raises(ConfigError, match="unknown key 'trainr'.*allowed here: algorithm, data, engine, gateway, loop, model.*trainer, weights"):
+    with pytest.raises(
+        ConfigError,
+        match="unknown key 'trainr'.*allowed here: algorithm, data, engine, gateway, loop, model.*trainer, weights",
+    ):
         load_config(write(tmp_path, RECIPE + "trainr: {}\n"))
 
 
@@ -55,20 +57,45 @@ def test_missing_recipe_file(tmp_path):
 
 
 def test_engine_flags_pass_through_verbatim(tmp_path):
-    argv, flags = split_engine_flags(["rollout", "-c", "r.yaml", "--vllm-max-num-seqs", "64",
-                                      "--vllm-enforce-eager", "--vllm-logprobs-mode=processed_logprobs"])
+    argv, flags = split_engine_flags(
+        [
+            "rollout",
+            "-c",
+            "r.yaml",
+            "--vllm-max-num-seqs",
+            "64",
+            "--vllm-enforce-eager",
+            "--vllm-logprobs-mode=processed_logprobs",
+        ]
+    )
     assert argv == ["rollout", "-c", "r.yaml"]
     cfg = load_config(write(tmp_path, RECIPE), engine_args=flags)
-    assert to_cli_flags(cfg.engine.args) == ["--max-num-seqs", "64", "--enforce-eager",
-                                             "--logprobs-mode", "processed_logprobs"]
+    assert to_cli_flags(cfg.engine.args) == [
+        "--max-num-seqs",
+        "64",
+        "--enforce-eager",
+        "--logprobs-mode",
+        "processed_logprobs",
+    ]
     assert to_cli_flags({"weight_transfer_config": {"backend": "gloo"}, "x": False, "y": [1, 2]}) == [
-        "--weight-transfer-config", '{"backend": "gloo"}', "--no-x", "--y", "1", "2"]
+        "--weight-transfer-config",
+        '{"backend": "gloo"}',
+        "--no-x",
+        "--y",
+        "1",
+        "2",
+    ]
 
 
 def test_cli_bad_key_exits_before_starting_anything(tmp_path):
     p = write(tmp_path, RECIPE.replace("rollout:", "rolout:"))
-    r = subprocess.run([sys.executable, "-m", "vime.cli", "rollout", "-c", str(p)], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "vime.cli", "rollout", "-c", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 2
     assert "unknown key 'rolout'" in r.stderr and str(p) in r.stderr
 

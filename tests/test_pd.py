@@ -1,4 +1,5 @@
 """Prefill/decode-disaggregated serving on CPU: NixlConnector over UCX loopback, behind vllm-router."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,12 +9,12 @@ import time
 import httpx
 import pytest
 import torch
+from conftest import ENGINE_ARGS, hf_response_logprobs
+from pd_oracle import pd_completion
 from transformers import AutoModelForCausalLM
 
-from conftest import ENGINE_ARGS, hf_response_logprobs
-from engines.vllm.weight_channel import VLLMWeightChannel
-from pd_oracle import pd_completion
 from engines.vllm.config import VLLMEngineConfig as EngineConfig
+from engines.vllm.weight_channel import VLLMWeightChannel
 from vime.specs import make_engine_group
 from vime.types import Sample, SamplingParams
 
@@ -22,10 +23,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pd(model_dir, tmp_path_factory):
-    cfg = EngineConfig(topology="pd", args={**ENGINE_ARGS, "block_size": 32}, startup_timeout_s=300,
-                       request_timeout_s=60)
-    group = make_engine_group(cfg, str(model_dir("qwen2")), str(tmp_path_factory.mktemp("pd-logs")),
-                              weights_backend="gloo").start()
+    cfg = EngineConfig(
+        topology="pd", args={**ENGINE_ARGS, "block_size": 32}, startup_timeout_s=300, request_timeout_s=60
+    )
+    group = make_engine_group(
+        cfg, str(model_dir("qwen2")), str(tmp_path_factory.mktemp("pd-logs")), weights_backend="gloo"
+    ).start()
     yield group
     group.stop()
 
@@ -68,8 +71,10 @@ def test_chat_and_streaming_through_router(pd, model_dir):
     a = httpx.post(router + "/v1/chat/completions", json=chat, timeout=60).json()
     b = httpx.post(prefill + "/v1/chat/completions", json=chat, timeout=60).json()
     assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
-    for path, req, key in (("/v1/chat/completions", chat, "delta"),
-                           ("/v1/completions", body(model, [7] * 40, return_token_ids=False), "text")):
+    for path, req, key in (
+        ("/v1/chat/completions", chat, "delta"),
+        ("/v1/completions", body(model, [7] * 40, return_token_ids=False), "text"),
+    ):
         text = ""
         with httpx.stream("POST", router + path, json={**req, "stream": True}, timeout=60) as r:
             for line in r.iter_lines():
@@ -82,8 +87,9 @@ def test_chat_and_streaming_through_router(pd, model_dir):
 
 
 def test_engine_adapter_over_router_and_weight_push_reaches_both(pd, model_dir):
-    from vime.models import make_model
     from safetensors.torch import load_file
+
+    from vime.models import make_model
 
     new_dir = make_model("qwen2", "tiny", model_dir("qwen2").parent / "qwen2-pd-new", seed=21)
     sd = load_file(str(new_dir / "model.safetensors"))
@@ -116,13 +122,25 @@ def test_plain_pool_behind_router_keeps_sessions_sticky(qwen2_engines, model_dir
         out = []
         for u in qwen2_engines.urls():
             text = httpx.get(u + "/metrics").text
-            out.append(sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
-                           if l.startswith("vllm:request_success_total{")))
+            out.append(
+                sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("vllm:request_success_total{")
+                )
+            )
         return out
 
-    router = VLLMRouter(host="127.0.0.1", prefill=[], decode=[], workers=qwen2_engines.urls(), kv_connector="nixl",
-                        policy="consistent_hash", log_path=tmp_path / "router.log",
-                        version=qwen2_engines.servers[0].version).start()
+    router = VLLMRouter(
+        host="127.0.0.1",
+        prefill=[],
+        decode=[],
+        workers=qwen2_engines.urls(),
+        kv_connector="nixl",
+        policy="consistent_hash",
+        log_path=tmp_path / "router.log",
+        version=qwen2_engines.servers[0].version,
+    ).start()
     try:
         eng = VLLMEngine(router, 60, route="completions", model=str(model_dir("qwen2")))
         hit = set()

@@ -1,4 +1,5 @@
 """Placement: bundle plans, and joining a Ray cluster that already runs (`ray.address`)."""
+
 from __future__ import annotations
 
 import os
@@ -23,10 +24,19 @@ def test_plan_separate_and_colocated():
 @pytest.mark.slow
 def test_trainer_joins_existing_cluster(model_dir):
     """A cluster owned by another driver process (as `ray start` would run it); vime joins it by address."""
-    head = subprocess.Popen([sys.executable, "-c",
-                             "import ray, sys; ray.init(num_cpus=2, include_dashboard=False);"
-                             "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    head = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import ray, sys; ray.init(num_cpus=2, include_dashboard=False);"
+                "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         address = head.stdout.readline().strip()
         assert ":" in address
@@ -39,10 +49,13 @@ def test_trainer_joins_existing_cluster(model_dir):
             "from vime.types import Sample;"
             f"tr = make_trainer(TrainerConfig(), {str(model_dir('qwen2'))!r});"
             "print(len(tr.logprobs([Sample(prompt_ids=[1, 5, 6], response_ids=[7, 8], logprobs=[0.0, 0.0])])[0]));"
-            "tr.shutdown()")
+            "tr.shutdown()"
+        )
         # Ray 2.60 local clusters use token auth (token in ~/.ray/auth_token); a joining driver opts in
         env = {**os.environ, "RAY_AUTH_MODE": "token"}
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, check=False
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.strip().splitlines()[-1] == "2"
     finally:

@@ -8,11 +8,14 @@ def test_load_object_ok():
     assert load_object("vime.rewards.math:math_reward").__name__ == "math_reward"
 
 
-@pytest.mark.parametrize("path, needle", [
-    ("vime.rewards.math", "package.module:name"),
-    ("vime.no_such_module:fn", "cannot import module 'vime.no_such_module'"),
-    ("vime.rewards.math:no_such_fn", "has no attribute 'no_such_fn'"),
-])
+@pytest.mark.parametrize(
+    "path, needle",
+    [
+        ("vime.rewards.math", "package.module:name"),
+        ("vime.no_such_module:fn", "cannot import module 'vime.no_such_module'"),
+        ("vime.rewards.math:no_such_fn", "has no attribute 'no_such_fn'"),
+    ],
+)
 def test_bad_plugin_path_names_the_path(path, needle):
     with pytest.raises(PluginError) as e:
         load_object(path)

@@ -1,14 +1,15 @@
 """The Megatron-core trainer on real CPU processes (Ray actors, gloo): parity with transformers, TP/PP,
 training steps, export and exact checkpoint resume."""
+
 from __future__ import annotations
 
 import asyncio
 
 import pytest
 import torch
+from conftest import hf_response_logprobs, make_samples, start_engines
 from transformers import AutoModelForCausalLM
 
-from conftest import hf_response_logprobs, make_samples, start_engines
 from vime.trainer import TrainerConfig
 from vime.types import SamplingParams
 
@@ -147,6 +148,7 @@ def test_fused_logprobs_equal_log_softmax_in_value_entropy_and_gradient(dtype, t
     """The in-place autograd function against plain `log_softmax` (TP=1, in this process): a wrong backward
     (the fused `onehot - softmax`) or a missing temperature factor shows in the gradient."""
     from logprob_oracle import both, one_rank
+
     from trainers.megatron.logprobs import logprobs_and_entropy
 
     with one_rank():

@@ -4,9 +4,21 @@ from vime.types import Completion, Sample, Status, read_jsonl, write_jsonl
 
 
 def test_sample_jsonl_roundtrip(tmp_path):
-    s = Sample(prompt_ids=[1, 2], response_ids=[3, 4, 5], logprobs=[-0.1, -0.2, -0.3], loss_mask=[1, 0, 1],
-               reward=1.0, status="truncated", weight_versions=["v1", "v1", "v2"], group_id="g", index=2,
-               prompt="p", label="7", response="abc", metadata={"seed": 3})
+    s = Sample(
+        prompt_ids=[1, 2],
+        response_ids=[3, 4, 5],
+        logprobs=[-0.1, -0.2, -0.3],
+        loss_mask=[1, 0, 1],
+        reward=1.0,
+        status="truncated",
+        weight_versions=["v1", "v1", "v2"],
+        group_id="g",
+        index=2,
+        prompt="p",
+        label="7",
+        response="abc",
+        metadata={"seed": 3},
+    )
     write_jsonl([s, s], tmp_path / "s.jsonl")
     back = list(read_jsonl(tmp_path / "s.jsonl"))
     assert back == [s, s]

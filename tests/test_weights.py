@@ -1,4 +1,5 @@
 """In-place weight pushes into running vLLM-CPU engines through vLLM's weight-transfer API."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,10 +8,10 @@ import time
 
 import pytest
 import torch
+from conftest import hf_response_logprobs, start_engines
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import hf_response_logprobs, start_engines
 from engines.vllm.weight_channel import VLLMWeightChannel
 from vime.types import Sample, SamplingParams
 from vime.weights import WeightPushError
@@ -28,7 +29,7 @@ def new_weights(model_dir, arch, seed):
 
 def buckets(sd, per_bucket=5):
     items = sorted(sd.items())
-    return [items[i:i + per_bucket] for i in range(0, len(items), per_bucket)]
+    return [items[i : i + per_bucket] for i in range(0, len(items), per_bucket)]
 
 
 def engine_vs_hf(engine, hf_model, prompt, seed=1):
@@ -36,7 +37,7 @@ def engine_vs_hf(engine, hf_model, prompt, seed=1):
     worst = 0.0
     for c in cs:
         ref = hf_response_logprobs(hf_model, Sample.from_completion(prompt, c))
-        worst = max(worst, max(abs(a - b) for a, b in zip(c.logprobs, ref)))
+        worst = max(worst, *(abs(a - b) for a, b in zip(c.logprobs, ref)))
     return worst, cs
 
 
@@ -65,8 +66,11 @@ def test_gloo_push_two_engines_tied(qwen2_engines, model_dir):
             worst, cs = engine_vs_hf(eng, ref_new, prompt)
             assert worst < 1e-3, f"after push: engine vs HF(new) {worst}"
             assert all(c.weight_versions == ["v1"] * len(c.token_ids) for c in cs)
-            before = max(abs(a - b) for c in cs for a, b in
-                         zip(c.logprobs, hf_response_logprobs(ref_old, Sample.from_completion(prompt, c))))
+            before = max(
+                abs(a - b)
+                for c in cs
+                for a, b in zip(c.logprobs, hf_response_logprobs(ref_old, Sample.from_completion(prompt, c)))
+            )
             assert before > 1e-2  # the engine really changed
 
 
@@ -74,12 +78,14 @@ def test_trainer_pushes_through_gloo(qwen2_engines, model_dir, ray_cluster):
     from trainers.megatron.trainer import MegatronTrainer
     from vime.trainer import TrainerConfig
 
-    with MegatronTrainer(TrainerConfig(tp=2, world_size=2, micro_batch_size=2, lr=1e-2),
-                         model_path=str(model_dir("qwen2"))) as tr:
+    with MegatronTrainer(
+        TrainerConfig(tp=2, world_size=2, micro_batch_size=2, lr=1e-2), model_path=str(model_dir("qwen2"))
+    ) as tr:
         s = Sample(prompt_ids=FRESH, response_ids=[70, 71, 72, 73], logprobs=[0.0] * 4, advantage=1.0)
         tr.train_step([s, s], "policy")
-        tr.connect_weights("engines.vllm.weight_channel:VLLMWeightChannel", {"backend": "gloo", "bucket_mb": 1},
-                           qwen2_engines.urls())
+        tr.connect_weights(
+            "engines.vllm.weight_channel:VLLMWeightChannel", {"backend": "gloo", "bucket_mb": 1}, qwen2_engines.urls()
+        )
         stats = tr.push_weights("t1")
         assert stats["bytes"] > 0
         for eng in qwen2_engines.engines:

@@ -1,5 +1,6 @@
 """Checkpoints for exact resume, written atomically: everything goes to a temp directory that is renamed into
 place only when complete, so a crash mid-save never leaves a checkpoint that looks whole."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,17 @@ from typing import Any
 from vime.protocols import Trainer
 
 # Keys a resumed run may change; any other difference would make the resumed run diverge from the original.
-RESUMABLE_CHANGES = ("loop.num_steps", "loop.eval_every", "loop.save_every", "loop.keep", "run.out_dir",
-                     "engine.startup_timeout_s", "engine.request_timeout_s", "engine.env", "ray.")
+RESUMABLE_CHANGES = (
+    "loop.num_steps",
+    "loop.eval_every",
+    "loop.save_every",
+    "loop.keep",
+    "run.out_dir",
+    "engine.startup_timeout_s",
+    "engine.request_timeout_s",
+    "engine.env",
+    "ray.",
+)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -36,8 +46,15 @@ def incompatible_changes(saved: dict[str, Any], current: dict[str, Any]) -> list
     return changed
 
 
-def save(root: str | Path, step: int, trainer: Trainer, state: dict[str, Any], config: dict[str, Any],
-         export_hf: bool = True, keep: int | None = None) -> Path:
+def save(
+    root: str | Path,
+    step: int,
+    trainer: Trainer,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    export_hf: bool = True,
+    keep: int | None = None,
+) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -70,8 +87,9 @@ def resolve(path: str | Path) -> Path:
     if (p / "latest").exists():
         p = p / (p / "latest").read_text().strip()
     if not (p / "state.json").exists():
-        raise FileNotFoundError(f"{str(p)!r} is not a vime checkpoint (no state.json); pass a step_* directory "
-                                "or the checkpoints root")
+        raise FileNotFoundError(
+            f"{str(p)!r} is not a vime checkpoint (no state.json); pass a step_* directory or the checkpoints root"
+        )
     return p
 
 

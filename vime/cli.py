@@ -1,6 +1,7 @@
 """`vime <command>`: make-model, make-data, rollout, train, serve. Recipes are YAML (`-c`), overridden by
 `--set key.path=value`; engine flags pass through verbatim as `--<engine>-<flag> [value]` (the engine's
 registered name: `--vllm-max-num-seqs 64`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ def split_engine_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
         a = argv[i]
         prefix = next((p for p in prefixes if a.startswith(p)), None)
         if prefix is not None:
-            name, eq, val = a[len(prefix):].partition("=")
+            name, eq, val = a[len(prefix) :].partition("=")
             if eq:
                 flags[name] = yaml.safe_load(val)
             elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
@@ -61,9 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("make-data", help="write the toy arithmetic task as train/eval JSONL")
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
-    for name, hlp in (("rollout", "sample groups into the buffer and write them as JSONL"),
-                      ("train", "run the recipe's training job"),
-                      ("serve", "engines + the OpenAI gateway alone, for agent development")):
+    for name, hlp in (
+        ("rollout", "sample groups into the buffer and write them as JSONL"),
+        ("train", "run the recipe's training job"),
+        ("serve", "engines + the OpenAI gateway alone, for agent development"),
+    ):
         c = sub.add_parser(name, help=hlp)
         c.add_argument("-c", "--config", required=True, help="YAML recipe")
         c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
@@ -107,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vime: {e}", file=sys.stderr)
         return 2
     if owners - {cfg.engine.name}:
-        print(f"vime: flags --{'-/--'.join(sorted(owners))}-* are for another engine than the recipe's "
-              f"engine.name={cfg.engine.name!r}", file=sys.stderr)
+        print(
+            f"vime: flags --{'-/--'.join(sorted(owners))}-* are for another engine than the recipe's "
+            f"engine.name={cfg.engine.name!r}",
+            file=sys.stderr,
+        )
         return 2
     _sigterm_to_exit()
     if args.cmd == "train":
@@ -120,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or f"{cfg.run.out_dir}/samples.jsonl"
     summary = run_rollout(cfg, steps=args.steps or 2, out=out)
     _print_samples(out)
-    print(f"throughput: {summary['tokens_per_s']:.1f} response tokens/s, {summary['samples_per_s']:.1f} samples/s "
-          f"over {summary['samples']} samples in {summary['seconds']:.1f}s; mean reward {summary['mean_reward']:.3f}")
+    print(
+        f"throughput: {summary['tokens_per_s']:.1f} response tokens/s, {summary['samples_per_s']:.1f} samples/s "
+        f"over {summary['samples']} samples in {summary['seconds']:.1f}s; mean reward {summary['mean_reward']:.3f}"
+    )
     print(json.dumps(summary))
     return 0
 
@@ -134,7 +142,9 @@ def _train(cfg: Config, args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     print("\nlast step's samples:\n  " + "\n  ".join(result["samples"]))
     print(result["summary"])
-    print(f"plot: {result['plot']}\nmetrics: {cfg.run.out_dir}/metrics.jsonl, tensorboard: {cfg.run.out_dir}/tensorboard")
+    print(
+        f"plot: {result['plot']}\nmetrics: {cfg.run.out_dir}/metrics.jsonl, tensorboard: {cfg.run.out_dir}/tensorboard"
+    )
     return 0
 
 
@@ -151,9 +161,11 @@ def _serve(cfg: Config) -> int:
     try:
         engines.start()
         with Gateway(engines, load_tokenizer(cfg.model.tokenizer or cfg.model.path), gateway_config(cfg)) as gw:
-            print(f"OpenAI endpoint: {gw.base_url}\nAPI key: {gw.api_key}\nmodel: {gw.cfg.model_name}\n"
-                  "sessions: send header x-session-id, or use base_url .../sessions/<id>/v1. Ctrl-C stops.",
-                  flush=True)
+            print(
+                f"OpenAI endpoint: {gw.base_url}\nAPI key: {gw.api_key}\nmodel: {gw.cfg.model_name}\n"
+                "sessions: send header x-session-id, or use base_url .../sessions/<id>/v1. Ctrl-C stops.",
+                flush=True,
+            )
             try:
                 while True:
                     time.sleep(3600)
@@ -170,8 +182,10 @@ def _print_samples(path: str, k: int = 3) -> None:
     for i, s in enumerate(read_jsonl(path)):
         if i >= k:
             break
-        print(f"sample {i}: prompt={s.prompt!r} response={s.response!r} reward={s.reward} "
-              f"tokens={len(s.response_ids)} mean_logprob={sum(s.logprobs) / max(1, len(s.logprobs)):.3f}")
+        print(
+            f"sample {i}: prompt={s.prompt!r} response={s.response!r} reward={s.reward} "
+            f"tokens={len(s.response_ids)} mean_logprob={sum(s.logprobs) / max(1, len(s.logprobs)):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -76,8 +76,10 @@ class Config(Strict):
         errors = []
         if self.weights.backend not in spec.weight_backends:
             offered = "; ".join(f"{k}: {v}" for k, v in spec.weight_backends.items())
-            errors.append(f"weights.backend={self.weights.backend!r} is not offered by engine {spec.name!r}; "
-                          f"choose one of: {offered}")
+            errors.append(
+                f"weights.backend={self.weights.backend!r} is not offered by engine {spec.name!r}; "
+                f"choose one of: {offered}"
+            )
         else:
             errors += spec.validate(self.engine, self.weights, self.placement.colocate)
         errors += trainer_spec(self.trainer.name).check_args(self.trainer.args)
@@ -92,8 +94,11 @@ def config_schema(engine: str) -> type[Config]:
     cls = engine_spec(engine).config
     if cls is EngineConfig:
         return Config
-    return create_model(f"Config_{engine.replace(':', '_').replace('.', '_')}", __base__=Config,
-                        engine=(cls, Field(default_factory=cls)))
+    return create_model(
+        f"Config_{engine.replace(':', '_').replace('.', '_')}",
+        __base__=Config,
+        engine=(cls, Field(default_factory=cls)),
+    )
 
 
 def gateway_config(cfg: Config) -> GatewayConfig:
@@ -156,8 +161,11 @@ def _explain(e: ValidationError, origin: dict[str, str], default_src: str, schem
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                engine_args: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    engine_args: dict[str, Any] | None = None,
+) -> Config:
     raw: dict[str, Any] = {}
     src = str(path) if path else "<defaults>"
     if path:
@@ -182,7 +190,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         schema = config_schema(engine)
     except PluginError as e:
-        raise ConfigError(f"invalid config:\n  bad value for 'engine.name' in {origin.get('engine.name', src)}: {e}") from None
+        raise ConfigError(
+            f"invalid config:\n  bad value for 'engine.name' in {origin.get('engine.name', src)}: {e}"
+        ) from None
     try:
         return schema.model_validate(raw)
     except ValidationError as e:

@@ -22,8 +22,12 @@ class Evaluator:
         if self.records is None:
             eval_data = DataConfig(**{**self.data.model_dump(), "path": self.data.eval_path, "shuffle": False})
             self.records = PromptSource(eval_data).records[: self.size]
-        ctx = dataclasses.replace(self.ctx, params=dataclasses.replace(self.ctx.params, n=1, temperature=0.0),
-                                  seed_base=None, counters={"prompts": 0})
+        ctx = dataclasses.replace(
+            self.ctx,
+            params=dataclasses.replace(self.ctx.params, n=1, temperature=0.0),
+            seed_base=None,
+            counters={"prompts": 0},
+        )
         groups = asyncio.run(self.fn(self.records, ctx))
         rewards = [s.reward or 0.0 for g in groups for s in g]
         return sum(rewards) / max(1, len(rewards))

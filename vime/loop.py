@@ -40,8 +40,9 @@ def resume_from(run: Parts, resume: str) -> int:
     path, state, saved_cfg = checkpoint.load(resume)
     changed = checkpoint.incompatible_changes(saved_cfg, run.cfg.model_dump(mode="json"))
     if changed:
-        raise ValueError(f"cannot resume from {path}: the recipe changed in ways that break exact resume:\n  "
-                         + "\n  ".join(changed))
+        raise ValueError(
+            f"cannot resume from {path}: the recipe changed in ways that break exact resume:\n  " + "\n  ".join(changed)
+        )
     run.trainer.load(str(path / "trainer"))
     start = run_state.load_state_dict(run, state)
     run.sync.push(state["version"])
@@ -60,13 +61,19 @@ def train_on(run: Parts, batch: list[Sample], T: float) -> dict[str, float]:
 
 
 def eval_due(cfg: Config, step: int) -> bool:
-    return bool(cfg.loop.eval_every and (step + 1) % cfg.loop.eval_every == 0 or step + 1 == cfg.loop.num_steps)
+    return bool((cfg.loop.eval_every and (step + 1) % cfg.loop.eval_every == 0) or step + 1 == cfg.loop.num_steps)
 
 
 def save(run: Parts, step: int) -> None:
     if run.cfg.loop.save_every and step % run.cfg.loop.save_every == 0:
-        checkpoint.save(run.out / "checkpoints", step, run.trainer, run_state.state_dict(run, step),
-                        run.cfg.model_dump(mode="json"), keep=run.cfg.loop.keep)
+        checkpoint.save(
+            run.out / "checkpoints",
+            step,
+            run.trainer,
+            run_state.state_dict(run, step),
+            run.cfg.model_dump(mode="json"),
+            keep=run.cfg.loop.keep,
+        )
 
 
 def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -98,8 +105,11 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
             metrics |= timer | {"train/samples": float(len(batch))}
             run.metrics.log(step + 1, metrics)
             save(run, step + 1)
-            bar.set_postfix(reward=f"{metrics['rollout/reward']:.2f}", len=f"{metrics['rollout/response_len']:.1f}",
-                            tok_s=f"{metrics['rollout/tokens_per_s']:.0f}")
+            bar.set_postfix(
+                reward=f"{metrics['rollout/reward']:.2f}",
+                len=f"{metrics['rollout/response_len']:.1f}",
+                tok_s=f"{metrics['rollout/tokens_per_s']:.0f}",
+            )
         return report(run, groups if cfg.loop.num_steps > start else [])
 
 

@@ -1,5 +1,6 @@
 """Every number a user sees comes from here: JSONL + tensorboard while running, a PNG and a one-screen summary
 at the end."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ class MetricsLogger:
     def __init__(self, out_dir: str | Path, use_tensorboard: bool = True, wandb_project: str | None = None):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.out / "metrics.jsonl", "a")
+        self.jsonl = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run; close() closes it
         self.history: list[dict[str, Any]] = []
         self.tb = None
         if use_tensorboard:
@@ -77,11 +78,14 @@ class MetricsLogger:
         lines = [f"RL steps: {len(rewards)}"]
         if rewards:
             k = max(1, len(rewards) // 5)
-            lines.append(f"rollout reward (mean of first/last {k} steps): {sum(rewards[:k]) / k:.3f} -> "
-                         f"{sum(rewards[-k:]) / k:.3f}")
+            lines.append(
+                f"rollout reward (mean of first/last {k} steps): {sum(rewards[:k]) / k:.3f} -> "
+                f"{sum(rewards[-k:]) / k:.3f}"
+            )
         if evals:
-            lines.append(f"eval reward: {evals[0][1]:.3f} (step {evals[0][0]}) -> {evals[-1][1]:.3f} "
-                         f"(step {evals[-1][0]})")
+            lines.append(
+                f"eval reward: {evals[0][1]:.3f} (step {evals[0][0]}) -> {evals[-1][1]:.3f} (step {evals[-1][0]})"
+            )
         mism = [r["consistency/max_abs_diff"] for r in self.history if "consistency/max_abs_diff" in r]
         if mism:
             lines.append(f"train/inference log-prob max |Δ|: {max(mism):.2e} (worst step)")

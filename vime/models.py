@@ -1,6 +1,7 @@
 """Tiny HF models made locally: no hub is reachable, so every test runs the real HF/vLLM loading code on models
 this module writes (random weights from a seed, a byte-level BPE tokenizer trained on a shipped corpus, a chat
 template with special tokens)."""
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,12 @@ CHAT_TEMPLATE = (
     "{% if tools %}<|im_start|>system\n"
     "{% if messages[0].role == 'system' %}{{ messages[0].content }}\n{% endif %}"
     "You may call tools. Tools: {{ tools | tojson }}\n"
-    "Call one as <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call><|im_end|>\n"
+    'Call one as <tool_call>{"name": ..., "arguments": {...}}</tool_call><|im_end|>\n'
     "{% elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}"
     "{% for m in messages %}{% if not (m.role == 'system' and loop.first) %}"
     "<|im_start|>{{ m.role }}\n{{ m.content if m.content is not none else '' }}"
-    "{% if m.tool_calls %}{% for tc in m.tool_calls %}<tool_call>{\"name\": \"{{ tc.function.name }}\", "
-    "\"arguments\": {{ tc.function.arguments if tc.function.arguments is string else tc.function.arguments | tojson }}}"
+    '{% if m.tool_calls %}{% for tc in m.tool_calls %}<tool_call>{"name": "{{ tc.function.name }}", '
+    '"arguments": {{ tc.function.arguments if tc.function.arguments is string else tc.function.arguments | tojson }}}'
     "</tool_call>{% endfor %}{% endif %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -47,12 +48,13 @@ SIZES = {
     "small": Size(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=2, vocab=512),
     "100m": Size(hidden=768, intermediate=3072, layers=12, heads=12, kv_heads=4, vocab=512),
     "500m": Size(hidden=1024, intermediate=5632, layers=24, heads=16, kv_heads=2, vocab=512),
-    "0.5b": Size(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab=151936, tie=True,
-                 init_std=0.02),
-    "1.5b": Size(hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2, vocab=151936, tie=True,
-                 init_std=0.02),
-    "7b": Size(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152064, tie=False,
-               init_std=0.02),
+    "0.5b": Size(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab=151936, tie=True, init_std=0.02),
+    "1.5b": Size(
+        hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2, vocab=151936, tie=True, init_std=0.02
+    ),
+    "7b": Size(
+        hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152064, tie=False, init_std=0.02
+    ),
 }
 TOKENIZER_VOCAB = 512
 ARCHS = ("qwen2", "qwen3", "llama")
@@ -66,11 +68,20 @@ def train_tokenizer(vocab_size: int) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train([str(CORPUS)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", additional_special_tokens=SPECIALS[1:2] + SPECIALS[3:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIALS[1:2] + SPECIALS[3:],
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -78,24 +89,46 @@ def train_tokenizer(vocab_size: int) -> Any:
 def hf_config(arch: str, size: Size, *, tie: bool | None = None) -> Any:
     import transformers as tf
 
-    common = dict(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
-                  num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                  num_key_value_heads=size.kv_heads, max_position_embeddings=2048, rms_norm_eps=1e-6,
-                  bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, initializer_range=size.init_std,
-                  dtype="float32")
+    common = {
+        "vocab_size": size.vocab,
+        "hidden_size": size.hidden,
+        "intermediate_size": size.intermediate,
+        "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads,
+        "num_key_value_heads": size.kv_heads,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "initializer_range": size.init_std,
+        "dtype": "float32",
+    }
     tie = size.tie if tie is None else tie
     if arch == "qwen2":
         return tf.Qwen2Config(**common, tie_word_embeddings=True if tie is None else tie, rope_theta=1_000_000.0)
     if arch == "qwen3":
-        return tf.Qwen3Config(**common, head_dim=size.hidden // size.heads,
-                              tie_word_embeddings=True if tie is None else tie, rope_theta=1_000_000.0)
+        return tf.Qwen3Config(
+            **common,
+            head_dim=size.hidden // size.heads,
+            tie_word_embeddings=True if tie is None else tie,
+            rope_theta=1_000_000.0,
+        )
     if arch == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=False if tie is None else tie, rope_theta=10_000.0)
     raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
 
 
-def make_model(arch: str, size: str, out: str | Path, *, seed: int = 0, tie: bool | None = None,
-               dtype: str = "float32", device: str = "cpu") -> Path:
+def make_model(
+    arch: str,
+    size: str,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    tie: bool | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> Path:
     """Write a standard HF directory (config, safetensors, tokenizer, chat template) that both transformers
     and vLLM load. Same (arch, size, seed, device) → byte-identical weights. Big sizes: `dtype="bfloat16"`,
     `device="cuda"` (initialised on the GPU in seconds instead of minutes on the CPU)."""

@@ -25,7 +25,6 @@ from vime.step_metrics import EngineCounters
 from vime.sync import WeightSync
 
 
-
 class Parts(contextlib.ExitStack):
     def __init__(self, cfg: Config, progress: bool = True):
         super().__init__()
@@ -52,9 +51,13 @@ class Parts(contextlib.ExitStack):
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
         t, e = cfg.trainer, cfg.engine
         colocate = cfg.placement.colocate
-        bundles, trainer_idx, engine_idx = plan(colocate, t.world_size,
-                                                {"CPU": t.cpus_per_rank, "GPU": t.gpus_per_rank}, e.num_servers,
-                                                {"CPU": e.cpus_per_engine, "GPU": e.gpus_per_engine})
+        bundles, trainer_idx, engine_idx = plan(
+            colocate,
+            t.world_size,
+            {"CPU": t.cpus_per_rank, "GPU": t.gpus_per_rank},
+            e.num_servers,
+            {"CPU": e.cpus_per_engine, "GPU": e.gpus_per_engine},
+        )
         # Colocated on GPUs: each bundle holds one GPU that a trainer rank and an engine share (half each to
         # Ray), and the engines sleep while the trainer runs.
         sleeps = colocate and t.gpus_per_rank > 0 and e.gpus_per_engine > 0
@@ -63,8 +66,14 @@ class Parts(contextlib.ExitStack):
             e = e.model_copy(update={"gpus_per_engine": e.gpus_per_engine / 2})
         pg = placement_group(bundles, name=f"vime-{self.out.name}-{uuid.uuid4().hex[:6]}")
         self.callback(remove_placement_group, pg)
-        self.engines = make_engine_group(e, cfg.model.path, str(self.out / "logs"), weights_backend=cfg.weights.backend,
-                                         placement=(pg, engine_idx), sleep_mode=sleeps)
+        self.engines = make_engine_group(
+            e,
+            cfg.model.path,
+            str(self.out / "logs"),
+            weights_backend=cfg.weights.backend,
+            placement=(pg, engine_idx),
+            sleep_mode=sleeps,
+        )
         self.callback(self.engines.stop)
         self.engines.start()
         self.trainer = make_trainer(t, cfg.model.path, placement=(pg, trainer_idx))
@@ -78,8 +87,9 @@ class Parts(contextlib.ExitStack):
             self.ctx.gateway = Gateway(self.engines, self.tokenizer, gateway_config(cfg)).start()
             self.callback(self.ctx.gateway.stop)
         samples_dir = self.out / "samples" if cfg.run.save_samples else None
-        self.rollout = RolloutStep(cfg.rollout.function, self.source, self.buffer, self.ctx, cfg.rollout.batch_size,
-                                   samples_dir)
+        self.rollout = RolloutStep(
+            cfg.rollout.function, self.source, self.buffer, self.ctx, cfg.rollout.batch_size, samples_dir
+        )
         self.evaluate = Evaluator(cfg.data, cfg.loop.eval_size, ROLLOUTS.get(cfg.rollout.function), self.ctx)
         self.engine_counters = EngineCounters(self.engines)
         self.metrics = MetricsLogger(self.out, wandb_project=cfg.run.wandb_project)

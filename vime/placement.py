@@ -2,6 +2,7 @@
 
 The same code places ranks on CPU bundles here and GPU bundles on GPU hosts; only the bundle shape differs.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,12 +24,16 @@ class RayConfig(BaseModel):
 class PlacementConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    colocate: bool = Field(default=False, description="trainer ranks and engines share bundles (on GPU: the same "
-                                                      "GPU, engines sleep while training); false: separate ones")
+    colocate: bool = Field(
+        default=False,
+        description="trainer ranks and engines share bundles (on GPU: the same "
+        "GPU, engines sleep while training); false: separate ones",
+    )
 
 
-def plan(colocate: bool, trainer_ranks: int, trainer_bundle: dict[str, float], engines: int,
-         engine_bundle: dict[str, float]) -> tuple[list[dict[str, float]], list[int], list[int]]:
+def plan(
+    colocate: bool, trainer_ranks: int, trainer_bundle: dict[str, float], engines: int, engine_bundle: dict[str, float]
+) -> tuple[list[dict[str, float]], list[int], list[int]]:
     """Bundles of one placement group, and which bundle each trainer rank and each engine uses."""
     if not colocate:
         bundles = [trainer_bundle] * trainer_ranks + [engine_bundle] * engines
@@ -46,13 +51,16 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
-                        "TOKENIZERS_PARALLELISM": "false"}}
+    env = {
+        "env_vars": {
+            "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    }
     if cfg.address:
         ray.init(address=cfg.address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env,
-                 log_to_driver=True)
+        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env, log_to_driver=True)
 
 
 def placement_group(bundles: list[dict[str, float]], name: str | None = None, timeout_s: float = 120.0) -> Any:
@@ -66,8 +74,10 @@ def placement_group(bundles: list[dict[str, float]], name: str | None = None, ti
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         ray.util.remove_placement_group(pg)
-        raise RuntimeError(f"Ray could not place bundles {bundles} within {timeout_s:.0f}s; cluster has "
-                           f"{ray.available_resources()} available") from None
+        raise RuntimeError(
+            f"Ray could not place bundles {bundles} within {timeout_s:.0f}s; cluster has "
+            f"{ray.available_resources()} available"
+        ) from None
     return pg
 
 

@@ -165,8 +165,14 @@ class EngineSpec(Protocol):
         ...
 
     def make_group(
-        self, cfg: EngineConfig, *, model_path: str, log_dir: str, weights_backend: str | None = None,
-        placement: tuple[Any, list[int]] | None = None, sleep_mode: bool = False,
+        self,
+        cfg: EngineConfig,
+        *,
+        model_path: str,
+        log_dir: str,
+        weights_backend: str | None = None,
+        placement: tuple[Any, list[int]] | None = None,
+        sleep_mode: bool = False,
     ) -> EngineGroup:
         """Build, not start. `placement` = (Ray placement group, bundle index per server) runs each server in a
         Ray actor; `sleep_mode` lets the servers free GPU memory while a colocated trainer runs."""

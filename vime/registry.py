@@ -87,8 +87,10 @@ class Registry(Generic[T]):
         elif ":" in name:
             obj = load_object(name, what=what)
         else:
-            raise PluginError(f"unknown {self.kind} {name!r} ({self.key}); registered: {self.names()}; "
-                              "for your own, write 'package.module:name'")
+            raise PluginError(
+                f"unknown {self.kind} {name!r} ({self.key}); registered: {self.names()}; "
+                "for your own, write 'package.module:name'"
+            )
         if self.n_args is not None:
             check_arity(obj, self.n_args, what=what)
         return cast(T, obj)
@@ -97,4 +99,3 @@ class Registry(Generic[T]):
 # Engines and trainers: the name maps to the module-level spec object of the implementation's package.
 ENGINES: Registry[Any] = Registry("engine", "engine.name", {DEFAULT_ENGINE: "engines.vllm.engine_spec:SPEC"})
 TRAINERS: Registry[Any] = Registry("trainer", "trainer.name", {"megatron": "trainers.megatron.trainer_spec:SPEC"})
-

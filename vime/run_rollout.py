@@ -16,8 +16,9 @@ from vime.specs import make_engine_group
 from vime.types import Sample, write_jsonl
 
 
-def run_rollout(cfg: Config, steps: int, out: str | Path | None = None, progress: bool = True,
-                engines: EngineGroup | None = None) -> dict[str, float]:
+def run_rollout(
+    cfg: Config, steps: int, out: str | Path | None = None, progress: bool = True, engines: EngineGroup | None = None
+) -> dict[str, float]:
     """Run `steps` rollout steps and return a throughput summary; samples go to `out` as JSONL.
     `engines` reuses a running engine group (tests, notebooks); otherwise the recipe's group is started and
     stopped here."""
@@ -39,12 +40,20 @@ def run_rollout(cfg: Config, steps: int, out: str | Path | None = None, progress
             samples += g
             tokens += sum(len(s.response_ids) for s in g)
             rewards += [s.reward or 0.0 for s in g]
-        bar.set_postfix(reward=f"{sum(rewards) / max(1, len(rewards)):.3f}",
-                        tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix(
+            reward=f"{sum(rewards) / max(1, len(rewards)):.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}"
+        )
     elapsed = time.perf_counter() - t0
     if out:
         write_jsonl(samples, out)
-    return {"steps": steps, "samples": len(samples), "response_tokens": tokens, "seconds": elapsed,
-            "tokens_per_s": tokens / elapsed, "samples_per_s": len(samples) / elapsed,
-            "mean_reward": sum(rewards) / max(1, len(rewards)), "groups_kept": len(buffer),
-            "groups_dropped": buffer.stats["groups_dropped"]}
+    return {
+        "steps": steps,
+        "samples": len(samples),
+        "response_tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "samples_per_s": len(samples) / elapsed,
+        "mean_reward": sum(rewards) / max(1, len(rewards)),
+        "groups_kept": len(buffer),
+        "groups_dropped": buffer.stats["groups_dropped"],
+    }

@@ -11,9 +11,15 @@ from vime.parts import Parts
 
 
 def state_dict(run: Parts, step: int) -> dict[str, Any]:
-    return {"step": step, "version": run.sync.version, "source": run.source.state_dict(),
-            "buffer": run.buffer.state_dict(), "rollout_counters": dict(run.ctx.counters),
-            "python_rng": list(random.getstate()[1]), "metrics": run.metrics.history}
+    return {
+        "step": step,
+        "version": run.sync.version,
+        "source": run.source.state_dict(),
+        "buffer": run.buffer.state_dict(),
+        "rollout_counters": dict(run.ctx.counters),
+        "python_rng": list(random.getstate()[1]),
+        "metrics": run.metrics.history,
+    }
 
 
 def load_state_dict(run: Parts, state: dict[str, Any]) -> int:

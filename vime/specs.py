@@ -20,13 +20,22 @@ def trainer_spec(name: str) -> TrainerSpec:
 
 
 def make_engine_group(
-    cfg: EngineConfig, model_path: str, log_dir: str, weights_backend: str | None = None,
-    placement: tuple[Any, list[int]] | None = None, sleep_mode: bool = False,
+    cfg: EngineConfig,
+    model_path: str,
+    log_dir: str,
+    weights_backend: str | None = None,
+    placement: tuple[Any, list[int]] | None = None,
+    sleep_mode: bool = False,
 ) -> EngineGroup:
     """Build (not start) the engine group named by `cfg.name`."""
-    return engine_spec(cfg.name).make_group(cfg, model_path=model_path, log_dir=log_dir,
-                                            weights_backend=weights_backend, placement=placement,
-                                            sleep_mode=sleep_mode)
+    return engine_spec(cfg.name).make_group(
+        cfg,
+        model_path=model_path,
+        log_dir=log_dir,
+        weights_backend=weights_backend,
+        placement=placement,
+        sleep_mode=sleep_mode,
+    )
 
 
 def make_trainer(cfg: TrainerConfig, model_path: str, placement: tuple[Any, list[int]] | None = None) -> Trainer:

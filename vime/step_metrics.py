@@ -25,16 +25,21 @@ def consistency(samples: list[Sample], trainer_logprobs: list[list[float]]) -> d
     diffs = [e - t for s, lp in zip(samples, trainer_logprobs) for e, t, m in zip(s.logprobs, lp, s.loss_mask) if m]
     if not diffs:
         return {}
-    return {"consistency/mean_abs_diff": sum(abs(d) for d in diffs) / len(diffs),
-            "consistency/max_abs_diff": max(abs(d) for d in diffs),
-            "consistency/kl": sum(diffs) / len(diffs)}  # E_engine[log p_engine - log p_trainer]
+    return {
+        "consistency/mean_abs_diff": sum(abs(d) for d in diffs) / len(diffs),
+        "consistency/max_abs_diff": max(abs(d) for d in diffs),
+        "consistency/kl": sum(diffs) / len(diffs),
+    }  # E_engine[log p_engine - log p_trainer]
 
 
 def rollout_metrics(groups: list[Group], seconds: float) -> dict[str, float]:
     samples = [s for g in groups for s in g]
     tokens = sum(len(s.response_ids) for s in samples)
-    return {"rollout/reward": sum(s.reward or 0.0 for s in samples) / max(1, len(samples)),
-            "rollout/response_len": tokens / max(1, len(samples)), "rollout/tokens_per_s": tokens / seconds}
+    return {
+        "rollout/reward": sum(s.reward or 0.0 for s in samples) / max(1, len(samples)),
+        "rollout/response_len": tokens / max(1, len(samples)),
+        "rollout/tokens_per_s": tokens / seconds,
+    }
 
 
 class EngineCounters:

@@ -14,8 +14,13 @@ from vime.weights import WeightPushError, WeightsConfig
 def gpu_free_gb() -> float:
     """Free memory of the first visible GPU as the driver sees it (all processes), in GB."""
     gpu = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", gpu],
-                         capture_output=True, text=True, timeout=30, check=False).stdout
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", gpu],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    ).stdout
     return float(out.split()[0]) / 1024 if out.strip() else float("nan")
 
 

@@ -1,12 +1,12 @@
 """Which trainer owns the weights, its parallel layout and optimiser. Backend-specific knobs are not modelled
 here: `args` goes verbatim to the backend (for Megatron: fields of TransformerConfig / OptimizerConfig), and the
 trainer's spec rejects a key the backend does not have when the recipe is loaded."""
+
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 
 
 class TrainerConfig(BaseModel):
@@ -27,8 +27,11 @@ class TrainerConfig(BaseModel):
     clip_grad: float = Field(default=1.0, ge=0)
     micro_batch_size: int = Field(default=8, ge=1, description="sequences per micro-batch (memory bound)")
     distributed_optimizer: bool = False
-    optimizer: bool = Field(default=True, description="false: forward and weight export only, no optimiser "
-                                                      "state (e.g. to benchmark pushes of models too big to train)")
+    optimizer: bool = Field(
+        default=True,
+        description="false: forward and weight export only, no optimiser "
+        "state (e.g. to benchmark pushes of models too big to train)",
+    )
     recompute: bool = False
     seed: int = 1234
     cpus_per_rank: float = Field(default=1.0, gt=0)
@@ -36,13 +39,13 @@ class TrainerConfig(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict, description="backend config fields, verbatim")
 
     @model_validator(mode="after")
-    def _layout(self) -> "TrainerConfig":
+    def _layout(self) -> TrainerConfig:
         if self.world_size % (self.tp * self.pp):
-            raise ValueError(f"trainer.world_size ({self.world_size}) must be a multiple of tp*pp "
-                             f"({self.tp}*{self.pp})")
+            raise ValueError(
+                f"trainer.world_size ({self.world_size}) must be a multiple of tp*pp ({self.tp}*{self.pp})"
+            )
         return self
 
     @property
     def dp(self) -> int:
         return self.world_size // (self.tp * self.pp)
-

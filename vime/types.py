@@ -3,19 +3,21 @@
 Everything here is a plain dataclass with a lossless JSON form, so samples can go to JSONL, through Ray and
 into checkpoints without a custom serialiser.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 
 class Status(str, Enum):
     COMPLETED = "completed"  # the engine stopped on EOS or a stop string
     TRUNCATED = "truncated"  # hit max_tokens / context length
-    ABORTED = "aborted"      # cut by a pause(abort) or an engine restart; may be resumed as a partial rollout
+    ABORTED = "aborted"  # cut by a pause(abort) or an engine restart; may be resumed as a partial rollout
 
 
 @dataclass
@@ -38,8 +40,8 @@ class Completion:
     """One sampled continuation exactly as the engine produced it (never re-tokenised)."""
 
     token_ids: list[int]
-    logprobs: list[float]           # log-prob of each sampled token, as the engine reports it
-    finish_reason: str              # "stop" | "length" | "abort"
+    logprobs: list[float]  # log-prob of each sampled token, as the engine reports it
+    finish_reason: str  # "stop" | "length" | "abort"
     text: str = ""
     weight_versions: list[str] = field(default_factory=list)  # one per token; empty if the engine has none
 
@@ -61,13 +63,13 @@ class Sample:
     logprobs: list[float] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
     reward: float | None = None
-    advantage: float = 0.0          # set by the algorithm from the group (e.g. GRPO), broadcast over tokens
+    advantage: float = 0.0  # set by the algorithm from the group (e.g. GRPO), broadcast over tokens
     status: Status = Status.COMPLETED
     weight_versions: list[str] = field(default_factory=list)
     group_id: str = ""
-    index: int = 0                  # position inside its group
-    prompt: Any = None              # the original prompt (text or messages), for logging and rewards
-    label: Any = None               # the ground truth the reward function checks against
+    index: int = 0  # position inside its group
+    prompt: Any = None  # the original prompt (text or messages), for logging and rewards
+    label: Any = None  # the ground truth the reward function checks against
     response: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -86,9 +88,16 @@ class Sample:
             raise ValueError(f"Sample.weight_versions has {len(self.weight_versions)} entries for {n} tokens")
 
     @classmethod
-    def from_completion(cls, prompt_ids: list[int], c: Completion, **kw: Any) -> "Sample":
-        return cls(prompt_ids=list(prompt_ids), response_ids=list(c.token_ids), logprobs=list(c.logprobs),
-                   status=c.status, weight_versions=list(c.weight_versions), response=c.text, **kw)
+    def from_completion(cls, prompt_ids: list[int], c: Completion, **kw: Any) -> Sample:
+        return cls(
+            prompt_ids=list(prompt_ids),
+            response_ids=list(c.token_ids),
+            logprobs=list(c.logprobs),
+            status=c.status,
+            weight_versions=list(c.weight_versions),
+            response=c.text,
+            **kw,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -96,7 +105,7 @@ class Sample:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Sample":
+    def from_dict(cls, d: dict[str, Any]) -> Sample:
         return cls(**d)
 
 

@@ -1,11 +1,15 @@
 """A vLLM server owned by a Ray actor, so engines are placed by Ray like trainer ranks (CPU or GPU bundles;
 Ray's CUDA_VISIBLE_DEVICES reaches the server). The server is the actor's child with PR_SET_PDEATHSIG: when
 Ray kills the actor, the server goes too."""
+
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from engines.vllm.server import VLLMServer
+
+log = logging.getLogger(__name__)
 
 
 class EngineActor:
@@ -17,8 +21,11 @@ class EngineActor:
 
         self.server.start()
         self.server.wait_healthy()
-        return (self.server.host if self.server.host != "0.0.0.0" else ray.util.get_node_ip_address(),
-                self.server.port, self.server.version)
+        return (
+            self.server.host if self.server.host != "0.0.0.0" else ray.util.get_node_ip_address(),
+            self.server.port,
+            self.server.version,
+        )
 
     def alive(self) -> bool:
         return self.server.alive()
@@ -52,6 +59,6 @@ class RemoteServer:
             return
         try:
             ray.get(self.actor.stop.remote(), timeout=60)
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception:  # the actor died or hung: kill it below either way, but say so
+            log.exception("engine actor did not stop cleanly; killing it")
         ray.kill(self.actor)

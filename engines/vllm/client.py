@@ -5,6 +5,7 @@ server launcher adds): token ids in; token ids, sampled log-probs and weight-ver
 re-tokenised. vLLM 0.26 has no `/weight_info` and no version spans, so the client tracks the version it last
 finished itself.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,14 @@ class EngineRequestError(RuntimeError):
 
 
 def sampling_payload(p: SamplingParams) -> dict[str, Any]:
-    sp: dict[str, Any] = {"n": p.n, "max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
-                          "top_k": p.top_k, "logprobs": 0}
+    sp: dict[str, Any] = {
+        "n": p.n,
+        "max_tokens": p.max_tokens,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "top_k": p.top_k,
+        "logprobs": 0,
+    }
     if p.seed is not None:
         sp["seed"] = p.seed
     if p.stop:
@@ -52,13 +59,25 @@ def parse_choice(ch: dict[str, Any], fallback_version: str | None) -> Completion
     versions = expand_versions(ch.get("weight_versions"), len(ids))
     if not versions and fallback_version is not None:
         versions = [fallback_version] * len(ids)
-    return Completion(token_ids=ids, logprobs=lps, finish_reason=ch.get("finish_reason") or "stop",
-                      text=ch.get("text") or "", weight_versions=versions)
+    return Completion(
+        token_ids=ids,
+        logprobs=lps,
+        finish_reason=ch.get("finish_reason") or "stop",
+        text=ch.get("text") or "",
+        weight_versions=versions,
+    )
 
 
 class VLLMClient:
-    def __init__(self, base_url: str, *, timeout_s: float = 600.0, version: tuple[int, int, int] = (0, 32, 0),
-                 route: str = "generate", model: str = ""):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 600.0,
+        version: tuple[int, int, int] = (0, 32, 0),
+        route: str = "generate",
+        model: str = "",
+    ):
         self.base_url = base_url
         self.timeout_s = timeout_s
         self.vllm_version = version
@@ -74,13 +93,17 @@ class VLLMClient:
         # One client per event loop: asyncio.run() in a CLI and pytest's loops must not share connections.
         loop = asyncio.get_running_loop()
         if self._http is None or getattr(self, "_loop", None) is not loop:
-            self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s,
-                                           limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
+            self._http = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=self.timeout_s,
+                limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+            )
             self._loop = loop
         return self._http
 
-    async def _post(self, path: str, json: Any = None, params: dict[str, Any] | None = None,
-                    headers: dict[str, str] | None = None) -> Any:
+    async def _post(
+        self, path: str, json: Any = None, params: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    ) -> Any:
         try:
             r = await self.http.post(path, json=json, params=params, headers=headers)
         except httpx.HTTPError as e:
@@ -89,11 +112,17 @@ class VLLMClient:
             raise EngineRequestError(f"{self.base_url}{path} -> {r.status_code}: {r.text[:500]}")
         return r.json() if r.content else None
 
-    async def complete_one(self, prompt_ids: list[int], params: SamplingParams,
-                           session: str | None = None) -> list[Completion]:
+    async def complete_one(
+        self, prompt_ids: list[int], params: SamplingParams, session: str | None = None
+    ) -> list[Completion]:
         sp = sampling_payload(params)
-        body = {"model": self.model, "prompt": list(prompt_ids), "return_token_ids": True,
-                "return_tokens_as_token_ids": True, **sp}
+        body = {
+            "model": self.model,
+            "prompt": list(prompt_ids),
+            "return_token_ids": True,
+            "return_tokens_as_token_ids": True,
+            **sp,
+        }
         # a router in front (consistent_hash) keeps a session on one server by this header
         data = await self._post("/v1/completions", body, headers={"x-session-id": session} if session else None)
         out = []
@@ -102,16 +131,27 @@ class VLLMClient:
             lps = [float(x) for x in (ch.get("logprobs") or {}).get("token_logprobs") or []]
             if len(lps) != len(ids):
                 raise EngineRequestError(f"engine returned {len(ids)} tokens but {len(lps)} log-probs")
-            out.append(Completion(token_ids=ids, logprobs=lps, finish_reason=ch.get("finish_reason") or "stop",
-                                  text=ch.get("text") or "", weight_versions=[self.local_version or ""] * len(ids)))
+            out.append(
+                Completion(
+                    token_ids=ids,
+                    logprobs=lps,
+                    finish_reason=ch.get("finish_reason") or "stop",
+                    text=ch.get("text") or "",
+                    weight_versions=[self.local_version or ""] * len(ids),
+                )
+            )
         return out
 
-    async def generate_one(self, prompt_ids: list[int], params: SamplingParams,
-                           session: str | None = None) -> list[Completion]:
+    async def generate_one(
+        self, prompt_ids: list[int], params: SamplingParams, session: str | None = None
+    ) -> list[Completion]:
         if self.route == "completions":
             return await self.complete_one(prompt_ids, params, session)
-        body: dict[str, Any] = {"token_ids": list(prompt_ids), "sampling_params": sampling_payload(params),
-                                "stream": False}
+        body: dict[str, Any] = {
+            "token_ids": list(prompt_ids),
+            "sampling_params": sampling_payload(params),
+            "stream": False,
+        }
         if self.vllm_version >= (0, 27, 0):
             body["output_mode"] = "text"
             body["sampling_params"].setdefault("detokenize", True)
@@ -124,8 +164,9 @@ class VLLMClient:
         choices = sorted(data["choices"], key=lambda c: c["index"])
         return [parse_choice(c, self.local_version) for c in choices]
 
-    async def generate(self, prompts: list[list[int]], params: SamplingParams,
-                       session: str | None = None) -> list[list[Completion]]:
+    async def generate(
+        self, prompts: list[list[int]], params: SamplingParams, session: str | None = None
+    ) -> list[list[Completion]]:
         return list(await asyncio.gather(*(self.generate_one(p, params, session) for p in prompts)))
 
     async def pause(self, mode: str = "keep") -> None:

@@ -33,11 +33,19 @@ class VLLMSpec:
 
     def validate(self, engine: EngineConfig, weights: WeightsConfig, colocate: bool) -> list[str]:
         if weights.backend == "ipc" and not colocate:
-            return ["weights.backend=ipc maps the trainer's GPU memory into the engine, so it needs "
-                    "placement.colocate: true; use weights.backend=nccl for separate GPUs"]
+            return [
+                (
+                    "weights.backend=ipc maps the trainer's GPU memory into the engine, so it needs "
+                    "placement.colocate: true; use weights.backend=nccl for separate GPUs"
+                )
+            ]
         if weights.backend == "nccl" and colocate:
-            return ["weights.backend=nccl cannot link two processes on one GPU; with placement.colocate: "
-                    "true use weights.backend=ipc"]
+            return [
+                (
+                    "weights.backend=nccl cannot link two processes on one GPU; with placement.colocate: "
+                    "true use weights.backend=ipc"
+                )
+            ]
         return []
 
     def context_limit(self, engine: EngineConfig) -> int | None:
@@ -45,13 +53,25 @@ class VLLMSpec:
         return int(limit) if limit else None
 
     def make_group(
-        self, cfg: EngineConfig, *, model_path: str, log_dir: str, weights_backend: str | None = None,
-        placement: tuple[Any, list[int]] | None = None, sleep_mode: bool = False,
+        self,
+        cfg: EngineConfig,
+        *,
+        model_path: str,
+        log_dir: str,
+        weights_backend: str | None = None,
+        placement: tuple[Any, list[int]] | None = None,
+        sleep_mode: bool = False,
     ) -> EngineGroup:
         from engines.vllm.group import VLLMEngineGroup
 
-        return VLLMEngineGroup(as_vllm(cfg), model_path=model_path, log_dir=log_dir, weights_backend=weights_backend,
-                               placement=placement, sleep_mode=sleep_mode)
+        return VLLMEngineGroup(
+            as_vllm(cfg),
+            model_path=model_path,
+            log_dir=log_dir,
+            weights_backend=weights_backend,
+            placement=placement,
+            sleep_mode=sleep_mode,
+        )
 
     def attach(self, urls: list[str]) -> EngineGroup:
         from engines.vllm.group import VLLMEngineGroup

@@ -1,4 +1,5 @@
 """N vLLM servers as one engine group: started together, stopped together, requests routed by session key."""
+
 from __future__ import annotations
 
 import atexit
@@ -6,7 +7,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from engines.vllm.client import VLLMClient
 from engines.vllm.config import VLLMEngineConfig
@@ -43,8 +44,9 @@ class VLLMEngine:
 
     def __init__(self, server: Any, request_timeout_s: float, route: str = "generate", model: str = ""):
         self.server = server
-        self.client = VLLMClient(server.base_url, timeout_s=request_timeout_s, version=server.version, route=route,
-                                 model=model)
+        self.client = VLLMClient(
+            server.base_url, timeout_s=request_timeout_s, version=server.version, route=route, model=model
+        )
         self.inflight = 0
         self._health = (0.0, False)
 
@@ -52,8 +54,9 @@ class VLLMEngine:
     def base_url(self) -> str:
         return self.server.base_url
 
-    async def generate(self, prompts: list[list[int]], params: SamplingParams,
-                       session: str | None = None) -> list[list[Completion]]:
+    async def generate(
+        self, prompts: list[list[int]], params: SamplingParams, session: str | None = None
+    ) -> list[list[Completion]]:
         self.inflight += len(prompts)
         try:
             return await self.client.generate(prompts, params, session)
@@ -84,8 +87,16 @@ class VLLMEngineGroup:
     one per server, or one over vllm-router when the topology is P/D (or `router.enabled`).
     """
 
-    def __init__(self, cfg: VLLMEngineConfig, *, model_path: str, log_dir: str, weights_backend: str | None = None,
-                 placement: tuple[Any, list[int]] | None = None, sleep_mode: bool = False):
+    def __init__(
+        self,
+        cfg: VLLMEngineConfig,
+        *,
+        model_path: str,
+        log_dir: str,
+        weights_backend: str | None = None,
+        placement: tuple[Any, list[int]] | None = None,
+        sleep_mode: bool = False,
+    ):
         self.cfg = cfg
         self.weights_backend = weights_backend
         self.sleep_mode = sleep_mode  # colocated on a GPU: servers release memory while the trainer runs
@@ -125,8 +136,9 @@ class VLLMEngineGroup:
 
             # vime's own engines (gloo, disk, vime_ipc) register into vLLM's factory when this module is imported
             args.setdefault("worker_extension_cls", "engines.vllm.worker_ext.VimeWorkerExtension")
-            args.setdefault("weight_transfer_config",
-                            {"backend": VLLM_ENGINE_NAMES.get(self.weights_backend, self.weights_backend)})
+            args.setdefault(
+                "weight_transfer_config", {"backend": VLLM_ENGINE_NAMES.get(self.weights_backend, self.weights_backend)}
+            )
         if self.sleep_mode:
             args.setdefault("enable_sleep_mode", True)
         return args
@@ -134,8 +146,14 @@ class VLLMEngineGroup:
     def _server_kwargs(self, i: int, port: int | None) -> dict[str, Any]:
         role = self.roles()[i]
         name = f"vllm_{i}.log" if role == "server" else f"vllm_{role}_{i}.log"
-        return dict(host=self.cfg.host, port=port, args=self._server_args(role), env=self._server_env(i),
-                    log_path=self.log_dir / name, startup_timeout_s=self.cfg.startup_timeout_s)
+        return {
+            "host": self.cfg.host,
+            "port": port,
+            "args": self._server_args(role),
+            "env": self._server_env(i),
+            "log_path": self.log_dir / name,
+            "startup_timeout_s": self.cfg.startup_timeout_s,
+        }
 
     def _launch(self, indices: list[int], ports: list[int | None]) -> list[Any]:
         """Start servers (locally, or inside Ray actors on their bundles) and wait until all are healthy."""
@@ -157,10 +175,16 @@ class VLLMEngineGroup:
         from vime.placement import bundle_strategy
 
         pg, bundles = self.placement
-        actors = [ray.remote(EngineActor).options(
-            num_cpus=self.cfg.cpus_per_engine, num_gpus=self.cfg.gpus_per_engine,
-            scheduling_strategy=bundle_strategy(pg, bundles[i])).remote(self.model_path, self._server_kwargs(i, p))
-            for i, p in zip(indices, ports)]
+        actors = [
+            ray.remote(EngineActor)
+            .options(
+                num_cpus=self.cfg.cpus_per_engine,
+                num_gpus=self.cfg.gpus_per_engine,
+                scheduling_strategy=bundle_strategy(pg, bundles[i]),
+            )
+            .remote(self.model_path, self._server_kwargs(i, p))
+            for i, p in zip(indices, ports)
+        ]
         try:
             started = ray.get([a.start.remote() for a in actors])
         except BaseException:
@@ -170,7 +194,7 @@ class VLLMEngineGroup:
         return [RemoteServer(a, *info) for a, info in zip(actors, started)]
 
     @classmethod
-    def attach(cls, urls: list[str], cfg: VLLMEngineConfig | None = None) -> "VLLMEngineGroup":
+    def attach(cls, urls: list[str], cfg: VLLMEngineConfig | None = None) -> VLLMEngineGroup:
         """A group over servers that are already running (started elsewhere); stop() leaves them alone."""
         from engines.vllm.server import vllm_version
 
@@ -179,7 +203,7 @@ class VLLMEngineGroup:
         group.engines = [VLLMEngine(s, group.cfg.request_timeout_s) for s in group.servers]
         return group
 
-    def start(self) -> "VLLMEngineGroup":
+    def start(self) -> Self:
         if self.servers:  # already running (e.g. `with group.start():`): never launch a second set
             return self
         atexit.register(self.stop)
@@ -192,10 +216,15 @@ class VLLMEngineGroup:
             pd = c.topology == "pd"
             try:
                 self.router = VLLMRouter(
-                    host=c.host, prefill=[u for u, r in zip(urls, roles) if r == "prefill"],
-                    decode=[u for u, r in zip(urls, roles) if r == "decode"], workers=[] if pd else urls,
-                    kv_connector=c.kv_connector, policy="round_robin" if pd and c.router.policy == "consistent_hash"
-                    else c.router.policy, log_path=self.log_dir / "router.log", version=self.servers[0].version).start()
+                    host=c.host,
+                    prefill=[u for u, r in zip(urls, roles) if r == "prefill"],
+                    decode=[u for u, r in zip(urls, roles) if r == "decode"],
+                    workers=[] if pd else urls,
+                    kv_connector=c.kv_connector,
+                    policy="round_robin" if pd and c.router.policy == "consistent_hash" else c.router.policy,
+                    log_path=self.log_dir / "router.log",
+                    version=self.servers[0].version,
+                ).start()
             except BaseException:
                 self.stop()
                 raise
@@ -236,9 +265,11 @@ class VLLMEngineGroup:
         import httpx
 
         roles = self.roles()
-        out = {"engines/prefill_servers": float(roles.count("prefill")),
-               "engines/decode_servers": float(roles.count("decode")),
-               "engines/servers": float(len(roles))}
+        out = {
+            "engines/prefill_servers": float(roles.count("prefill")),
+            "engines/decode_servers": float(roles.count("decode")),
+            "engines/servers": float(len(roles)),
+        }
         sums: dict[str, float] = {}
         for s in self.servers:
             try:
@@ -248,7 +279,9 @@ class VLLMEngineGroup:
             for line in text.splitlines():
                 if line.startswith("vllm:prompt_tokens_by_source_total{"):
                     key = "kv/" + line.split('source="')[1].split('"')[0]
-                elif line.startswith(("vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count")):
+                elif line.startswith(
+                    ("vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count")
+                ):
                     key = "ttft/" + line.split("{")[0].rsplit("_", 1)[1]
                 else:
                     continue
@@ -284,8 +317,8 @@ class VLLMEngineGroup:
         self._rr += 1
         return min(self.engines, key=lambda e: (e.inflight, (self.engines.index(e) - self._rr) % len(self.engines)))
 
-    def __enter__(self) -> "VLLMEngineGroup":
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

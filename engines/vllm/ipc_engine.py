@@ -10,6 +10,7 @@ per-push-handle path, which the benchmark uses as the baseline on the same serve
 IPC handles carry torch types), so like vLLM's it needs `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, and the engine's
 RL routes must stay on loopback.
 """
+
 from __future__ import annotations
 
 import base64
@@ -43,14 +44,18 @@ def open_handle(handle_b64: str, device_index: int) -> torch.Tensor:
     from vllm import envs
 
     if not envs.VLLM_ALLOW_INSECURE_SERIALIZATION:
-        raise ValueError("weights.backend=ipc needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 in the engine "
-                         "environment (vime sets it; keep the engine on loopback)")
+        raise ValueError(
+            "weights.backend=ipc needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 in the engine "
+            "environment (vime sets it; keep the engine on loopback)"
+        )
     handles = pickle.loads(base64.b64decode(handle_b64))
     uuid = str(torch.cuda.get_device_properties(device_index).uuid)
     if uuid not in handles:
-        raise ValueError(f"weights.backend=ipc: this engine runs on GPU {uuid} but the trainer's buffer is on "
-                         f"{list(handles)}; ipc needs the engine on trainer rank 0's GPU (placement.colocate: "
-                         "true) — use weights.backend=nccl for separate GPUs")
+        raise ValueError(
+            f"weights.backend=ipc: this engine runs on GPU {uuid} but the trainer's buffer is on "
+            f"{list(handles)}; ipc needs the engine on trainer rank 0's GPU (placement.colocate: "
+            "true) — use weights.backend=nccl for separate GPUs"
+        )
     args = list(handles[uuid])
     args[6] = device_index  # reduce_tensor's device slot: this process's index of that GPU
     return rebuild_cuda_tensor(*args)

@@ -1,5 +1,6 @@
 """vllm-router as a child process owned by the engine group: real P/D (`--vllm-pd-disaggregation`, KV moved by
 the connector) or a plain pool with session-sticky routing (`--policy consistent_hash` on `x-session-id`)."""
+
 from __future__ import annotations
 
 import os
@@ -19,14 +20,27 @@ from vime.placement import free_port
 def router_binary() -> str:
     exe = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
     if not os.path.exists(exe):
-        raise EngineStartError("vllm-router is not installed (pip install vllm-router==0.1.17); engine.topology=pd "
-                               "and engine.router.enabled need it")
+        raise EngineStartError(
+            "vllm-router is not installed (pip install vllm-router==0.1.17); engine.topology=pd "
+            "and engine.router.enabled need it"
+        )
     return exe
 
 
 class VLLMRouter:
-    def __init__(self, *, host: str, prefill: list[str], decode: list[str], workers: list[str], kv_connector: str,
-                 policy: str, log_path: Path, startup_timeout_s: float = 60.0, version: tuple[int, int, int]):
+    def __init__(
+        self,
+        *,
+        host: str,
+        prefill: list[str],
+        decode: list[str],
+        workers: list[str],
+        kv_connector: str,
+        policy: str,
+        log_path: Path,
+        startup_timeout_s: float = 60.0,
+        version: tuple[int, int, int],
+    ):
         self.host, self.port = host, free_port(host)
         self.prefill, self.decode, self.workers = prefill, decode, workers
         self.kv_connector, self.policy = kv_connector, policy
@@ -39,8 +53,17 @@ class VLLMRouter:
 
     def command(self) -> list[str]:
         # its Prometheus exporter defaults to a fixed port (29000): give each router its own, or a second one dies
-        cmd = [router_binary(), "--host", self.host, "--port", str(self.port),
-               "--prometheus-host", self.host, "--prometheus-port", str(free_port(self.host))]
+        cmd = [
+            router_binary(),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--prometheus-host",
+            self.host,
+            "--prometheus-port",
+            str(free_port(self.host)),
+        ]
         if self.prefill:
             cmd += ["--vllm-pd-disaggregation", "--kv-connector", self.kv_connector, "--policy", self.policy]
             for u in self.prefill:
@@ -51,18 +74,24 @@ class VLLMRouter:
             cmd += ["--worker-urls", *self.workers, "--policy", self.policy]
         return cmd
 
-    def start(self) -> "VLLMRouter":
+    def start(self) -> VLLMRouter:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, async-signal-safe
+            )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 code = self.proc.returncode
                 self.stop()
-                raise EngineStartError(f"vllm-router exited with code {code}; log {self.log_path} ends with:\n"
-                                       f"{log_tail(self.log_path)}")
+                raise EngineStartError(
+                    f"vllm-router exited with code {code}; log {self.log_path} ends with:\n{log_tail(self.log_path)}"
+                )
             try:
                 if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
                     return self
@@ -70,8 +99,10 @@ class VLLMRouter:
                 pass
             time.sleep(0.3)
         self.stop()
-        raise EngineStartError(f"vllm-router not healthy after {self.startup_timeout_s:.0f}s; log {self.log_path} "
-                               f"ends with:\n{log_tail(self.log_path)}")
+        raise EngineStartError(
+            f"vllm-router not healthy after {self.startup_timeout_s:.0f}s; log {self.log_path} "
+            f"ends with:\n{log_tail(self.log_path)}"
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -85,6 +116,10 @@ class VLLMRouter:
 def pd_args(role: str, on_cpu: bool, kv_connector: str) -> dict[str, Any]:
     """The server flags that make a server a P/D producer or consumer (NIXL; KV in host memory on CPU)."""
     connector = {"nixl": "NixlConnector", "mooncake": "MooncakeConnector"}.get(kv_connector, kv_connector)
-    return {"kv_transfer_config": {"kv_connector": connector,
-                                   "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
-                                   "kv_buffer_device": "cpu" if on_cpu else "cuda"}}
+    return {
+        "kv_transfer_config": {
+            "kv_connector": connector,
+            "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
+            "kv_buffer_device": "cpu" if on_cpu else "cuda",
+        }
+    }

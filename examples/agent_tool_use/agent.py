@@ -1,6 +1,7 @@
 """A multi-turn calculator-tool agent, written the way an agent framework would: plain `openai` client calls
 against whatever `base_url` it is given. vime hands each run its own session URL and records every turn's exact
 token ids; the agent contains no vime code."""
+
 from __future__ import annotations
 
 import json
@@ -8,10 +9,20 @@ from typing import Any
 
 import openai
 
-TOOLS = [{"type": "function", "function": {
-    "name": "add", "description": "Add two integers.",
-    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                   "required": ["a", "b"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two integers.",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"],
+            },
+        },
+    }
+]
 
 
 def run_tool(name: str, arguments: str) -> str:
@@ -29,16 +40,19 @@ async def calculator_agent(base_url: str, api_key: str, task: dict[str, Any], ma
     messages: list[dict[str, Any]] = [{"role": "user", "content": task["prompt"]}]
     text = ""
     for _ in range(max_turns):
-        r = await client.chat.completions.create(model="vime", messages=messages, tools=TOOLS, max_tokens=24,
-                                                 temperature=1.0)
+        r = await client.chat.completions.create(
+            model="vime", messages=messages, tools=TOOLS, max_tokens=24, temperature=1.0
+        )
         msg = r.choices[0].message
         text = msg.content or ""
         if not msg.tool_calls:
             break
-        messages.append({"role": "assistant", "content": msg.content,
-                         "tool_calls": [tc.model_dump() for tc in msg.tool_calls]})
+        messages.append(
+            {"role": "assistant", "content": msg.content, "tool_calls": [tc.model_dump() for tc in msg.tool_calls]}
+        )
         for tc in msg.tool_calls:
-            messages.append({"role": "tool", "tool_call_id": tc.id,
-                             "content": run_tool(tc.function.name, tc.function.arguments)})
+            messages.append(
+                {"role": "tool", "tool_call_id": tc.id, "content": run_tool(tc.function.name, tc.function.arguments)}
+            )
     await client.close()
     return text

@@ -5,10 +5,12 @@ Three layers of names: HF (`model.layers.3.self_attn.q_proj.weight`), global Meg
 module: stage-local layer numbers, TP shards). `from_hf`/`to_hf` convert HF ↔ global; `shard`/`unshard` and
 `local_to_global` handle the rank's view.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -26,8 +28,15 @@ _ONE_TO_ONE = {
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
 # TP split dimension of every sharded tensor (by suffix); anything else is replicated.
-_TP_DIM = {"word_embeddings.weight": 0, "output_layer.weight": 0, "linear_qkv.weight": 0, "linear_qkv.bias": 0,
-           "linear_proj.weight": 1, "linear_fc2.weight": 1, "linear_fc1.weight": 0}
+_TP_DIM = {
+    "word_embeddings.weight": 0,
+    "output_layer.weight": 0,
+    "linear_qkv.weight": 0,
+    "linear_qkv.bias": 0,
+    "linear_proj.weight": 1,
+    "linear_fc2.weight": 1,
+    "linear_fc1.weight": 0,
+}
 
 
 def _qkv_dims(cfg: Any) -> tuple[int, int, int]:
@@ -39,8 +48,9 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Any) -> tor
     """Per query group g: [q heads of g | k_g | v_g] (works for weights [*, H] and biases [*])."""
     ng, hpg, hd = _qkv_dims(cfg)
     tail = q.shape[1:]
-    return torch.cat([q.reshape(ng, hpg * hd, *tail), k.reshape(ng, hd, *tail), v.reshape(ng, hd, *tail)],
-                     1).reshape(-1, *tail)
+    return torch.cat([q.reshape(ng, hpg * hd, *tail), k.reshape(ng, hd, *tail), v.reshape(ng, hd, *tail)], 1).reshape(
+        -1, *tail
+    )
 
 
 def split_qkv(qkv: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,20 +63,24 @@ def split_qkv(qkv: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, torch.Tensor, 
 def from_hf(hf: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
     """HF state dict → global (unsharded) Megatron state dict."""
     spec = spec_for(cfg)
-    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hf["model.norm.weight"],
-           "output_layer.weight": hf.get("lm_head.weight", hf["model.embed_tokens.weight"])}
+    out = {
+        "embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+        "decoder.final_layernorm.weight": hf["model.norm.weight"],
+        "output_layer.weight": hf.get("lm_head.weight", hf["model.embed_tokens.weight"]),
+    }
     for i in range(cfg.num_hidden_layers):
         p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         for ms, hs in _ONE_TO_ONE.items():
             if p + hs in hf:
                 out[m + ms] = hf[p + hs]
         a = p + "self_attn."
-        out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(hf[a + "q_proj.weight"], hf[a + "k_proj.weight"],
-                                                               hf[a + "v_proj.weight"], cfg)
+        out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(
+            hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"], cfg
+        )
         if spec.qkv_bias:
-            out[m + "self_attention.linear_qkv.bias"] = fuse_qkv(hf[a + "q_proj.bias"], hf[a + "k_proj.bias"],
-                                                                 hf[a + "v_proj.bias"], cfg)
+            out[m + "self_attention.linear_qkv.bias"] = fuse_qkv(
+                hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"], cfg
+            )
         out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
     return out
 
@@ -129,8 +143,15 @@ def local_to_global(name: str, pp_rank: int, layers_per_stage: int) -> str:
     return f"decoder.layers.{pp_rank * layers_per_stage + int(m.group(1))}.{m.group(2)}"
 
 
-def local_state_dict(full: dict[str, torch.Tensor], local_names: Iterable[str], *, tp_rank: int, tp: int,
-                     pp_rank: int, layers_per_stage: int) -> dict[str, torch.Tensor]:
+def local_state_dict(
+    full: dict[str, torch.Tensor],
+    local_names: Iterable[str],
+    *,
+    tp_rank: int,
+    tp: int,
+    pp_rank: int,
+    layers_per_stage: int,
+) -> dict[str, torch.Tensor]:
     """The shards one rank's module expects, from a global state dict."""
     out = {}
     for name in local_names:

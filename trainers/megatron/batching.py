@@ -5,6 +5,7 @@ at position P-1+j. Every per-token field (loss mask, old/ref log-probs, advantag
 which lets losses work on plain [b, s] tensors. Right padding plus the causal mask keeps pads out of real
 positions; the loss mask keeps them out of the loss.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,19 +36,26 @@ def make_microbatch(samples: list[dict[str, Any]], length: int) -> dict[str, tor
         adv[i, span] = float(s.get("advantage", 0.0))
         for k, t in extra.items():
             t[i, span] = torch.tensor(s[k], dtype=torch.float)
-    return {"tokens": tokens, "targets": targets, "loss_mask": mask, "advantages": adv,
-            "position_ids": torch.arange(length).unsqueeze(0).expand(b, -1).contiguous(), **extra}
+    return {
+        "tokens": tokens,
+        "targets": targets,
+        "loss_mask": mask,
+        "advantages": adv,
+        "position_ids": torch.arange(length).unsqueeze(0).expand(b, -1).contiguous(),
+        **extra,
+    }
 
 
-def microbatches(samples: list[dict[str, Any]], micro_batch_size: int,
-                 pad_multiple: int = 8) -> tuple[list[dict[str, torch.Tensor]], int]:
+def microbatches(
+    samples: list[dict[str, Any]], micro_batch_size: int, pad_multiple: int = 8
+) -> tuple[list[dict[str, torch.Tensor]], int]:
     """One padded shape [micro_batch_size, length] for all micro-batches: pipeline stages exchange fixed shapes.
     The last micro-batch is filled with empty rows (loss mask 0), which `response_values` never reads."""
     length = max(seq_len(s) for s in samples)
     length = -(-length // pad_multiple) * pad_multiple
     filler = {"prompt_ids": [0], "response_ids": [], "loss_mask": []}
     rows = samples + [filler] * (-len(samples) % micro_batch_size)
-    mbs = [make_microbatch(rows[i:i + micro_batch_size], length) for i in range(0, len(rows), micro_batch_size)]
+    mbs = [make_microbatch(rows[i : i + micro_batch_size], length) for i in range(0, len(rows), micro_batch_size)]
     return mbs, length
 
 
@@ -56,5 +64,5 @@ def response_values(values: torch.Tensor, samples: list[dict[str, Any]]) -> list
     out = []
     for i, s in enumerate(samples):
         p, r = len(s["prompt_ids"]), len(s["response_ids"])
-        out.append(values[i, p - 1: p - 1 + r].tolist())
+        out.append(values[i, p - 1 : p - 1 + r].tolist())
     return out

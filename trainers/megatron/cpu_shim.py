@@ -3,6 +3,7 @@
 Each patch answers one hard-coded CUDA assumption in megatron-core; `apply()` installs all of them and
 `PINNED` is the version they were written against (a different version fails loudly instead of misbehaving).
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,14 +13,16 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 PINNED = "0.16.1"
-_applied = False
+_MODE: list[CudaToCpuMode] = []  # the one installed mode (entered once per process)
 
 
 def check_version() -> None:
     v = metadata.version("megatron-core")
     if v != PINNED:
-        raise RuntimeError(f"trainers/megatron/cpu_shim.py is pinned to megatron-core {PINNED}, found {v}: "
-                           "re-check each patch against that version before changing the pin")
+        raise RuntimeError(
+            f"trainers/megatron/cpu_shim.py is pinned to megatron-core {PINNED}, found {v}: "
+            "re-check each patch against that version before changing the pin"
+        )
 
 
 def patch_current_device() -> None:
@@ -50,8 +53,7 @@ def patch_default_causal_mask() -> None:
     """`get_default_causal_mask` builds its mask with device='cuda'."""
     import megatron.core.fusions.fused_softmax as fs
 
-    fs.get_default_causal_mask = functools.lru_cache(32)(
-        lambda sq: torch.triu(torch.ones(sq, sq, dtype=torch.bool), 1))
+    fs.get_default_causal_mask = functools.lru_cache(32)(lambda sq: torch.triu(torch.ones(sq, sq, dtype=torch.bool), 1))
 
 
 class CudaToCpuMode(TorchFunctionMode):
@@ -67,18 +69,17 @@ class CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             return func(*args).replace("torch.", "torch.cuda.", 1)
         if func is torch.Tensor.to and args[1:] and str(args[1]).startswith("cuda"):
-            args = (args[0], "cpu") + tuple(args[2:])
+            args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
 
 
 def apply(seed: int) -> None:
     """Install every patch; call after `initialize_model_parallel` (the RNG tracker needs the TP rank)."""
-    global _applied
     check_version()
     patch_current_device()
     patch_synchronize()
     patch_default_causal_mask()
     patch_rng_tracker(seed)
-    if not _applied:
-        CudaToCpuMode().__enter__()
-        _applied = True
+    if not _MODE:
+        _MODE.append(CudaToCpuMode())
+        _MODE[0].__enter__()

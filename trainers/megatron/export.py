@@ -4,9 +4,11 @@ Every rank of data-parallel replica 0 walks the same parameter plan in the same 
 all-gathers a tensor over TP, sends it to global rank 0 if it is on another stage, and rank 0 converts it to HF
 names. Only one bucket is materialised at a time.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,8 +37,15 @@ def param_plan(w: Any) -> list[tuple[int, str, str, list[int], str]]:
             dim = adapter.tp_dim(name)
             if dim is not None:
                 shape[dim] *= w.cfg.tp
-            mine.append((w.pp_rank, name, adapter.local_to_global(name, w.pp_rank, w.layers_per_stage),
-                         shape, str(t.dtype).replace("torch.", "")))
+            mine.append(
+                (
+                    w.pp_rank,
+                    name,
+                    adapter.local_to_global(name, w.pp_rank, w.layers_per_stage),
+                    shape,
+                    str(t.dtype).replace("torch.", ""),
+                )
+            )
         stages: list[Any] = [None] * w.cfg.pp
         dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
         w._plan = [p for st in stages for p in st]

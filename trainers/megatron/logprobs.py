@@ -16,9 +16,11 @@ extra kernel time in full-vocab copies and elementwise passes. Two things here r
 TP: the max, the exp-sum, the picked logit and the entropy term are summed over the TP group in the forward; the
 backward needs no communication (the global softmax restricted to local columns is the local gradient).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,8 +36,13 @@ def _tp_all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> to
 
 class _VocabParallelLogProb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float,  # type: ignore[override]
-                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: float,  # type: ignore[override]
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         from megatron.core import parallel_state as ps
 
         v_local = logits.shape[-1]
@@ -74,8 +81,9 @@ class _VocabParallelLogProb(torch.autograd.Function):
         return torch.mul(grad, scale, out=out), None, None, None
 
 
-def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                         with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def logprobs_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, with_entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) per position [..] (differentiable) and the entropy of the same distribution (a metric: no
     gradient; None when not asked for)."""
     logp, entropy = _VocabParallelLogProb.apply(logits, targets, temperature, with_entropy)
@@ -102,7 +110,7 @@ class LogProbHead:
         return logp.t()
 
     @classmethod
-    def install(cls, gpt_model: torch.nn.Module) -> "LogProbHead":
+    def install(cls, gpt_model: torch.nn.Module) -> LogProbHead:
         head = cls()
         gpt_model.compute_language_model_loss = head  # an instance attribute shadows the method
         return head

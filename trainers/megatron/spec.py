@@ -3,6 +3,7 @@
 The families differ only in a few switches (qkv bias, q/k norm, tied output), so a spec is data, not a class
 hierarchy; the state-dict adapter (`adapter.py`) reads the same switches.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,30 +45,48 @@ def head_dim(hf_cfg: Any) -> int:
     return int(getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads)
 
 
-def transformer_config(hf_cfg: Any, *, tp: int, pp: int, dtype: torch.dtype, on_cpu: bool,
-                       recompute: bool = False):
+def transformer_config(hf_cfg: Any, *, tp: int, pp: int, dtype: torch.dtype, on_cpu: bool, recompute: bool = False):
     from megatron.core.transformer import TransformerConfig
 
     spec = spec_for(hf_cfg)
     heads, groups = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
     if groups % tp or hf_cfg.vocab_size % tp or hf_cfg.intermediate_size % tp:
-        raise ValueError(f"trainer.tp={tp} must divide num_key_value_heads ({groups}), vocab_size "
-                         f"({hf_cfg.vocab_size}) and intermediate_size ({hf_cfg.intermediate_size})")
+        raise ValueError(
+            f"trainer.tp={tp} must divide num_key_value_heads ({groups}), vocab_size "
+            f"({hf_cfg.vocab_size}) and intermediate_size ({hf_cfg.intermediate_size})"
+        )
     if hf_cfg.num_hidden_layers % pp:
         raise ValueError(f"trainer.pp={pp} must divide num_hidden_layers ({hf_cfg.num_hidden_layers})")
     return TransformerConfig(
-        num_layers=hf_cfg.num_hidden_layers, hidden_size=hf_cfg.hidden_size, num_attention_heads=heads,
-        num_query_groups=groups, kv_channels=head_dim(hf_cfg), ffn_hidden_size=hf_cfg.intermediate_size,
-        normalization="RMSNorm", layernorm_epsilon=hf_cfg.rms_norm_eps, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=spec.qkv_bias,
-        qk_layernorm=spec.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        num_layers=hf_cfg.num_hidden_layers,
+        hidden_size=hf_cfg.hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=head_dim(hf_cfg),
+        ffn_hidden_size=hf_cfg.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
         # build on the GPU when there is one. Keep perform_initialization on: in megatron-core 0.16 the GPU init
         # path is also what tags TP-sharded weights (`tensor_model_parallel`); untagged, grad-norm and clipping
         # count only TP rank 0's shard (seen on 2×H100: TP=2 grad norm 6.90 vs 9.11 at TP=1).
-        use_cpu_initialization=on_cpu, batch_p2p_sync=not on_cpu, variable_seq_lengths=False,
-        recompute_granularity="full" if recompute else None, recompute_method="uniform" if recompute else None,
+        use_cpu_initialization=on_cpu,
+        batch_p2p_sync=not on_cpu,
+        variable_seq_lengths=False,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
     )
 
@@ -78,7 +97,15 @@ def build_model(hf_cfg: Any, config: Any, *, pre_process: bool, post_process: bo
 
     spec = spec_for(hf_cfg)
     layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_layernorm)
-    return GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=hf_cfg.vocab_size,
-                    max_sequence_length=hf_cfg.max_position_embeddings, pre_process=pre_process,
-                    post_process=post_process, share_embeddings_and_output_weights=hf_cfg.tie_word_embeddings,
-                    position_embedding_type="rope", rotary_base=rope_theta(hf_cfg, spec), rotary_percent=1.0)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=hf_cfg.vocab_size,
+        max_sequence_length=hf_cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=hf_cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=rope_theta(hf_cfg, spec),
+        rotary_percent=1.0,
+    )

@@ -3,19 +3,27 @@
 Each call fans out to every rank in the same order (Megatron's collectives need that); samples are split into
 contiguous chunks per data-parallel rank, and results come back from the ranks that hold them.
 """
+
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Self
 
 from vime.placement import bundle_strategy, ensure_ray, placement_group
 from vime.trainer import TrainerConfig
 from vime.types import Sample
 
+log = logging.getLogger(__name__)
+
 
 def to_rank_dict(s: Sample, old: list[float] | None, ref: list[float] | None) -> dict[str, Any]:
-    d: dict[str, Any] = {"prompt_ids": s.prompt_ids, "response_ids": s.response_ids, "loss_mask": s.loss_mask,
-                         "advantage": s.advantage}
+    d: dict[str, Any] = {
+        "prompt_ids": s.prompt_ids,
+        "response_ids": s.response_ids,
+        "loss_mask": s.loss_mask,
+        "advantage": s.advantage,
+    }
     if old is not None:
         d["old_logprobs"] = old
     if ref is not None:
@@ -28,7 +36,7 @@ def split(items: list[Any], parts: int) -> list[list[Any]]:
     out, i = [], 0
     for p in range(parts):
         n = k + (1 if p < r else 0)
-        out.append(items[i:i + n])
+        out.append(items[i : i + n])
         i += n
     return out
 
@@ -50,10 +58,15 @@ class MegatronTrainer:
         self._own_pg = placement is None
         threads = str(max(1, int(cfg.cpus_per_rank)))
         actor = ray.remote(MegatronWorker)
-        self.workers = [actor.options(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
-                                      scheduling_strategy=bundle_strategy(self.pg, bundles[i]),
-                                      runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})
-                        .remote(cfg.model_dump(), model_path, i, cfg.world_size) for i in range(cfg.world_size)]
+        self.workers = [
+            actor.options(
+                num_cpus=cfg.cpus_per_rank,
+                num_gpus=cfg.gpus_per_rank,
+                scheduling_strategy=bundle_strategy(self.pg, bundles[i]),
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
+            ).remote(cfg.model_dump(), model_path, i, cfg.world_size)
+            for i in range(cfg.world_size)
+        ]
         addr, port = ray.get(self.workers[0].address.remote())
         self.ranks = ray.get([w.setup.remote(addr, port) for w in self.workers])
 
@@ -73,8 +86,9 @@ class MegatronTrainer:
                 raise e.cause from e
             raise
 
-    def _chunks(self, samples: list[Sample], old: list[list[float]] | None = None,
-                ref: list[list[float]] | None = None) -> list[list[dict[str, Any]]]:
+    def _chunks(
+        self, samples: list[Sample], old: list[list[float]] | None = None, ref: list[list[float]] | None = None
+    ) -> list[list[dict[str, Any]]]:
         if len(samples) < self.cfg.dp:
             raise ValueError(f"{len(samples)} samples cannot be split over {self.cfg.dp} data-parallel ranks")
         rows = [to_rank_dict(s, old[i] if old else None, ref[i] if ref else None) for i, s in enumerate(samples)]
@@ -93,11 +107,18 @@ class MegatronTrainer:
         outs = self._fan("forward_logits", None, tokens)
         return next(o for o, r in zip(outs, self.ranks) if o is not None and r["dp_rank"] == 0)
 
-    def train_step(self, samples: list[Sample], loss: str = "policy", loss_kwargs: Mapping[str, Any] | None = None,
-                   old_logprobs: list[list[float]] | None = None, ref_logprobs: list[list[float]] | None = None,
-                   temperature: float = 1.0) -> dict[str, float]:
-        outs = self._fan("train_step", self._chunks(samples, old_logprobs, ref_logprobs), loss, dict(loss_kwargs or {}),
-                         temperature)
+    def train_step(
+        self,
+        samples: list[Sample],
+        loss: str = "policy",
+        loss_kwargs: Mapping[str, Any] | None = None,
+        old_logprobs: list[list[float]] | None = None,
+        ref_logprobs: list[list[float]] | None = None,
+        temperature: float = 1.0,
+    ) -> dict[str, float]:
+        outs = self._fan(
+            "train_step", self._chunks(samples, old_logprobs, ref_logprobs), loss, dict(loss_kwargs or {}), temperature
+        )
         return outs[0]
 
     def weights(self, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, Any]]]:
@@ -143,16 +164,16 @@ class MegatronTrainer:
 
         try:
             ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
-        except Exception:
-            pass
+        except Exception:  # a dead or hung rank: the actors are killed below either way, but say so
+            log.exception("trainer ranks did not shut down cleanly; killing them")
         for w in self.workers:
             ray.kill(w)
         self.workers = []
         if self._own_pg:
             ray.util.remove_placement_group(self.pg)
 
-    def __enter__(self) -> "MegatronTrainer":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()

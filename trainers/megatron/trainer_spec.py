@@ -33,9 +33,12 @@ class MegatronSpec:
         fields = backend_fields()
         known = set().union(*fields.values())
         where = " or ".join(fields)
-        return [f"unknown key 'trainer.args.{k}': not a field of Megatron's {where}; e.g. "
-                f"{', '.join(sorted(known)[:8])}, ... (see megatron.core's dataclasses)"
-                for k in args if k not in known]
+        return [
+            f"unknown key 'trainer.args.{k}': not a field of Megatron's {where}; e.g. "
+            f"{', '.join(sorted(known)[:8])}, ... (see megatron.core's dataclasses)"
+            for k in args
+            if k not in known
+        ]
 
     def make(self, cfg: TrainerConfig, *, model_path: str, placement: tuple[Any, list[int]] | None) -> Trainer:
         from trainers.megatron.trainer import MegatronTrainer

@@ -3,14 +3,16 @@
 All ranks run the same calls in the same order (the driver in `trainer.py` fans each call out); data is split
 by data-parallel rank, and every TP/PP rank of a pipeline gets the same samples.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import random
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,8 +55,12 @@ class MegatronWorker:
         from megatron.core import parallel_state as ps
         from transformers import AutoConfig
 
-        dist.init_process_group("gloo" if self.on_cpu else "nccl", init_method=f"tcp://{master_addr}:{master_port}",
-                                rank=self.rank, world_size=self.world_size)
+        dist.init_process_group(
+            "gloo" if self.on_cpu else "nccl",
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank,
+            world_size=self.world_size,
+        )
         if not self.on_cpu:
             torch.cuda.set_device(0)  # Ray gives each rank one visible GPU
         ps.initialize_model_parallel(tensor_model_parallel_size=self.cfg.tp, pipeline_model_parallel_size=self.cfg.pp)
@@ -69,14 +75,16 @@ class MegatronWorker:
             tensor_parallel.model_parallel_cuda_manual_seed(self.cfg.seed)
         self.hf_cfg = AutoConfig.from_pretrained(self.model_path)
         dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
-        self.tcfg = transformer_config(self.hf_cfg, tp=self.cfg.tp, pp=self.cfg.pp, dtype=dtype, on_cpu=self.on_cpu,
-                                       recompute=self.cfg.recompute)
+        self.tcfg = transformer_config(
+            self.hf_cfg, tp=self.cfg.tp, pp=self.cfg.pp, dtype=dtype, on_cpu=self.on_cpu, recompute=self.cfg.recompute
+        )
         self._apply_args(self.tcfg)
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         self.layers_per_stage = self.hf_cfg.num_hidden_layers // self.cfg.pp
-        model = build_model(self.hf_cfg, self.tcfg, pre_process=ps.is_pipeline_first_stage(),
-                            post_process=ps.is_pipeline_last_stage())
+        model = build_model(
+            self.hf_cfg, self.tcfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
+        )
         if not self.on_cpu:
             model = model.cuda()
         self.head = LogProbHead.install(model) if ps.is_pipeline_last_stage() else None
@@ -107,16 +115,25 @@ class MegatronWorker:
             hf.update(load_file(str(f)))
         full = adapter.from_hf(hf, self.hf_cfg)
         names = [n for n in model.state_dict() if not n.endswith("_extra_state")]
-        local = adapter.local_state_dict(full, names, tp_rank=self.tp_rank, tp=self.cfg.tp, pp_rank=self.pp_rank,
-                                         layers_per_stage=self.layers_per_stage)
+        local = adapter.local_state_dict(
+            full,
+            names,
+            tp_rank=self.tp_rank,
+            tp=self.cfg.tp,
+            pp_rank=self.pp_rank,
+            layers_per_stage=self.layers_per_stage,
+        )
         missing, unexpected = model.load_state_dict(local, strict=False)
         missing = [m for m in missing if not m.endswith("_extra_state")]
         if missing or unexpected:
             raise RuntimeError(f"HF → Megatron load mismatch: missing {missing}, unexpected {unexpected}")
 
     def _wrap(self, model: torch.nn.Module) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.transformer.module import Float16Module
@@ -128,22 +145,41 @@ class MegatronWorker:
             self.model, self.optimizer, self.scheduler = model, None, None
             return
         self.model = DistributedDataParallel(
-            config=self.tcfg, module=model,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                     use_distributed_optimizer=c.distributed_optimizer))
+            config=self.tcfg,
+            module=model,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=c.distributed_optimizer
+            ),
+        )
         self.tcfg.finalize_model_grads_func = finalize_model_grads
-        ocfg = OptimizerConfig(optimizer="adam", lr=c.lr, min_lr=c.min_lr, weight_decay=c.weight_decay,
-                               adam_beta1=c.adam_beta1, adam_beta2=c.adam_beta2, clip_grad=c.clip_grad,
-                               bf16=c.dtype == "bfloat16", params_dtype=self.tcfg.params_dtype,
-                               use_distributed_optimizer=c.distributed_optimizer)
+        ocfg = OptimizerConfig(
+            optimizer="adam",
+            lr=c.lr,
+            min_lr=c.min_lr,
+            weight_decay=c.weight_decay,
+            adam_beta1=c.adam_beta1,
+            adam_beta2=c.adam_beta2,
+            clip_grad=c.clip_grad,
+            bf16=c.dtype == "bfloat16",
+            params_dtype=self.tcfg.params_dtype,
+            use_distributed_optimizer=c.distributed_optimizer,
+        )
         self._apply_args(ocfg)
         self.optimizer = get_megatron_optimizer(ocfg, [self.model])
         decay = c.lr_decay_steps or 10**9
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if c.warmup_steps else c.lr, max_lr=c.lr, min_lr=c.min_lr,
-            lr_warmup_steps=c.warmup_steps, lr_decay_steps=max(decay, c.warmup_steps + 1),
-            lr_decay_style="cosine" if c.lr_decay_steps else "constant", start_wd=c.weight_decay,
-            end_wd=c.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
+            self.optimizer,
+            init_lr=0.0 if c.warmup_steps else c.lr,
+            max_lr=c.lr,
+            min_lr=c.min_lr,
+            lr_warmup_steps=c.warmup_steps,
+            lr_decay_steps=max(decay, c.warmup_steps + 1),
+            lr_decay_style="cosine" if c.lr_decay_steps else "constant",
+            start_wd=c.weight_decay,
+            end_wd=c.weight_decay,
+            wd_incr_steps=1,
+            wd_incr_style="constant",
+        )
 
     def module(self) -> torch.nn.Module:
         """The GPTModel under the DDP / Float16Module wrappers."""
@@ -160,8 +196,15 @@ class MegatronWorker:
             torch.cuda.empty_cache()
 
     # ---- forward / train ---------------------------------------------------------------------------------
-    def _run(self, samples: list[dict[str, Any]], forward_only: bool, loss_fn: Any, loss_kwargs: dict[str, Any],
-             temperature: float, on_logits: Any = None) -> list[dict[str, Any]]:
+    def _run(
+        self,
+        samples: list[dict[str, Any]],
+        forward_only: bool,
+        loss_fn: Any,
+        loss_kwargs: dict[str, Any],
+        temperature: float,
+        on_logits: Any = None,
+    ) -> list[dict[str, Any]]:
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -192,13 +235,20 @@ class MegatronWorker:
 
         def forward_step(data_iter: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
             mb = next(data_iter)
-            out = model(input_ids=mb["tokens"], position_ids=mb["position_ids"], attention_mask=mask,
-                        labels=mb["targets"])
+            out = model(
+                input_ids=mb["tokens"], position_ids=mb["position_ids"], attention_mask=mask, labels=mb["targets"]
+            )
             return out, partial(loss_func, mb)
 
-        return get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(mbs),
-                                           model=[self.model], num_microbatches=len(mbs), seq_length=length,
-                                           micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(mbs),
+            model=[self.model],
+            num_microbatches=len(mbs),
+            seq_length=length,
+            micro_batch_size=self.cfg.micro_batch_size,
+            forward_only=forward_only,
+        )
 
     def _last_stage_dp_sum(self, values: dict[str, float]) -> dict[str, float]:
         """Sum metric sums over the DP ranks of the last pipeline stage and hand them to every rank."""
@@ -228,9 +278,9 @@ class MegatronWorker:
         result, i = [], 0
         for out in outs:
             b = out["logp"].shape[0]
-            result += response_values(out["logp"].float().cpu(), samples[i:i + b])
+            result += response_values(out["logp"].float().cpu(), samples[i : i + b])
             i += b
-        return result[:len(samples)]
+        return result[: len(samples)]
 
     def forward_logits(self, tokens: list[int]) -> torch.Tensor | None:
         """Full-vocab logits [s, V] for one sequence (TP-gathered; last stage only) — for parity checks."""
@@ -256,8 +306,9 @@ class MegatronWorker:
         self.scheduler.min_lr = min(self.scheduler.min_lr, lr)
         self.scheduler.step(increment=0)
 
-    def train_step(self, samples: list[dict[str, Any]], loss: str, loss_kwargs: dict[str, Any],
-                   temperature: float = 1.0) -> dict[str, float]:
+    def train_step(
+        self, samples: list[dict[str, Any]], loss: str, loss_kwargs: dict[str, Any], temperature: float = 1.0
+    ) -> dict[str, float]:
         if self.optimizer is None:
             raise RuntimeError("this trainer was built with trainer.optimizer=false (forward/export only)")
         self.model.zero_grad_buffer()
@@ -275,8 +326,12 @@ class MegatronWorker:
         total = self._last_stage_dp_sum({k: sums.get(k, 0.0) for k in keys})
         n = max(1.0, total.pop("mask_sum"))
         metrics = {k[:-4]: v / n for k, v in total.items() if v or k in ("loss_sum", "entropy_sum")}
-        metrics.update(grad_norm=float(grad_norm or 0.0), update_ok=float(bool(ok)), tokens=n,
-                       lr=float(self.optimizer.param_groups[0]["lr"]))
+        metrics.update(
+            grad_norm=float(grad_norm or 0.0),
+            update_ok=float(bool(ok)),
+            tokens=n,
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+        )
         return metrics
 
     # ---- weights out ---------------------------------------------------------------------------------------
@@ -329,18 +384,28 @@ class MegatronWorker:
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save(self, ckpt_dir: str) -> None:
-        state = {"model": self.module().state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "steps": self.steps,
-                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                         "cuda": None if self.on_cpu else torch.cuda.get_rng_state()}}
+        state = {
+            "model": self.module().state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "steps": self.steps,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "cuda": None if self.on_cpu else torch.cuda.get_rng_state(),
+            },
+        }
         os.makedirs(ckpt_dir, exist_ok=True)
         torch.save(state, os.path.join(ckpt_dir, f"rank_{self.rank:05d}.pt"))
 
     def load(self, ckpt_dir: str) -> None:
         path = os.path.join(ckpt_dir, f"rank_{self.rank:05d}.pt")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: checkpoint has no shard for rank {self.rank} "
-                                    "(was it saved with the same trainer.world_size/tp/pp?)")
+            raise FileNotFoundError(
+                f"{path}: checkpoint has no shard for rank {self.rank} "
+                "(was it saved with the same trainer.world_size/tp/pp?)"
+            )
         state = torch.load(path, weights_only=False)
         self.module().load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -359,4 +424,3 @@ class MegatronWorker:
         ps.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
-

@@ -1,4 +1,5 @@
 """Advantages computed inside each group (GRPO and relatives): no critic, the group is the baseline."""
+
 from __future__ import annotations
 
 import statistics

@@ -2,9 +2,11 @@
 aligned on the position that predicts each token) and returns a per-token loss plus per-token metrics; the
 trainer masks, sums and normalises them, so a loss never needs to know about padding, TP or micro-batching.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -17,8 +19,15 @@ def sft_loss(logp: torch.Tensor, mb: dict[str, torch.Tensor], **_: Any) -> LossO
     return -logp, {}
 
 
-def policy_loss(logp: torch.Tensor, mb: dict[str, torch.Tensor], *, clip_low: float = 0.2,
-                clip_high: float = 0.2, kl_coef: float = 0.0, **_: Any) -> LossOut:
+def policy_loss(
+    logp: torch.Tensor,
+    mb: dict[str, torch.Tensor],
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    kl_coef: float = 0.0,
+    **_: Any,
+) -> LossOut:
     """PPO-clip surrogate (GRPO/DAPO use it with group-relative advantages; DAPO sets clip_high > clip_low).
     `old_logprobs` defaults to the current ones (a single on-policy update: ratio 1, plain policy gradient)."""
     old = mb.get("old_logprobs")
@@ -28,8 +37,7 @@ def policy_loss(logp: torch.Tensor, mb: dict[str, torch.Tensor], *, clip_low: fl
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     loss = torch.maximum(unclipped, clipped)
-    metrics = {"clip_frac": (clipped > unclipped).float().detach(),
-               "ratio": ratio.detach()}
+    metrics = {"clip_frac": (clipped > unclipped).float().detach(), "ratio": ratio.detach()}
     if kl_coef and "ref_logprobs" in mb:
         d = mb["ref_logprobs"] - logp
         kl = torch.exp(d) - d - 1  # k3 estimator, >= 0

@@ -1,4 +1,5 @@
 """The algorithm section of a recipe: how groups become a training batch and which loss trains on it."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -18,7 +19,8 @@ class AlgorithmConfig(BaseModel):
     clip_high: float = Field(default=0.2, description="DAPO's clip-higher: set above clip_low")
     kl_coef: float = 0.0
     old_logprobs: Literal["recompute", "rollout"] = Field(
-        default="recompute", description="importance-ratio denominator: trainer's recomputed or engine's")
+        default="recompute", description="importance-ratio denominator: trainer's recomputed or engine's"
+    )
     temperature: float | None = Field(default=None, description="defaults to rollout.temperature")
 
     def loss_kwargs(self) -> dict[str, float]:

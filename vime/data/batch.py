@@ -16,8 +16,10 @@ def training_batch(groups: list[Group], algo: AlgorithmConfig, version: str, max
     sampled = (v for s in samples for v, m in zip(s.weight_versions, s.loss_mask) if m)  # not user/tool tokens
     stale = set(sampled) - {version}
     if stale and max_staleness == 0:
-        raise RuntimeError(f"batch holds tokens from weight versions {sorted(stale)} but the trainer is at "
-                           f"{version!r}; allow it with loop.max_staleness")
+        raise RuntimeError(
+            f"batch holds tokens from weight versions {sorted(stale)} but the trainer is at "
+            f"{version!r}; allow it with loop.max_staleness"
+        )
     return samples
 
 
@@ -26,6 +28,6 @@ def sft_samples(source: PromptSource, n: int, encode: Callable[[Any], list[int]]
     eos = tokenizer.eos_token_id
     out = []
     for rec in source.next_batch(n):
-        resp = tokenizer.encode(str(rec["label"]), add_special_tokens=False) + [eos]
+        resp = [*tokenizer.encode(str(rec["label"]), add_special_tokens=False), eos]
         out.append(Sample(prompt_ids=encode(rec["prompt"]), response_ids=resp, logprobs=[0.0] * len(resp)))
     return out

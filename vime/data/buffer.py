@@ -1,8 +1,10 @@
 """The buffer between rollout and training: groups go in, pass the filters, and come out as training batches."""
+
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from vime.registry import Registry
 from vime.types import Group, Sample

@@ -1,4 +1,5 @@
 """Prompts from a JSONL file: seeded shuffle per epoch, a position that checkpoints and resumes exactly."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ def read_records(path: str | Path, prompt_key: str, label_key: str) -> list[dict
                 raise ValueError(f"{p}:{i}: not valid JSON ({e})") from e
             if prompt_key not in rec:
                 raise KeyError(f"{p}:{i}: no key {prompt_key!r} (set data.prompt_key); keys: {sorted(rec)}")
-            records.append({"prompt": rec[prompt_key], "label": rec.get(label_key), "index": len(records),
-                            "record": rec})
+            records.append(
+                {"prompt": rec[prompt_key], "label": rec.get(label_key), "index": len(records), "record": rec}
+            )
     if not records:
         raise ValueError(f"data file {str(p)!r} has no records")
     return records

@@ -4,6 +4,7 @@ recorded as exact token ids and log-probs per session.
 A session is named by the `x-session-id` header, the `user` field, or the URL prefix `/sessions/<id>/v1`
 (what agent rollouts hand to an agent as its `base_url`, so the agent needs no vime-specific code).
 """
+
 from __future__ import annotations
 
 import json
@@ -59,14 +60,22 @@ class CompletionRequest(BaseModel):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(status_code=e.status, content={"error": {"message": e.message, "type": e.type,
-                                                                 "param": e.param, "code": e.code}})
+    return JSONResponse(
+        status_code=e.status,
+        content={"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
+    )
 
 
 def parse(model: type[BaseModel], body: Any) -> Any:
@@ -90,10 +99,19 @@ def make_app(engines: EngineGroup, tokenizer: Any, cfg: GatewayConfig, store: Se
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
-        if cfg.api_key and request.url.path != "/health":
-            if request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
-                return error_response(APIError(401, "missing or wrong API key (Authorization: Bearer <key>)",
-                                               "authentication_error", code="invalid_api_key"))
+        if (
+            cfg.api_key
+            and request.url.path != "/health"
+            and request.headers.get("authorization", "") != f"Bearer {cfg.api_key}"
+        ):
+            return error_response(
+                APIError(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer <key>)",
+                    "authentication_error",
+                    code="invalid_api_key",
+                )
+            )
         return await call_next(request)
 
     async def engine_for(key: str | None) -> Any:
@@ -111,18 +129,28 @@ def make_app(engines: EngineGroup, tokenizer: Any, cfg: GatewayConfig, store: Se
 
     def check_model(name: str) -> None:
         if name not in (model_name, getattr(engines, "model_path", None)):
-            raise APIError(404, f"model '{name}' does not exist; this gateway serves '{model_name}'",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model '{name}' does not exist; this gateway serves '{model_name}'",
+                param="model",
+                code="model_not_found",
+            )
 
     def check_length(prompt_ids: list[int], max_tokens: int, param: str) -> None:
         if len(prompt_ids) + max_tokens > cfg.max_model_len:
-            raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                f"context length {cfg.max_model_len}", param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"context length {cfg.max_model_len}",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def params_of(req: Any, max_tokens: int) -> SamplingParams:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        return SamplingParams(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              seed=req.seed, stop=stop)
+        return SamplingParams(
+            n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop
+        )
 
     def logprobs_content(c: Completion) -> list[dict[str, Any]]:
         out = []
@@ -139,8 +167,7 @@ def make_app(engines: EngineGroup, tokenizer: Any, cfg: GatewayConfig, store: Se
     @app.get("/v1/models")
     @app.get("/sessions/{sid}/v1/models")
     async def models(sid: str | None = None) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "vime",
-                                            "created": 0}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "vime", "created": 0}]}
 
     @app.post("/v1/chat/completions")
     @app.post("/sessions/{sid}/v1/chat/completions")
@@ -151,8 +178,11 @@ def make_app(engines: EngineGroup, tokenizer: Any, cfg: GatewayConfig, store: Se
         max_tokens = req.max_completion_tokens or req.max_tokens or cfg.default_max_tokens
         session = store.get(sid) if sid else None
         try:
-            prompt_ids = (store.prompt_for(session, req.messages, req.tools) if session else
-                          store.builder.first_prompt(req.messages, req.tools))
+            prompt_ids = (
+                store.prompt_for(session, req.messages, req.tools)
+                if session
+                else store.builder.first_prompt(req.messages, req.tools)
+            )
         except Exception as e:  # noqa: BLE001 - a template that cannot render these messages
             raise APIError(400, f"cannot apply the chat template to 'messages': {e}", param="messages") from None
         check_length(prompt_ids, max_tokens, "messages")
@@ -171,13 +201,29 @@ def make_app(engines: EngineGroup, tokenizer: Any, cfg: GatewayConfig, store: Se
                 choice["logprobs"] = {"content": logprobs_content(c)}
             choices.append(choice)
             if session is not None and i == 0:  # a session follows its first choice
-                store.record(session, req.messages, prompt_ids, Turn(prompt_ids, c.token_ids, c.logprobs,
-                                                                     c.finish_reason, c.weight_versions, text,
-                                                                     engine.base_url), message)
-        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": sum(len(c.token_ids) for c in completions),
-                 "total_tokens": len(prompt_ids) + sum(len(c.token_ids) for c in completions)}
-        resp = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": req.model, "choices": choices, "usage": usage, "prompt_token_ids": prompt_ids}
+                store.record(
+                    session,
+                    req.messages,
+                    prompt_ids,
+                    Turn(
+                        prompt_ids, c.token_ids, c.logprobs, c.finish_reason, c.weight_versions, text, engine.base_url
+                    ),
+                    message,
+                )
+        usage = {
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": sum(len(c.token_ids) for c in completions),
+            "total_tokens": len(prompt_ids) + sum(len(c.token_ids) for c in completions),
+        }
+        resp = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": choices,
+            "usage": usage,
+            "prompt_token_ids": prompt_ids,
+        }
         return stream_chat(resp) if req.stream else resp
 
     @app.post("/v1/completions")
@@ -187,8 +233,7 @@ def make_app(engines: EngineGroup, tokenizer: Any, cfg: GatewayConfig, store: Se
         check_model(req.model)
         p = req.prompt
         prompts = ([p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)) if p else [""]
-        ids = [list(x) if isinstance(x, list) else list(tokenizer.encode(x, add_special_tokens=False))
-               for x in prompts]
+        ids = [list(x) if isinstance(x, list) else list(tokenizer.encode(x, add_special_tokens=False)) for x in prompts]
         for x in ids:
             check_length(x, req.max_tokens, "prompt")
         engine = await engine_for(sid or request.headers.get("x-session-id") or req.user)
@@ -196,18 +241,34 @@ def make_app(engines: EngineGroup, tokenizer: Any, cfg: GatewayConfig, store: Se
         choices: list[dict[str, Any]] = []
         for group in results:
             for c in group:
-                choice = {"index": len(choices), "text": tokenizer.decode(c.token_ids, skip_special_tokens=True),
-                          "finish_reason": "length" if c.finish_reason == "length" else "stop",
-                          "token_ids": c.token_ids, "logprobs": None}
+                choice = {
+                    "index": len(choices),
+                    "text": tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                    "finish_reason": "length" if c.finish_reason == "length" else "stop",
+                    "token_ids": c.token_ids,
+                    "logprobs": None,
+                }
                 if req.logprobs is not None:
-                    choice["logprobs"] = {"tokens": [tokenizer.decode([t]) for t in c.token_ids],
-                                          "token_logprobs": c.logprobs, "top_logprobs": None, "text_offset": []}
+                    choice["logprobs"] = {
+                        "tokens": [tokenizer.decode([t]) for t in c.token_ids],
+                        "token_logprobs": c.logprobs,
+                        "top_logprobs": None,
+                        "text_offset": [],
+                    }
                 choices.append(choice)
         n_out = sum(len(c["token_ids"]) for c in choices)
-        resp = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model, "choices": choices,
-                "usage": {"prompt_tokens": sum(map(len, ids)), "completion_tokens": n_out,
-                          "total_tokens": sum(map(len, ids)) + n_out}}
+        resp = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": sum(map(len, ids)),
+                "completion_tokens": n_out,
+                "total_tokens": sum(map(len, ids)) + n_out,
+            },
+        }
         return stream_completion(resp) if req.stream else resp
 
     return app
@@ -228,11 +289,23 @@ def stream_chat(resp: dict[str, Any]) -> StreamingResponse:
     chunks = []
     for ch in resp["choices"]:
         i, msg = ch["index"], ch["message"]
-        chunks.append({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                            "finish_reason": None}]})
+        chunks.append(
+            {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        )
         if msg.get("content"):
-            chunks.append({**base, "choices": [{"index": i, "delta": {"content": msg["content"]},
-                                                "logprobs": ch.get("logprobs"), "finish_reason": None}]})
+            chunks.append(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {"content": msg["content"]},
+                            "logprobs": ch.get("logprobs"),
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
         if msg.get("tool_calls"):
             calls = [{"index": k, **tc} for k, tc in enumerate(msg["tool_calls"])]
             chunks.append({**base, "choices": [{"index": i, "delta": {"tool_calls": calls}, "finish_reason": None}]})
@@ -242,7 +315,13 @@ def stream_chat(resp: dict[str, Any]) -> StreamingResponse:
 
 
 def stream_completion(resp: dict[str, Any]) -> StreamingResponse:
-    chunks = [{**{k: resp[k] for k in ("id", "object", "created", "model")},
-               "choices": [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"],
-                            "logprobs": c["logprobs"]}]} for c in resp["choices"]]
+    chunks = [
+        {
+            **{k: resp[k] for k in ("id", "object", "created", "model")},
+            "choices": [
+                {"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": c["logprobs"]}
+            ],
+        }
+        for c in resp["choices"]
+    ]
     return _sse(chunks)

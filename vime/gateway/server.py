@@ -1,5 +1,6 @@
 """Run the gateway app with uvicorn in a background thread of this process (it shares the engine group and the
 session store with the rollout code), or in the foreground for `vime serve`."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 import uvicorn
 
@@ -32,8 +33,9 @@ class Gateway:
                 self.cfg.port = s.getsockname()[1]
         self.store = SessionStore(tokenizer)
         self.app = make_app(engines, tokenizer, self.cfg, self.store)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=self.cfg.host, port=self.cfg.port,
-                                                    log_level="warning", access_log=False))
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host=self.cfg.host, port=self.cfg.port, log_level="warning", access_log=False)
+        )
         self.thread: threading.Thread | None = None
 
     @property
@@ -47,7 +49,7 @@ class Gateway:
     def api_key(self) -> str:
         return str(self.cfg.api_key)
 
-    def start(self) -> "Gateway":
+    def start(self) -> Self:
         self.thread = threading.Thread(target=self.server.run, name="vime-gateway", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -63,10 +65,10 @@ class Gateway:
             self.thread.join(timeout=10)
             self.thread = None
 
-    def __enter__(self) -> "Gateway":
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -88,8 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     a = p.parse_args(argv)
     engines = engine_spec(a.engine).attach(a.engine_url)
-    cfg = GatewayConfig(host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name or a.tokenizer,
-                        max_model_len=a.max_model_len)
+    cfg = GatewayConfig(
+        host=a.host,
+        port=a.port,
+        api_key=a.api_key,
+        model_name=a.model_name or a.tokenizer,
+        max_model_len=a.max_model_len,
+    )
     gw = Gateway(engines, AutoTokenizer.from_pretrained(a.tokenizer), cfg)
     print(f"vime gateway on {gw.base_url} (API key {'set' if a.api_key else gw.api_key})", flush=True)
     gw.server.run()

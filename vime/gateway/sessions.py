@@ -4,6 +4,7 @@ Each turn's prompt is the previous turn's exact token ids + the tokens the engin
 messages, tokenised on their own. History is never re-tokenised, so what the trainer sees is exactly what the
 engine sampled (re-tokenising "12" sampled as "1","2" would silently change the trajectory).
 """
+
 from __future__ import annotations
 
 import threading
@@ -29,8 +30,8 @@ class Turn:
 class Session:
     id: str
     messages: list[dict[str, Any]] = field(default_factory=list)  # the conversation as the client sent it
-    ids: list[int] = field(default_factory=list)                  # exact token history (prompt + sampled)
-    mask: list[int] = field(default_factory=list)                 # 1 = sampled by the policy
+    ids: list[int] = field(default_factory=list)  # exact token history (prompt + sampled)
+    mask: list[int] = field(default_factory=list)  # 1 = sampled by the policy
     logprobs: list[float] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
@@ -50,8 +51,9 @@ class PromptBuilder:
         self.eos_text = tokenizer.decode([self.eos]) if self.eos is not None else None
 
     def render(self, messages: list[dict[str, Any]], tools: Any = None, generation_prompt: bool = True) -> str:
-        return str(self.tok.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
-                                                tokenize=False))
+        return str(
+            self.tok.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False)
+        )
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False))
@@ -68,10 +70,10 @@ class PromptBuilder:
         if not after.startswith(before):
             # Templates that rewrite earlier turns: fall back to the tail after the last end-of-turn token.
             cut = before.rfind(self.eos_text) + len(self.eos_text) if self.eos_text else len(before)
-            return after[cut:] if after[:cut] == before[:cut] else after[len(before):]
+            return after[cut:] if after[:cut] == before[:cut] else after[len(before) :]
         eos = self.eos_text
-        tail = before[before.rfind(eos) + len(eos):] if eos and eos in before else ""
-        return tail + after[len(before):]
+        tail = before[before.rfind(eos) + len(eos) :] if eos and eos in before else ""
+        return tail + after[len(before) :]
 
 
 class SessionStore:
@@ -99,10 +101,16 @@ class SessionStore:
         s.ids, s.mask, s.logprobs, s.versions, s.turns = [], [], [], [], []
         return self.builder.first_prompt(messages, tools)
 
-    def record(self, s: Session, messages: list[dict[str, Any]], prompt_ids: list[int], turn: Turn,
-               assistant_message: dict[str, Any]) -> None:
+    def record(
+        self,
+        s: Session,
+        messages: list[dict[str, Any]],
+        prompt_ids: list[int],
+        turn: Turn,
+        assistant_message: dict[str, Any],
+    ) -> None:
         with self.lock:
-            new = prompt_ids[len(s.ids):]
+            new = prompt_ids[len(s.ids) :]
             s.ids = list(prompt_ids) + list(turn.response_ids)
             s.mask += [0] * len(new) + [1] * len(turn.response_ids)
             s.logprobs += [0.0] * len(new) + list(turn.logprobs)
@@ -118,11 +126,18 @@ class SessionStore:
         if not s.turns:
             raise KeyError(f"session {sid!r} has no completed turn")
         p = len(s.turns[0].prompt_ids)
-        return Sample(prompt_ids=s.ids[:p], response_ids=s.ids[p:], logprobs=s.logprobs[p:], loss_mask=s.mask[p:],
-                      weight_versions=s.versions[p:] if any(s.versions[p:]) else [],
-                      status=Status.COMPLETED if s.turns[-1].finish_reason == "stop" else Status.TRUNCATED,
-                      group_id=sid, prompt=s.messages[: len(s.messages) - 2 * len(s.turns) + 1] or s.messages[:1],
-                      response=s.turns[-1].text, metadata={"turns": len(s.turns), "messages": s.messages, **kw})
+        return Sample(
+            prompt_ids=s.ids[:p],
+            response_ids=s.ids[p:],
+            logprobs=s.logprobs[p:],
+            loss_mask=s.mask[p:],
+            weight_versions=s.versions[p:] if any(s.versions[p:]) else [],
+            status=Status.COMPLETED if s.turns[-1].finish_reason == "stop" else Status.TRUNCATED,
+            group_id=sid,
+            prompt=s.messages[: len(s.messages) - 2 * len(s.turns) + 1] or s.messages[:1],
+            response=s.turns[-1].text,
+            metadata={"turns": len(s.turns), "messages": s.messages, **kw},
+        )
 
     def pop(self, sid: str) -> Session | None:
         with self.lock:

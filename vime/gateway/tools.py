@@ -1,4 +1,5 @@
 """Tool-call parsers: model text → OpenAI `tool_calls`. Pluggable by import path (`gateway.tool_parser`)."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,13 @@ def hermes(text: str) -> tuple[str | None, list[dict[str, Any]]]:
             name, args = obj["name"], obj.get("arguments", {})
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-        calls.append({"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
-                      "function": {"name": str(name), "arguments": args if isinstance(args, str) else json.dumps(args)}})
+        calls.append(
+            {
+                "id": f"call_{uuid.uuid4().hex[:12]}",
+                "type": "function",
+                "function": {"name": str(name), "arguments": args if isinstance(args, str) else json.dumps(args)},
+            }
+        )
     if not calls:
         return text, []
     content = _HERMES.sub("", text).strip()

@@ -12,7 +12,9 @@ from vime.types import Sample
 RewardFn = Callable[[Sample], float]
 
 REWARDS: Registry[RewardFn] = Registry(
-    "reward", "rollout.reward", {"exact_match": exact_match, "math": math_reward, "arithmetic": arithmetic_reward},
+    "reward",
+    "rollout.reward",
+    {"exact_match": exact_match, "math": math_reward, "arithmetic": arithmetic_reward},
     n_args=1,
 )
 

@@ -3,6 +3,7 @@
 Small enough that a ~1M-parameter model learns it on 2 CPU cores in minutes, hard enough that a random model
 scores ~0, so a rising reward means learning.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ def arithmetic_reward(sample: Sample) -> float:
     m = _INT.match(sample.response)
     if not m or sample.label is None:
         return 0.0
-    rest = sample.response[m.end():].strip()
+    rest = sample.response[m.end() :].strip()
     return float(int(m.group(1)) == int(sample.label) and rest == "")
 
 
@@ -33,8 +34,9 @@ def make_problems(n: int, seed: int, max_operand: int = 9) -> list[dict[str, str
     return out
 
 
-def write_dataset(out_dir: str | Path, max_operand: int = 19, eval_fraction: float = 0.2,
-                  seed: int = 0) -> tuple[Path, Path]:
+def write_dataset(
+    out_dir: str | Path, max_operand: int = 19, eval_fraction: float = 0.2, seed: int = 0
+) -> tuple[Path, Path]:
     """Every pair a+b with 0 <= a, b <= max_operand, split into train and a held-out eval set (no pair in both),
     so the eval reward measures addition, not memorised answers."""
     pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]

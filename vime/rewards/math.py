@@ -1,4 +1,5 @@
 """Answer checkers for text answers: exact match and a math checker that compares the final answer."""
+
 from __future__ import annotations
 
 import re
@@ -25,7 +26,7 @@ def extract_answer(text: str) -> str | None:
     for marker in ("####", "answer:", "answer is"):
         i = text.lower().rfind(marker)
         if i >= 0:
-            tail = text[i + len(marker):].strip()
+            tail = text[i + len(marker) :].strip()
             m = _NUM.search(tail)
             return m.group(0) if m else tail.split("\n")[0].strip() or None
     nums = _NUM.findall(text.replace(",", ""))

@@ -10,8 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 class RolloutConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    function: str = Field(default="vime.rollout.default:generate_groups",
-                          description="async fn(prompts, ctx) -> list[Group], by import path")
+    function: str = Field(
+        default="vime.rollout.default:generate_groups",
+        description="async fn(prompts, ctx) -> list[Group], by import path",
+    )
     batch_size: int = Field(default=8, ge=1, description="prompts per rollout step")
     n_samples: int = Field(default=8, ge=1, description="responses per prompt (the GRPO group size)")
     max_tokens: int = Field(default=32, ge=1)
@@ -21,7 +23,8 @@ class RolloutConfig(BaseModel):
     seed: int | None = Field(default=0, description="base sampling seed; null for unseeded sampling")
     stop: list[str] = Field(default_factory=list)
     reward: str = Field(default="math", description="built-in reward name or 'pkg.module:fn'")
-    group_filters: list[str] = Field(default_factory=list,
-                                     description="'drop_uniform_reward' or 'pkg.module:fn' (group -> keep?)")
+    group_filters: list[str] = Field(
+        default_factory=list, description="'drop_uniform_reward' or 'pkg.module:fn' (group -> keep?)"
+    )
     agent: str | None = Field(default=None, description="agent fn 'pkg.module:fn' for vime.rollout.agent:agent_rollout")
     sampling_extra: dict[str, Any] = Field(default_factory=dict, description="extra engine sampling params")

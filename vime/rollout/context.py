@@ -1,8 +1,10 @@
 """What a rollout function gets to work with: the engines, the tokenizer, sampling and scoring."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from vime.data.source import DataConfig
 from vime.protocols import EngineGroup
@@ -14,16 +16,16 @@ from vime.types import Sample, SamplingParams
 @dataclass
 class RolloutContext:
     engines: EngineGroup
-    tokenizer: Any                             # a transformers tokenizer
+    tokenizer: Any  # a transformers tokenizer
     params: SamplingParams
     reward_fn: Callable[[Sample], float]
     apply_chat_template: bool = True
     system_prompt: str | None = None
     step: int = 0
-    seed_base: int | None = 0                  # None: unseeded sampling
+    seed_base: int | None = 0  # None: unseeded sampling
     counters: dict[str, int] = field(default_factory=lambda: {"prompts": 0})
-    gateway: Any = None                        # the running OpenAI gateway (agent rollouts)
-    agent: str | None = None                   # the agent's import path (agent rollouts)
+    gateway: Any = None  # the running OpenAI gateway (agent rollouts)
+    agent: str | None = None  # the agent's import path (agent rollouts)
 
     def encode(self, prompt: Any) -> list[int]:
         """Prompt text (or a message list) → token ids, through the model's chat template by default."""
@@ -55,8 +57,22 @@ def load_tokenizer(path: str) -> Any:
 
 
 def make_context(r: RolloutConfig, data: DataConfig, engines: EngineGroup, tokenizer: Any) -> RolloutContext:
-    params = SamplingParams(n=r.n_samples, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
-                            top_k=r.top_k, stop=list(r.stop), extra=dict(r.sampling_extra))
-    return RolloutContext(engines=engines, tokenizer=tokenizer, params=params, reward_fn=get_reward_fn(r.reward),
-                          apply_chat_template=data.apply_chat_template, system_prompt=data.system_prompt,
-                          seed_base=r.seed, agent=r.agent)
+    params = SamplingParams(
+        n=r.n_samples,
+        max_tokens=r.max_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        stop=list(r.stop),
+        extra=dict(r.sampling_extra),
+    )
+    return RolloutContext(
+        engines=engines,
+        tokenizer=tokenizer,
+        params=params,
+        reward_fn=get_reward_fn(r.reward),
+        apply_chat_template=data.apply_chat_template,
+        system_prompt=data.system_prompt,
+        seed_base=r.seed,
+        agent=r.agent,
+    )

@@ -1,4 +1,5 @@
 """The default rollout: n samples per prompt, all prompts of a batch concurrently, each group scored."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,15 @@ async def sample_group(record: dict[str, Any], ctx: RolloutContext, group_id: st
     (completions,) = await engine.generate([prompt_ids], params)
     group = []
     for k, c in enumerate(completions):
-        s = Sample.from_completion(prompt_ids, c, group_id=group_id, index=k, prompt=record["prompt"],
-                                   label=record.get("label"), metadata={"seed": params.seed, "step": ctx.step})
+        s = Sample.from_completion(
+            prompt_ids,
+            c,
+            group_id=group_id,
+            index=k,
+            prompt=record["prompt"],
+            label=record.get("label"),
+            metadata={"seed": params.seed, "step": ctx.step},
+        )
         s.response = ctx.decode(s.response_ids)  # the ids are the truth; engine text may lag a partial char
         s.reward = float(ctx.reward_fn(s))
         group.append(s)
@@ -25,5 +33,8 @@ async def sample_group(record: dict[str, Any], ctx: RolloutContext, group_id: st
 
 
 async def generate_groups(prompts: list[dict[str, Any]], ctx: RolloutContext) -> list[Group]:
-    return list(await asyncio.gather(*(sample_group(r, ctx, f"s{ctx.step}-p{r.get('index', i)}")
-                                       for i, r in enumerate(prompts))))
+    return list(
+        await asyncio.gather(
+            *(sample_group(r, ctx, f"s{ctx.step}-p{r.get('index', i)}") for i, r in enumerate(prompts))
+        )
+    )

@@ -15,8 +15,15 @@ from vime.types import Group, write_jsonl
 
 
 class RolloutStep:
-    def __init__(self, fn: str, source: PromptSource, buffer: DataBuffer, ctx: RolloutContext, batch_size: int,
-                 samples_dir: Path | None = None):
+    def __init__(
+        self,
+        fn: str,
+        source: PromptSource,
+        buffer: DataBuffer,
+        ctx: RolloutContext,
+        batch_size: int,
+        samples_dir: Path | None = None,
+    ):
         self.fn: Any = ROLLOUTS.get(fn)
         self.source, self.buffer, self.ctx = source, buffer, ctx
         self.batch_size, self.samples_dir = batch_size, samples_dir
