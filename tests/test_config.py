@@ -118,3 +118,48 @@ def test_gpu_recipes_load():
     assert (gpu.weights.backend, gpu.placement.colocate, gpu.trainer.dtype) == ("ipc", True, "bfloat16")
     split = load_config(root / "grpo_2gpu_nccl.yaml")
     assert (split.weights.backend, split.placement.colocate) == ("nccl", False)
+
+
+def test_engine_section_is_checked_against_the_engines_schema(tmp_path):
+    """`engine:` keys come from the engine's own spec (engines/vllm/config.py), with the same error shape."""
+    p = write(tmp_path, RECIPE + "engine: {name: vllm, topology: pd, kv_conector: nixl}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "unknown key 'engine.kv_conector'" in msg and str(p) in msg and "kv_connector" in msg and "topology" in msg
+    with pytest.raises(ConfigError, match="'colocated_pd' is now called 'aggregated'"):
+        load_config(p, ["engine.topology=colocated_pd", "engine.kv_conector=null"])
+    assert load_config(write(tmp_path, RECIPE + "engine: {topology: pd}\n")).engine.num_servers == 2
+
+
+def test_unknown_engine_name_lists_registered_engines(tmp_path):
+    with pytest.raises(ConfigError, match=r"engine\.name.*unknown engine 'tgi'.*\['vllm'\].*package\.module:name"):
+        load_config(write(tmp_path, RECIPE), ["engine.name=tgi"])
+
+
+def test_weights_backend_must_be_one_the_engine_offers(tmp_path):
+    with pytest.raises(ConfigError, match=r"weights\.backend='shm' is not offered by engine 'vllm'.*gloo.*disk"):
+        load_config(write(tmp_path, RECIPE), ["weights.backend=shm"])
+
+
+def test_unknown_trainer_args_fail_at_load(tmp_path):
+    """Megatron's own dataclasses decide: a field of either passes, anything else fails before a process starts."""
+    p = write(tmp_path, RECIPE)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["trainer.args={num_layerz: 2, adam_eps: 1.0e-8}"])
+    msg = str(e.value)
+    assert "trainer.args.num_layerz" in msg and "TransformerConfig" in msg and str(p) in msg
+    assert "adam_eps" not in msg.split("trainer.args.num_layerz", maxsplit=1)[0]  # the valid key is not reported
+    cfg = load_config(p, ["trainer.args={recompute_granularity: full, adam_eps: 1.0e-8}"])
+    assert cfg.trainer.args == {"recompute_granularity": "full", "adam_eps": 1e-8}
+
+
+def test_cli_rejects_flags_for_another_engine(tmp_path, monkeypatch):
+    from vime import cli
+    from vime.registry import ENGINES
+
+    monkeypatch.setitem(ENGINES._entries, "sglang", "engines.sglang.engine_spec:SPEC")  # a second registered name
+    argv = ["rollout", "-c", str(write(tmp_path, RECIPE)), "--sglang-mem-fraction-static", "0.5"]
+    assert cli.engine_flag_owners(argv) == {"sglang"}
+    assert cli.split_engine_flags(argv)[1] == {"mem-fraction-static": 0.5}
+    assert cli.main(argv) == 2

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def gateway(qwen2_engines, model_dir):
     tok = AutoTokenizer.from_pretrained(model_dir("qwen2"))
-    with Gateway(qwen2_engines, tok, GatewayConfig(api_key="test-key", model_name="tiny", max_model_len=512)) as gw:
+    with Gateway(qwen2_engines, tok, GatewayConfig(api_key="test-key", model_name="tiny", context_length=512)) as gw:
         yield gw
 
 

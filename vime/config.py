@@ -107,7 +107,7 @@ def gateway_config(cfg: Config) -> GatewayConfig:
     limit = engine_spec(cfg.engine.name).context_limit(cfg.engine)
     update: dict[str, Any] = {"model_name": cfg.gateway.model_name or cfg.model.path}
     if limit:
-        update["max_model_len"] = int(limit)
+        update["context_length"] = int(limit)
     return cfg.gateway.model_copy(update=update)
 
 

@@ -14,77 +14,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vime.gateway.config import GatewayConfig
+from vime.gateway.schema import APIError, ChatRequest, CompletionRequest, error_response, parse
 from vime.gateway.sessions import SessionStore, Turn
 from vime.gateway.tools import TOOL_PARSERS
 from vime.protocols import EngineGroup
 from vime.types import Completion, SamplingParams
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send many optional fields
-
-    model: str
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    n: int = Field(default=1, ge=1, le=128)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=0)
-    stream: bool = False
-    user: str | None = None
-
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    prompt: str | list[int] | list[str] | list[list[int]]
-    n: int = Field(default=1, ge=1, le=128)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    max_tokens: int = Field(default=16, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=0)
-    stream: bool = False
-    user: str | None = None
-
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(
-        status_code=e.status,
-        content={"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
-    )
-
-
-def parse(model: type[BaseModel], body: Any) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or None
-        raise APIError(400, f"invalid field '{field}': {err['msg']}", param=field) from None
 
 
 def make_app(engines: EngineGroup, tokenizer: Any, cfg: GatewayConfig, store: SessionStore | None = None) -> FastAPI:
@@ -137,11 +73,11 @@ def make_app(engines: EngineGroup, tokenizer: Any, cfg: GatewayConfig, store: Se
             )
 
     def check_length(prompt_ids: list[int], max_tokens: int, param: str) -> None:
-        if len(prompt_ids) + max_tokens > cfg.max_model_len:
+        if len(prompt_ids) + max_tokens > cfg.context_length:
             raise APIError(
                 400,
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                f"context length {cfg.max_model_len}",
+                f"context length {cfg.context_length}",
                 param=param,
                 code="context_length_exceeded",
             )

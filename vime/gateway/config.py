@@ -13,5 +13,7 @@ class GatewayConfig(BaseModel):
     api_key: str | None = Field(default=None, description="Bearer key clients must send; None: $VIME_API_KEY")
     model_name: str | None = Field(default=None, description="the id clients use; default: the model path")
     tool_parser: str = Field(default="vime.gateway.tools:hermes", description="text -> (content, tool_calls)")
-    max_model_len: int = Field(default=4096, description="prompt + max_tokens limit per request")
+    context_length: int = Field(
+        default=4096, description="prompt + max_tokens limit per request (default: the engine's)"
+    )
     default_max_tokens: int = 256

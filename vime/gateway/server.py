@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None)
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--context-length", type=int, default=4096, help="prompt + max_tokens limit per request")
     a = p.parse_args(argv)
     engines = engine_spec(a.engine).attach(a.engine_url)
     cfg = GatewayConfig(
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         port=a.port,
         api_key=a.api_key,
         model_name=a.model_name or a.tokenizer,
-        max_model_len=a.max_model_len,
+        context_length=a.context_length,
     )
     gw = Gateway(engines, AutoTokenizer.from_pretrained(a.tokenizer), cfg)
     print(f"vime gateway on {gw.base_url} (API key {'set' if a.api_key else gw.api_key})", flush=True)
