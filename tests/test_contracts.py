@@ -23,7 +23,7 @@ from vime.engine import EngineConfig
 from vime.registry import ENGINES, TRAINERS, load_object
 from vime.trainer import TrainerConfig
 from vime.types import Sample, SamplingParams
-from vime.weights import WeightsConfig
+from vime.weights import WeightPushError, WeightsConfig
 
 pytestmark = pytest.mark.slow
 
@@ -164,6 +164,10 @@ def test_trainer_contract(model_dir, ray_cluster, group, tmp_path):
 
         trainer.release_memory()  # nothing cached on CPU; must not fail
         spec = ENGINES.get("vllm")
+        with pytest.raises(WeightPushError, match="127.0.0.1:9"):  # raised in rank 0, arrives as itself
+            trainer.connect_weights(
+                spec.weight_channel, WeightsConfig(backend="disk", timeout_s=5).model_dump(), ["http://127.0.0.1:9"]
+            )
         trainer.connect_weights(spec.weight_channel, WeightsConfig(bucket_mb=1).model_dump(), group._impl.urls())
         assert trainer.push_weights("contract-t1")["bytes"] > 0
         for e in group._impl.engines:
