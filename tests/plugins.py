@@ -19,3 +19,32 @@ async def two_turn_agent(base_url, api_key, task):
     r = await client.chat.completions.create(model="vime", messages=messages, max_tokens=4)
     await client.close()
     return r.choices[0].message.content
+
+
+KILLED: list[dict] = []  # what rollout_killing_an_engine killed: {"port", "pids"}
+
+
+async def rollout_killing_an_engine(prompts, ctx):
+    """The default rollout, except that the first time it samples groups (n > 1, so not an eval) it SIGKILLs the
+    engine's vLLM server once its requests are in flight: what a crashed engine looks like to a run."""
+    import asyncio
+    import os
+    import signal
+
+    import psutil
+
+    from vime.rollout.default import generate_groups
+
+    if KILLED or ctx.params.n == 1:
+        return await generate_groups(prompts, ctx)
+    task = asyncio.ensure_future(generate_groups(prompts, ctx))
+    await asyncio.sleep(0.05)  # the requests are out
+    port = ctx.engines.engines[0].base_url.rsplit(":", 1)[1]
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "vllm.entrypoints.openai.api_server" in cmd and port in cmd:
+            pids = [p.pid, *(c.pid for c in p.children(recursive=True))]
+            os.kill(p.pid, signal.SIGKILL)
+            KILLED.append({"port": port, "pids": pids, "done_before_kill": task.done()})
+    assert KILLED, f"no vLLM server found on port {port}"
+    return await task

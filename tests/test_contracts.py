@@ -31,9 +31,14 @@ PROMPT = [1, 60, 61, 62, 63, 64, 65]
 
 
 def declared(proto: type) -> set[str]:
-    """The members a protocol declares (methods, properties, annotated attributes), without dunders."""
-    names = {n for n in vars(proto) if not n.startswith("_")}
-    return names | {n for n in getattr(proto, "__annotations__", {}) if not n.startswith("_")}
+    """The members a protocol declares (methods, properties, annotated attributes), with those of the protocols
+    it extends, without dunders."""
+    names: set[str] = set()
+    for cls in proto.__mro__:
+        if cls.__dict__.get("_is_protocol") and cls.__name__ != "Protocol":
+            names |= {n for n in vars(cls) if not n.startswith("_")}
+            names |= {n for n in getattr(cls, "__annotations__", {}) if not n.startswith("_")}
+    return names
 
 
 class Only:
@@ -99,6 +104,7 @@ def test_engine_group_and_engine_contract(group, model_dir):
     assert after["engines/servers"] == 1.0
     assert after["ttft/count"] - before.get("ttft/count", 0.0) >= 1, f"TTFT counter did not move: {after}"
     (url,) = group.urls()
+    assert group.dead() == []
     assert url == engine.base_url  # no router: the engine is the server
 
     # weights go where urls() says, and the version reaches every token
@@ -123,7 +129,7 @@ def test_engine_group_and_engine_contract(group, model_dir):
     assert len(generate(engine)) == 2
 
     group.restart(0)  # same URL, model-directory weights, so the pushed version is gone
-    assert group.urls() == [url]
+    assert group.urls() == [url] and group.dead() == []
     engine.assert_all_used()
     fresh = group.pick()
     assert fresh is not engine._impl and asyncio.run(fresh.healthy())

@@ -52,6 +52,12 @@ class LoopConfig(Strict):
     save_every: int = Field(default=0, ge=0, description="0 = no checkpoints")
     keep: int = Field(default=2, ge=1, description="checkpoints kept")
     max_staleness: int = Field(default=0, ge=0, description="weight versions a batch may lag behind (sync: 0)")
+    max_engine_restarts: int = Field(
+        default=8,
+        ge=0,
+        description="engine deaths a run survives (restarted, "
+        "re-synced, requests re-issued) before it fails with the first cause",
+    )
 
 
 class Config(Strict):

@@ -92,7 +92,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
             timer = Timer()
             with timer("rollout"):
                 groups = run.rollout(step)
-            metrics = rollout_metrics(groups, timer["time/rollout"]) | run.engine_counters()
+            metrics = rollout_metrics(groups, timer["time/rollout"]) | run.engine_counters() | run.pool.take_counts()
             batch = training_batch(run.buffer.pop_groups(), cfg.algorithm, run.sync.version, cfg.loop.max_staleness)
             with timer("train"):
                 if batch:

@@ -22,6 +22,7 @@ from vime.rollout.context import load_tokenizer, make_context
 from vime.rollout.step import RolloutStep, make_buffer
 from vime.specs import engine_spec, make_engine_group, make_trainer
 from vime.step_metrics import EngineCounters
+from vime.supervise import SupervisedPool
 from vime.sync import WeightSync
 
 
@@ -80,11 +81,12 @@ class Parts(contextlib.ExitStack):
         self.callback(self.trainer.shutdown)
         self.sync = WeightSync(self.trainer, self.engines, engine_spec(e.name).weight_channel, cfg.weights, sleeps)
         self.sync.connect()
-        self.ctx = make_context(cfg.rollout, cfg.data, self.engines, self.tokenizer)
+        self.pool = SupervisedPool(self.engines, self.sync.resync, cfg.loop.max_engine_restarts)
+        self.ctx = make_context(cfg.rollout, cfg.data, self.pool, self.tokenizer)
         if cfg.rollout.agent:  # agents reach the engines through the OpenAI gateway, which records their tokens
             from vime.gateway.server import Gateway
 
-            self.ctx.gateway = Gateway(self.engines, self.tokenizer, gateway_config(cfg)).start()
+            self.ctx.gateway = Gateway(self.pool, self.tokenizer, gateway_config(cfg)).start()
             self.callback(self.ctx.gateway.stop)
         samples_dir = self.out / "samples" if cfg.run.save_samples else None
         self.rollout = RolloutStep(

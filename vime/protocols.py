@@ -40,12 +40,22 @@ class Engine(Protocol):
 
 
 @runtime_checkable
-class EngineGroup(Protocol):
-    """Owns every engine process of a run: they start and stop together, and the group knows where a request
-    goes (`engines`, `pick`) and where weights go (`urls`): these differ when a router fronts the servers."""
+class EnginePool(Protocol):
+    """Where requests go: all that a rollout function and the gateway see of the engines (a supervised pool
+    re-issues a request whose engine died, so they never need to know)."""
 
     @property
     def engines(self) -> Sequence[Engine]: ...
+
+    def pick(self, key: str | None = None) -> Engine:
+        """The engine for a request; the same `key` (a session id) always maps to the same engine."""
+        ...
+
+
+@runtime_checkable
+class EngineGroup(EnginePool, Protocol):
+    """Owns every engine process of a run: they start and stop together, and the group knows where a request
+    goes (`engines`, `pick`) and where weights go (`urls`): these differ when a router fronts the servers."""
 
     def start(self) -> EngineGroup: ...
 
@@ -53,12 +63,12 @@ class EngineGroup(Protocol):
         """Idempotent, and leaves no process behind."""
         ...
 
-    def pick(self, key: str | None = None) -> Engine:
-        """The engine for a request; the same `key` (a session id) always maps to the same engine."""
-        ...
-
     def urls(self) -> list[str]:
         """Every server that holds weights (not a router): the weight channel's destinations."""
+        ...
+
+    def dead(self) -> list[int]:
+        """Indices of servers whose process has exited; cheap (no request)."""
         ...
 
     def restart(self, i: int) -> None:

@@ -13,6 +13,7 @@ from vime.protocols import EngineGroup
 from vime.rollout.context import load_tokenizer, make_context
 from vime.rollout.step import RolloutStep, make_buffer
 from vime.specs import make_engine_group
+from vime.supervise import SupervisedPool
 from vime.types import Sample, write_jsonl
 
 
@@ -29,7 +30,8 @@ def run_rollout(
         finally:
             group.stop()
     buffer = make_buffer(cfg.rollout.group_filters)
-    ctx = make_context(cfg.rollout, cfg.data, engines, load_tokenizer(cfg.model.tokenizer or cfg.model.path))
+    pool = SupervisedPool(engines, resync=lambda: None, max_restarts=cfg.loop.max_engine_restarts)  # model weights
+    ctx = make_context(cfg.rollout, cfg.data, pool, load_tokenizer(cfg.model.tokenizer or cfg.model.path))
     rollout = RolloutStep(cfg.rollout.function, PromptSource(cfg.data), buffer, ctx, cfg.rollout.batch_size)
     samples: list[Sample] = []
     tokens, rewards = 0, []

@@ -36,6 +36,13 @@ class WeightSync:
     def connect(self) -> None:
         self.trainer.connect_weights(self.channel, self.weights.model_dump(), self.engines.urls())
 
+    def resync(self) -> None:
+        """After servers were restarted mid-rollout: every server (old and new) joins a new channel and gets the
+        version the others hold; the model directory's weights need no push."""
+        self.connect()
+        if self.version != "default":
+            self._push_or_restart(self.version)
+
     def release_engines(self) -> dict[str, float]:
         """Colocated on GPUs: the engines give their memory to the trainer until the next push."""
         if not self.sleeps or self.asleep:

@@ -252,6 +252,10 @@ class VLLMEngineGroup:
         if self.router is None:
             self.engines[i] = VLLMEngine(server, self.cfg.request_timeout_s)
 
+    def dead(self) -> list[int]:
+        """Servers whose process has exited (a router in front is restarted with the vime process, not here)."""
+        return [i for i, s in enumerate(self.servers) if not s.alive()]
+
     def note_weight_version(self, version: str) -> None:
         """vLLM 0.26 and routers report no version: their clients tag new tokens with the one pushed last."""
         for e in self.engines:

@@ -93,6 +93,32 @@ def kill_tree(pid: int, timeout: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
+def kill_group(pgid: int, timeout: float = 10.0) -> None:
+    """SIGTERM every process still in the group, SIGKILL what is left. A server started in its own session leads
+    its group; once its root is gone its workers are re-parented and a tree walk no longer finds them, but they
+    stay in the group (the orphaned `VLLM::EngineCore` / `VLLM::Worker` after a SIGKILL of the server)."""
+
+    def members() -> list[psutil.Process]:
+        out = []
+        for p in psutil.process_iter():
+            try:
+                if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except (OSError, psutil.Error):
+                continue
+        return out
+
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        procs = members()
+        if not procs:
+            return
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        psutil.wait_procs(procs, timeout=wait)
+
+
 class VLLMServer:
     def __init__(
         self,
@@ -185,6 +211,7 @@ class VLLMServer:
         if self.proc is None:
             return
         kill_tree(self.proc.pid)
+        kill_group(self.proc.pid)  # start_new_session: the server's pid is its group id
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:

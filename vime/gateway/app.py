@@ -19,11 +19,11 @@ from vime.gateway.config import GatewayConfig
 from vime.gateway.schema import APIError, ChatRequest, CompletionRequest, error_response, parse
 from vime.gateway.sessions import SessionStore, Turn
 from vime.gateway.tools import TOOL_PARSERS
-from vime.protocols import EngineGroup
+from vime.protocols import EnginePool
 from vime.types import Completion, SamplingParams
 
 
-def make_app(engines: EngineGroup, tokenizer: Any, cfg: GatewayConfig, store: SessionStore | None = None) -> FastAPI:
+def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: SessionStore | None = None) -> FastAPI:
     app = FastAPI(title="vime gateway")
     app.state.store = store = store or SessionStore(tokenizer)
     model_name = cfg.model_name or "vime"

@@ -15,7 +15,7 @@ import uvicorn
 from vime.gateway.app import make_app
 from vime.gateway.config import GatewayConfig
 from vime.gateway.sessions import SessionStore
-from vime.protocols import EngineGroup
+from vime.protocols import EnginePool
 from vime.registry import DEFAULT_ENGINE
 from vime.specs import engine_spec
 
@@ -25,7 +25,7 @@ def resolve_api_key(cfg: GatewayConfig) -> str:
 
 
 class Gateway:
-    def __init__(self, engines: EngineGroup, tokenizer: Any, cfg: GatewayConfig):
+    def __init__(self, engines: EnginePool, tokenizer: Any, cfg: GatewayConfig):
         self.cfg = cfg.model_copy(update={"api_key": resolve_api_key(cfg)})
         if not self.cfg.port:
             with socket.socket() as s:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vime.data.source import DataConfig
-from vime.protocols import EngineGroup
+from vime.protocols import EnginePool
 from vime.rewards import get_reward_fn
 from vime.rollout.config import RolloutConfig
 from vime.types import Sample, SamplingParams
@@ -15,7 +15,7 @@ from vime.types import Sample, SamplingParams
 
 @dataclass
 class RolloutContext:
-    engines: EngineGroup
+    engines: EnginePool
     tokenizer: Any  # a transformers tokenizer
     params: SamplingParams
     reward_fn: Callable[[Sample], float]
@@ -56,7 +56,7 @@ def load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def make_context(r: RolloutConfig, data: DataConfig, engines: EngineGroup, tokenizer: Any) -> RolloutContext:
+def make_context(r: RolloutConfig, data: DataConfig, engines: EnginePool, tokenizer: Any) -> RolloutContext:
     params = SamplingParams(
         n=r.n_samples,
         max_tokens=r.max_tokens,
