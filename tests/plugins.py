@@ -48,3 +48,16 @@ async def rollout_killing_an_engine(prompts, ctx):
             KILLED.append({"port": port, "pids": pids, "done_before_kill": task.done()})
     assert KILLED, f"no vLLM server found on port {port}"
     return await task
+
+
+REWARD_CALLS = {"n": 0}
+
+
+def reward_failing_once(sample):
+    """Raises for the first sample it scores, then scores like `arithmetic`: one bad item in a run."""
+    from vime.rewards.arithmetic import arithmetic_reward
+
+    REWARD_CALLS["n"] += 1
+    if REWARD_CALLS["n"] == 1:
+        raise ValueError("reward failed once")
+    return arithmetic_reward(sample)

@@ -93,6 +93,21 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"checkpoint file {path} cannot be read ({type(e).__name__}: {e}); the checkpoint is "
+            "damaged: resume from another step_* directory"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"checkpoint file {path} holds {type(data).__name__}, not a mapping; the checkpoint is damaged"
+        )
+    return data
+
+
 def load(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     p = resolve(path)
-    return p, json.loads((p / "state.json").read_text()), json.loads((p / "config.json").read_text())
+    return p, read_json(p / "state.json"), read_json(p / "config.json")

@@ -26,6 +26,7 @@ class Evaluator:
             self.ctx,
             params=dataclasses.replace(self.ctx.params, n=1, temperature=0.0),
             seed_base=None,
+            data_source=str(self.data.eval_path),
             counters={"prompts": 0},
         )
         groups = asyncio.run(self.fn(self.records, ctx))

@@ -10,6 +10,7 @@ parts, same step metrics, rollout and training overlapped.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from vime import checkpoint, run_state
@@ -36,13 +37,18 @@ def warm_start(run: Parts) -> None:
     run.sync.push("step0")
 
 
-def resume_from(run: Parts, resume: str) -> int:
+def open_checkpoint(cfg: Config, resume: str) -> tuple[Path, dict[str, Any]]:
+    """Read and check the checkpoint before anything starts (a bad path or a changed recipe fails in a second)."""
     path, state, saved_cfg = checkpoint.load(resume)
-    changed = checkpoint.incompatible_changes(saved_cfg, run.cfg.model_dump(mode="json"))
+    changed = checkpoint.incompatible_changes(saved_cfg, cfg.model_dump(mode="json"))
     if changed:
         raise ValueError(
             f"cannot resume from {path}: the recipe changed in ways that break exact resume:\n  " + "\n  ".join(changed)
         )
+    return path, state
+
+
+def resume_from(run: Parts, path: Path, state: dict[str, Any]) -> int:
     run.trainer.load(str(path / "trainer"))
     start = run_state.load_state_dict(run, state)
     run.sync.push(state["version"])
@@ -79,9 +85,10 @@ def save(run: Parts, step: int) -> None:
 def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
     T = cfg.algorithm.temperature or cfg.rollout.temperature
     groups: list[Group] = []
+    saved = open_checkpoint(cfg, resume) if resume else None
     with Parts(cfg, progress).build() as run:
-        if resume:
-            start = resume_from(run, resume)
+        if saved:
+            start = resume_from(run, *saved)
         else:
             warm_start(run)
             start = 0
@@ -93,6 +100,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
             with timer("rollout"):
                 groups = run.rollout(step)
             metrics = rollout_metrics(groups, timer["time/rollout"]) | run.engine_counters() | run.pool.take_counts()
+            metrics |= run.rollout.accounting | run.ctx.faults.take()
             batch = training_batch(run.buffer.pop_groups(), cfg.algorithm, run.sync.version, cfg.loop.max_staleness)
             with timer("train"):
                 if batch:

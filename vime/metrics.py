@@ -34,6 +34,16 @@ class MetricsLogger:
 
             self.wandb = wandb.init(project=wandb_project, dir=str(self.out))
 
+    def restore(self, history: list[dict[str, Any]]) -> None:
+        """On resume: the rows of the checkpoint, and metrics.jsonl rewritten to hold exactly them (a crashed run
+        may have logged steps past its last checkpoint; the resumed run logs them again)."""
+        self.history = list(history)
+        self.jsonl.close()
+        tmp = self.out / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        tmp.replace(self.out / "metrics.jsonl")
+        self.jsonl = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run; close() closes it
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self.history.append(row)

@@ -17,6 +17,7 @@ from vime.data.source import PromptSource
 from vime.evaluate import Evaluator
 from vime.metrics import MetricsLogger
 from vime.placement import ensure_ray, placement_group, plan, remove_placement_group
+from vime.preflight import preflight
 from vime.rollout import ROLLOUTS
 from vime.rollout.context import load_tokenizer, make_context
 from vime.rollout.step import RolloutStep, make_buffer
@@ -46,8 +47,9 @@ class Parts(contextlib.ExitStack):
     def _build(self) -> None:
         cfg = self.cfg
         random.seed(cfg.run.seed)
-        ensure_ray(cfg.ray)
         self.source = PromptSource(cfg.data)
+        preflight(cfg, self.source)  # before Ray, engines and trainer: a typo costs a second
+        ensure_ray(cfg.ray)
         self.buffer = make_buffer(cfg.rollout.group_filters)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
         t, e = cfg.trainer, cfg.engine
@@ -82,7 +84,8 @@ class Parts(contextlib.ExitStack):
         self.sync = WeightSync(self.trainer, self.engines, engine_spec(e.name).weight_channel, cfg.weights, sleeps)
         self.sync.connect()
         self.pool = SupervisedPool(self.engines, self.sync.resync, cfg.loop.max_engine_restarts)
-        self.ctx = make_context(cfg.rollout, cfg.data, self.pool, self.tokenizer)
+        limit = engine_spec(e.name).context_limit(cfg.engine)
+        self.ctx = make_context(cfg.rollout, cfg.data, self.pool, self.tokenizer, limit)
         if cfg.rollout.agent:  # agents reach the engines through the OpenAI gateway, which records their tokens
             from vime.gateway.server import Gateway
 

@@ -12,7 +12,7 @@ from vime.data.source import PromptSource
 from vime.protocols import EngineGroup
 from vime.rollout.context import load_tokenizer, make_context
 from vime.rollout.step import RolloutStep, make_buffer
-from vime.specs import make_engine_group
+from vime.specs import engine_spec, make_engine_group
 from vime.supervise import SupervisedPool
 from vime.types import Sample, write_jsonl
 
@@ -31,7 +31,8 @@ def run_rollout(
             group.stop()
     buffer = make_buffer(cfg.rollout.group_filters)
     pool = SupervisedPool(engines, resync=lambda: None, max_restarts=cfg.loop.max_engine_restarts)  # model weights
-    ctx = make_context(cfg.rollout, cfg.data, pool, load_tokenizer(cfg.model.tokenizer or cfg.model.path))
+    limit = engine_spec(cfg.engine.name).context_limit(cfg.engine)
+    ctx = make_context(cfg.rollout, cfg.data, pool, load_tokenizer(cfg.model.tokenizer or cfg.model.path), limit)
     rollout = RolloutStep(cfg.rollout.function, PromptSource(cfg.data), buffer, ctx, cfg.rollout.batch_size)
     samples: list[Sample] = []
     tokens, rewards = 0, []
@@ -58,4 +59,6 @@ def run_rollout(
         "mean_reward": sum(rewards) / max(1, len(rewards)),
         "groups_kept": len(buffer),
         "groups_dropped": buffer.stats["groups_dropped"],
+        "failed": ctx.faults.total,
+        **ctx.faults.take(),
     }

@@ -28,5 +28,5 @@ def load_state_dict(run: Parts, state: dict[str, Any]) -> int:
     run.buffer.load_state_dict(state["buffer"])
     run.ctx.counters = dict(state["rollout_counters"])
     random.setstate((3, tuple(state["python_rng"]), None))
-    run.metrics.history = list(state["metrics"])
+    run.metrics.restore(state["metrics"])
     return int(state["step"])

@@ -19,7 +19,7 @@ class DataConfig(BaseModel):
     eval_path: str | None = None
     shuffle: bool = True
     seed: int = 0
-    epochs: int | None = Field(default=None, description="stop after this many passes; None = forever")
+    epochs: int | None = Field(default=None, ge=1, description="stop after this many passes; None = forever")
     apply_chat_template: bool = True
     system_prompt: str | None = None
 
@@ -63,6 +63,10 @@ class PromptSource:
         if self.cfg.shuffle:
             random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
         return order
+
+    def capacity(self) -> int | None:
+        """Prompts this source hands out in all (None: endless)."""
+        return None if self.cfg.epochs is None else self.cfg.epochs * len(self.records)
 
     def exhausted(self) -> bool:
         return self.cfg.epochs is not None and self.epoch >= self.cfg.epochs

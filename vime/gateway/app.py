@@ -7,6 +7,7 @@ A session is named by the `x-session-id` header, the `user` field, or the URL pr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -28,6 +29,11 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
     app.state.store = store = store or SessionStore(tokenizer)
     model_name = cfg.model_name or "vime"
     parse_tools = TOOL_PARSERS.get(cfg.tool_parser)
+    vocab = len(tokenizer)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:  # OpenAI's shape even for our own bugs
+        return error_response(APIError(500, f"{type(e).__name__}: {e}", "internal_error"))
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -58,10 +64,21 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
         raise APIError(503, "no healthy inference engine", "service_unavailable")
 
     async def body_of(request: Request) -> Any:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cfg.max_body_bytes:
+            raise APIError(413, f"request body of {declared} bytes exceeds gateway.max_body_bytes={cfg.max_body_bytes}")
+        raw = await request.body()
+        if len(raw) > cfg.max_body_bytes:
+            raise APIError(413, f"request body of {len(raw)} bytes exceeds gateway.max_body_bytes={cfg.max_body_bytes}")
         try:
-            return await request.json()
+            return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise APIError(400, "request body is not valid JSON") from None
+
+    def check_ids(ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"'{param}' holds token id {bad}, outside the vocabulary [0, {vocab})", param=param)
 
     def check_model(name: str) -> None:
         if name not in (model_name, getattr(engines, "model_path", None)):
@@ -113,11 +130,13 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
         sid = sid or request.headers.get("x-session-id") or req.user
         max_tokens = req.max_completion_tokens or req.max_tokens or cfg.default_max_tokens
         session = store.get(sid) if sid else None
-        try:
-            prompt_ids = (
-                store.prompt_for(session, req.messages, req.tools)
-                if session
-                else store.builder.first_prompt(req.messages, req.tools)
+        try:  # the template and tokenizer run off the event loop: a long body must not stall /health
+            prompt_ids = await asyncio.to_thread(
+                lambda: (
+                    store.prompt_for(session, req.messages, req.tools)
+                    if session
+                    else store.builder.first_prompt(req.messages, req.tools)
+                )
             )
         except Exception as e:  # noqa: BLE001 - a template that cannot render these messages
             raise APIError(400, f"cannot apply the chat template to 'messages': {e}", param="messages") from None
@@ -169,8 +188,13 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
         check_model(req.model)
         p = req.prompt
         prompts = ([p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)) if p else [""]
-        ids = [list(x) if isinstance(x, list) else list(tokenizer.encode(x, add_special_tokens=False)) for x in prompts]
+        ids = await asyncio.to_thread(
+            lambda: [
+                list(x) if isinstance(x, list) else list(tokenizer.encode(x, add_special_tokens=False)) for x in prompts
+            ]
+        )
         for x in ids:
+            check_ids(x, "prompt")
             check_length(x, req.max_tokens, "prompt")
         engine = await engine_for(sid or request.headers.get("x-session-id") or req.user)
         results = await engine.generate(ids, params_of(req, req.max_tokens))

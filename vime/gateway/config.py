@@ -9,7 +9,7 @@ class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     host: str = "127.0.0.1"
-    port: int = 0
+    port: int = Field(default=0, ge=0, le=65535, description="0: a free port")
     api_key: str | None = Field(default=None, description="Bearer key clients must send; None: $VIME_API_KEY")
     model_name: str | None = Field(default=None, description="the id clients use; default: the model path")
     tool_parser: str = Field(default="vime.gateway.tools:hermes", description="text -> (content, tool_calls)")
@@ -17,3 +17,4 @@ class GatewayConfig(BaseModel):
         default=4096, description="prompt + max_tokens limit per request (default: the engine's)"
     )
     default_max_tokens: int = 256
+    max_body_bytes: int = Field(default=8 << 20, ge=1024, description="larger request bodies get 413")

@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ChatRequest(BaseModel):
@@ -28,6 +30,22 @@ class ChatRequest(BaseModel):
     stream: bool = False
     user: str | None = None
 
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """What the chat template cannot render sensibly is refused here, naming the message (a template would
+        otherwise render a role it does not know as text, and the model would be trained on it)."""
+        for i, m in enumerate(messages):
+            role = m.get("role")
+            if role not in ROLES:
+                raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)} (got {role!r})")
+            content = m.get("content")
+            if content is None and not (role == "assistant" and m.get("tool_calls")):
+                raise ValueError(f"messages[{i}] ({role}) has no content")
+            if content is not None and not isinstance(content, str | list):
+                raise ValueError(f"messages[{i}].content must be a string or a list of parts")
+        return messages
+
 
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -43,6 +61,13 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(default=None, ge=0, le=0)
     stream: bool = False
     user: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, p: str | list[int] | list[str] | list[list[int]]) -> Any:
+        if not p or (isinstance(p, list) and any(not x for x in p if isinstance(x, str | list))):
+            raise ValueError("prompt is empty")
+        return p
 
 
 class APIError(Exception):

@@ -27,7 +27,9 @@ async def run_agent_group(agent: Any, record: dict[str, Any], ctx: Any, gateway:
     )
     group = []
     for k, (sid, result) in enumerate(zip(sids, results)):
-        if sid not in gateway.store.sessions:  # the agent failed before its first model call
+        if sid not in gateway.store.sessions:  # the agent failed (or returned) before its first model call
+            what = f"agent run {k} of data row {record.get('index')} made no model call"
+            ctx.faults.record("agent_failures", what, result if isinstance(result, BaseException) else None)
             continue
         s = gateway.store.to_sample(
             sid,
@@ -37,7 +39,10 @@ async def run_agent_group(agent: Any, record: dict[str, Any], ctx: Any, gateway:
         gateway.store.pop(sid)
         s.index, s.label, s.group_id = k, record.get("label"), group_id
         s.metadata["task"] = record
-        s.reward = 0.0 if isinstance(result, BaseException) else float(ctx.reward_fn(s))
+        if isinstance(result, BaseException):
+            s.reward = 0.0  # a failed episode is a real outcome of the policy: trained on with no reward
+        elif not ctx.score(s, f"agent run {k} of data row {record.get('index')}"):
+            continue
         group.append(s)
     return group
 

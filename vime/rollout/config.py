@@ -27,4 +27,10 @@ class RolloutConfig(BaseModel):
         default_factory=list, description="'drop_uniform_reward' or 'pkg.module:fn' (group -> keep?)"
     )
     agent: str | None = Field(default=None, description="agent fn 'pkg.module:fn' for vime.rollout.agent:agent_rollout")
+    max_failures: int = Field(
+        default=64,
+        ge=0,
+        description="bad items (a reward that raised, a prompt too long, an agent that failed) "
+        "skipped and counted before the run stops with the first one's cause",
+    )
     sampling_extra: dict[str, Any] = Field(default_factory=dict, description="extra engine sampling params")

@@ -10,6 +10,7 @@ from vime.data.source import DataConfig
 from vime.protocols import EnginePool
 from vime.rewards import get_reward_fn
 from vime.rollout.config import RolloutConfig
+from vime.rollout.faults import Faults
 from vime.types import Sample, SamplingParams
 
 
@@ -26,6 +27,31 @@ class RolloutContext:
     counters: dict[str, int] = field(default_factory=lambda: {"prompts": 0})
     gateway: Any = None  # the running OpenAI gateway (agent rollouts)
     agent: str | None = None  # the agent's import path (agent rollouts)
+    context_limit: int | None = None  # prompt + max_tokens the engine accepts (None: unknown)
+    data_source: str = "the prompt data"  # the file prompt records come from, for messages that name a row
+    faults: Faults = field(default_factory=Faults)
+
+    def score(self, sample: Sample, what: str) -> bool:
+        """Set the sample's reward; False (and counted) when the reward function raised."""
+        try:
+            sample.reward = float(self.reward_fn(sample))
+        except Exception as e:  # noqa: BLE001 - a user's reward may raise anything; recorded with its traceback
+            self.faults.record("reward_errors", f"reward of {what}", e)
+            return False
+        return True
+
+    def fits(self, prompt_ids: list[int], record: dict[str, Any]) -> bool:
+        """False (and counted, naming the data row) when prompt + max_tokens exceed the engine's context."""
+        limit, need = self.context_limit, len(prompt_ids) + self.params.max_tokens
+        if limit is None or need <= limit:
+            return True
+        row = record.get("index")
+        self.faults.record(
+            "prompts_too_long",
+            f"data row {row} of {self.data_source}: {len(prompt_ids)} prompt tokens + "
+            f"max_tokens {self.params.max_tokens} exceed the engine's context of {limit} tokens",
+        )
+        return False
 
     def encode(self, prompt: Any) -> list[int]:
         """Prompt text (or a message list) → token ids, through the model's chat template by default."""
@@ -56,7 +82,9 @@ def load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def make_context(r: RolloutConfig, data: DataConfig, engines: EnginePool, tokenizer: Any) -> RolloutContext:
+def make_context(
+    r: RolloutConfig, data: DataConfig, engines: EnginePool, tokenizer: Any, context_limit: int | None = None
+) -> RolloutContext:
     params = SamplingParams(
         n=r.n_samples,
         max_tokens=r.max_tokens,
@@ -75,4 +103,7 @@ def make_context(r: RolloutConfig, data: DataConfig, engines: EnginePool, tokeni
         system_prompt=data.system_prompt,
         seed_base=r.seed,
         agent=r.agent,
+        context_limit=context_limit,
+        faults=Faults(bound=r.max_failures),
+        data_source=data.path,
     )

@@ -12,7 +12,9 @@ from vime.types import Group, Sample
 
 async def sample_group(record: dict[str, Any], ctx: RolloutContext, group_id: str) -> Group:
     prompt_ids = ctx.encode(record["prompt"])
-    params = dataclasses.replace(ctx.params, seed=ctx.next_seed())
+    params = dataclasses.replace(ctx.params, seed=ctx.next_seed())  # drawn even if skipped: others keep theirs
+    if not ctx.fits(prompt_ids, record):
+        return []
     engine = ctx.engines.pick()
     (completions,) = await engine.generate([prompt_ids], params)
     group = []
@@ -27,8 +29,8 @@ async def sample_group(record: dict[str, Any], ctx: RolloutContext, group_id: st
             metadata={"seed": params.seed, "step": ctx.step},
         )
         s.response = ctx.decode(s.response_ids)  # the ids are the truth; engine text may lag a partial char
-        s.reward = float(ctx.reward_fn(s))
-        group.append(s)
+        if ctx.score(s, f"sample {k} of data row {record.get('index')}"):
+            group.append(s)
     return group
 
 

@@ -1,0 +1,145 @@
+"""Bad input: each case fails before anything starts, or is skipped and counted, with a message that names the
+key, the file or the data row to fix."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import plugins
+import pytest
+
+from vime import parts
+from vime.config import ConfigError, load_config
+from vime.loop import train
+from vime.metrics import MetricsLogger
+from vime.preflight import PreflightError
+from vime.rollout.faults import RolloutFailure
+from vime.run_rollout import run_rollout
+
+
+@pytest.fixture
+def recipe(repo_root, model_dir, tmp_path):
+    def make(*extra: str):
+        return load_config(
+            repo_root / "configs" / "grpo_tiny_cpu.yaml",
+            [
+                f"model.path={model_dir('qwen2')}",
+                f"data.path={repo_root}/examples/arithmetic/train.jsonl",
+                f"data.eval_path={repo_root}/examples/arithmetic/eval.jsonl",
+                f"run.out_dir={tmp_path}/run",
+                "engine.args.max_model_len=512",
+                *extra,
+            ],
+        )
+
+    return make
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    """Preflight must fail before Ray (and so engines and trainer) start."""
+
+    def started(*_a, **_k):
+        raise AssertionError("Ray was started: the check should have failed before")
+
+    monkeypatch.setattr(parts, "ensure_ray", started)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.path=/nonexistent/model", "model.path='/nonexistent/model' is not a Hugging Face model directory"),
+        ("rollout.reward=mypkg.rewards:nope", "rollout.reward"),
+        ("rollout.group_filters=[drop_everything]", "unknown group filter 'drop_everything' (rollout.group_filters)"),
+        ("algorithm.loss=ppo2", "unknown loss 'ppo2' (algorithm.loss)"),
+        ("data.epochs=1", "data.epochs=1 over"),
+        ("data.eval_path=/nonexistent/eval.jsonl", "data.eval_path='/nonexistent/eval.jsonl' does not exist"),
+    ],
+)
+def test_preflight_names_the_key_before_anything_starts(recipe, nothing_starts, override, needle):
+    with pytest.raises(PreflightError) as e:
+        train(recipe(override), progress=False)
+    assert needle in str(e.value)
+
+
+def test_data_that_runs_out_names_epochs_and_steps(recipe, nothing_starts):
+    with pytest.raises(PreflightError) as e:
+        train(recipe("data.epochs=1", "loop.num_steps=1000"), progress=False)
+    msg = str(e.value)
+    assert "loop.num_steps=1000" in msg and "rollout.batch_size=32" in msg and "needs 32000" in msg
+
+
+@pytest.mark.parametrize("override, needle", [("data.epochs=0", "data.epochs"), ("gateway.port=70000", "gateway.port")])
+def test_out_of_range_values_fail_at_load(recipe, override, needle):
+    with pytest.raises(ConfigError, match=f"bad value for '{needle}'"):
+        recipe(override)
+
+
+def test_damaged_checkpoint_names_its_file(recipe, nothing_starts, tmp_path):
+    ckpt = tmp_path / "ckpt" / "step_000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text('{"step": 2, "sour')
+    (ckpt / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"checkpoint file {ckpt / 'state.json'} cannot be read"):
+        train(recipe(), resume=str(ckpt), progress=False)
+
+
+def test_resume_rewrites_metrics_without_repeated_steps(tmp_path):
+    m = MetricsLogger(tmp_path, use_tensorboard=False)
+    for step in (1, 2, 3):  # the crashed run got to step 3; its last checkpoint was at step 1
+        m.log(step, {"x": float(step)})
+    m.restore(m.history[:1])
+    m.log(2, {"x": 2.0})
+    m.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+@pytest.mark.slow
+def test_one_failing_reward_is_skipped_and_counted(recipe, qwen2_engines, caplog):
+    plugins.REWARD_CALLS["n"] = 0
+    cfg = recipe(
+        "rollout.reward=plugins:reward_failing_once",
+        "rollout.batch_size=4",
+        "rollout.n_samples=4",
+        "rollout.group_filters=[]",
+    )
+    with caplog.at_level(logging.WARNING, logger="vime.rollout.faults"):
+        summary = run_rollout(cfg, steps=1, progress=False, engines=qwen2_engines)
+    assert summary["samples"] == 4 * 4 - 1 and summary["failed/reward_errors"] == 1.0, summary
+    assert "reward of sample" in caplog.text and "of data row" in caplog.text and "reward failed once" in caplog.text
+
+    plugins.REWARD_CALLS["n"] = 0
+    with pytest.raises(RolloutFailure, match="rollout.max_failures=0; the first was: reward of sample"):
+        run_rollout(
+            recipe(*cfg_overrides(cfg), "rollout.max_failures=0"), steps=1, progress=False, engines=qwen2_engines
+        )
+
+
+def cfg_overrides(cfg):
+    r = cfg.rollout
+    return [
+        f"rollout.reward={r.reward}",
+        f"rollout.batch_size={r.batch_size}",
+        f"rollout.n_samples={r.n_samples}",
+        "rollout.group_filters=[]",
+    ]
+
+
+@pytest.mark.slow
+def test_prompt_too_long_is_skipped_and_names_its_row(recipe, qwen2_engines, tmp_path, caplog):
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"{i}+1=", "label": str(i + 1)} for i in range(3)] + [{"prompt": "1+1=" * 400, "label": "2"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = recipe(
+        f"data.path={data}",
+        "data.shuffle=false",
+        "rollout.batch_size=4",
+        "rollout.n_samples=2",
+        "rollout.group_filters=[]",
+    )
+    with caplog.at_level(logging.WARNING, logger="vime.rollout.faults"):
+        summary = run_rollout(cfg, steps=1, progress=False, engines=qwen2_engines)
+    assert summary["samples"] == 3 * 2 and summary["failed/prompts_too_long"] == 1.0, summary
+    assert f"data row 3 of {data}" in caplog.text and "exceed the engine's context of 512" in caplog.text
