@@ -74,7 +74,9 @@ class Injector(threading.Thread):
 
 
 def train_once(recipe: str, out: Path, sets: list[str], resume: bool, log: Path) -> int:
-    cmd = [sys.executable, "-m", "vime.cli", "train", "-c", recipe, "--set", f"run.out_dir={out}", *sets]
+    cmd = [sys.executable, "-m", "vime.cli", "train", "-c", recipe]
+    for s in [f"run.out_dir={out}", *sets]:
+        cmd += ["--set", s]
     if resume and (out / "checkpoints" / "latest").exists():
         cmd += ["--resume", str(out / "checkpoints")]
     with open(log, "a") as f:
@@ -141,6 +143,8 @@ def main() -> int:
         resumes += 1
         rc = train_once(a.config, out, sets, resume=resumes > 0, log=out / "train.log")
         print(f"chaos: vime train exited {rc} (run {resumes + 1})", flush=True)
+        if rc == 2:  # a usage or config error: no fault of ours to resume from
+            break
     injector.stop.set()
     injector.join(timeout=5)
     time.sleep(2)
