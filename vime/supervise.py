@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 from vime.protocols import Engine, EngineGroup
@@ -51,10 +52,11 @@ class SupervisedEngine:
 
 class SupervisedPool:
     """`resync` brings restarted servers to the current weights (the trainer's push); `max_restarts` bounds how
-    many engine deaths a run survives before it fails with the first cause."""
+    many engine deaths a run survives before it fails with the first cause; a failed request waits up to
+    `grace_s` for its server to show as dead before the error is taken as the request's own."""
 
-    def __init__(self, group: EngineGroup, resync: Callable[[], None], max_restarts: int = 8):
-        self.group, self.resync, self.max_restarts = group, resync, max_restarts
+    def __init__(self, group: EngineGroup, resync: Callable[[], None], max_restarts: int = 8, grace_s: float = 5.0):
+        self.group, self.resync, self.max_restarts, self.grace_s = group, resync, max_restarts, grace_s
         self.epoch = 0  # bumped by every recovery: a request that failed before it simply retries
         self.counts = {"engine_restarts": 0, "reissued_requests": 0}
         self.total_restarts = 0
@@ -87,7 +89,7 @@ class SupervisedPool:
         async with self._lock[1]:
             if self.epoch != epoch:
                 return True
-            dead = await asyncio.to_thread(self.group.dead)
+            dead = await asyncio.to_thread(self._dead_within, self.grace_s)
             if not dead:
                 return False
             if self.total_restarts + len(dead) > self.max_restarts:
@@ -99,6 +101,14 @@ class SupervisedPool:
             await asyncio.to_thread(self._restart, dead)
             self.epoch += 1
             return True
+
+    def _dead_within(self, grace_s: float) -> list[int]:
+        """Dead servers, waiting up to `grace_s` for one to show: a killed server's sockets close while it is still
+        exiting, so the failed request can arrive before the process is gone."""
+        deadline = time.monotonic() + grace_s
+        while not (dead := self.group.dead()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return dead
 
     def _restart(self, dead: list[int]) -> None:
         for i in dead:
