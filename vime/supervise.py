@@ -111,8 +111,17 @@ class SupervisedPool:
         return dead
 
     def _restart(self, dead: list[int]) -> None:
+        """Restart each dead server; a restart that fails (the new server died while starting) is one more fault,
+        tried again within the same bound."""
         for i in dead:
-            self.group.restart(i)
-            self.counts["engine_restarts"] += 1
-            self.total_restarts += 1
+            while True:
+                self.counts["engine_restarts"] += 1
+                self.total_restarts += 1
+                try:
+                    self.group.restart(i)
+                    break
+                except Exception:
+                    if self.total_restarts >= self.max_restarts:
+                        raise
+                    log.exception("restarting engine server %d failed; trying again", i)
         self.resync()

@@ -181,6 +181,9 @@ class VLLMEngineGroup:
                 num_cpus=self.cfg.cpus_per_engine,
                 num_gpus=self.cfg.gpus_per_engine,
                 scheduling_strategy=bundle_strategy(pg, bundles[i]),
+                # threaded: stop() must be able to kill a server whose start() is still waiting for health
+                # (a stop queued behind start would time out, and the actor's kill would orphan the workers)
+                max_concurrency=4,
             )
             .remote(self.model_path, self._server_kwargs(i, p))
             for i, p in zip(indices, ports)
