@@ -37,16 +37,17 @@ async def rollout_killing_an_engine(prompts, ctx):
 
     if KILLED or ctx.params.n == 1:
         return await generate_groups(prompts, ctx)
-    task = asyncio.ensure_future(generate_groups(prompts, ctx))
-    await asyncio.sleep(0.05)  # the requests are out
     port = ctx.engines.engines[0].base_url.rsplit(":", 1)[1]
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if "vllm.entrypoints.openai.api_server" in cmd and port in cmd:
-            pids = [p.pid, *(c.pid for c in p.children(recursive=True))]
-            os.kill(p.pid, signal.SIGKILL)
-            KILLED.append({"port": port, "pids": pids, "done_before_kill": task.done()})
-    assert KILLED, f"no vLLM server found on port {port}"
+    server = next(
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "vllm.entrypoints.openai.api_server" in (p.info["cmdline"] or []) and port in p.info["cmdline"]
+    )  # found first: the scan is slow under load, and the kill must land while the step's requests run
+    pids = [server.pid, *(c.pid for c in server.children(recursive=True))]
+    task = asyncio.ensure_future(generate_groups(prompts, ctx))
+    await asyncio.sleep(0.01)  # the requests are out; 64 samples take far longer than this
+    os.kill(server.pid, signal.SIGKILL)
+    KILLED.append({"port": port, "pids": pids, "done_before_kill": task.done()})
     return await task
 
 

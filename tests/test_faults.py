@@ -22,6 +22,7 @@ def test_engine_killed_mid_rollout_loses_nothing(ray_cluster, repo_root, model_d
     result = train(cfg, progress=False)
 
     (kill,) = plugins.KILLED
+    assert not kill["done_before_kill"], "the rollout had finished before the kill: nothing was in flight"
     rl = [r for r in result["history"] if "rollout/reward" in r]
     assert [r["step"] for r in rl] == [1, 2]
     assert sum(r["faults/engine_restarts"] for r in rl) == 1, rl

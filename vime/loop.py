@@ -110,7 +110,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
                     metrics |= {f"sync/{k}": v for k, v in run.sync.push(f"step{step + 1}").items()}
             if eval_due(cfg, step):
                 metrics["eval/reward"] = run.evaluate()
-            metrics |= timer | {"train/samples": float(len(batch))}
+            metrics |= timer | {"train/samples": float(len(batch))} | run.sync.take_counts()
             run.metrics.log(step + 1, metrics)
             save(run, step + 1)
             bar.set_postfix(

@@ -32,9 +32,14 @@ class WeightSync:
         self.sleeps = sleeps
         self.asleep = False
         self.version = "default"  # what the engines hold: the model directory's weights until the first push
+        self.push_restarts = 0  # servers restarted because a push failed, since the last take_counts()
 
     def connect(self) -> None:
         self.trainer.connect_weights(self.channel, self.weights.model_dump(), self.engines.urls())
+
+    def take_counts(self) -> dict[str, float]:
+        out, self.push_restarts = {"faults/push_restarts": float(self.push_restarts)}, 0
+        return out
 
     def resync(self) -> None:
         """After servers were restarted mid-rollout: every server (old and new) joins a new channel and gets the
@@ -76,6 +81,7 @@ class WeightSync:
         except WeightPushError:
             for i in range(len(self.engines.urls())):
                 self.engines.restart(i)
+                self.push_restarts += 1
             self.connect()
             stats = self.trainer.push_weights(version)
         self.version = version
