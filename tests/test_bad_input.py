@@ -98,33 +98,21 @@ def test_resume_rewrites_metrics_without_repeated_steps(tmp_path):
 
 @pytest.mark.slow
 def test_one_failing_reward_is_skipped_and_counted(recipe, qwen2_engines, caplog):
-    plugins.REWARD_CALLS["n"] = 0
-    cfg = recipe(
+    overrides = [
         "rollout.reward=plugins:reward_failing_once",
         "rollout.batch_size=4",
         "rollout.n_samples=4",
         "rollout.group_filters=[]",
-    )
+    ]
+    plugins.REWARD_CALLS["n"] = 0
     with caplog.at_level(logging.WARNING, logger="vime.rollout.faults"):
-        summary = run_rollout(cfg, steps=1, progress=False, engines=qwen2_engines)
+        summary = run_rollout(recipe(*overrides), steps=1, progress=False, engines=qwen2_engines)
     assert summary["samples"] == 4 * 4 - 1 and summary["failed/reward_errors"] == 1.0, summary
     assert "reward of sample" in caplog.text and "of data row" in caplog.text and "reward failed once" in caplog.text
 
     plugins.REWARD_CALLS["n"] = 0
     with pytest.raises(RolloutFailure, match="rollout.max_failures=0; the first was: reward of sample"):
-        run_rollout(
-            recipe(*cfg_overrides(cfg), "rollout.max_failures=0"), steps=1, progress=False, engines=qwen2_engines
-        )
-
-
-def cfg_overrides(cfg):
-    r = cfg.rollout
-    return [
-        f"rollout.reward={r.reward}",
-        f"rollout.batch_size={r.batch_size}",
-        f"rollout.n_samples={r.n_samples}",
-        "rollout.group_filters=[]",
-    ]
+        run_rollout(recipe(*overrides, "rollout.max_failures=0"), steps=1, progress=False, engines=qwen2_engines)
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ by data-parallel rank, and every TP/PP rank of a pipeline gets the same samples.
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 from collections.abc import Iterator
 from functools import partial
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainers.megatron import adapter, export
+from trainers.megatron import adapter, export, optim, rank_checkpoint
 from trainers.megatron.batching import microbatches, response_values
 from trainers.megatron.logprobs import LogProbHead
 from trainers.megatron.spec import build_model, transformer_config
@@ -89,7 +88,7 @@ class MegatronWorker:
             model = model.cuda()
         self.head = LogProbHead.install(model) if ps.is_pipeline_last_stage() else None
         self._load_hf_into(model)
-        self._wrap(model)
+        self.model, self.optimizer, self.scheduler = optim.wrap(self, model, self._apply_args)
         return {"rank": self.rank, "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank}
 
     def _apply_args(self, obj: Any) -> None:
@@ -127,59 +126,6 @@ class MegatronWorker:
         missing = [m for m in missing if not m.endswith("_extra_state")]
         if missing or unexpected:
             raise RuntimeError(f"HF → Megatron load mismatch: missing {missing}, unexpected {unexpected}")
-
-    def _wrap(self, model: torch.nn.Module) -> None:
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-        from megatron.core.transformer.module import Float16Module
-
-        c = self.cfg
-        if c.dtype == "bfloat16":
-            model = Float16Module(self.tcfg, model)
-        if not c.optimizer:
-            self.model, self.optimizer, self.scheduler = model, None, None
-            return
-        self.model = DistributedDataParallel(
-            config=self.tcfg,
-            module=model,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=c.distributed_optimizer
-            ),
-        )
-        self.tcfg.finalize_model_grads_func = finalize_model_grads
-        ocfg = OptimizerConfig(
-            optimizer="adam",
-            lr=c.lr,
-            min_lr=c.min_lr,
-            weight_decay=c.weight_decay,
-            adam_beta1=c.adam_beta1,
-            adam_beta2=c.adam_beta2,
-            clip_grad=c.clip_grad,
-            bf16=c.dtype == "bfloat16",
-            params_dtype=self.tcfg.params_dtype,
-            use_distributed_optimizer=c.distributed_optimizer,
-        )
-        self._apply_args(ocfg)
-        self.optimizer = get_megatron_optimizer(ocfg, [self.model])
-        decay = c.lr_decay_steps or 10**9
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0 if c.warmup_steps else c.lr,
-            max_lr=c.lr,
-            min_lr=c.min_lr,
-            lr_warmup_steps=c.warmup_steps,
-            lr_decay_steps=max(decay, c.warmup_steps + 1),
-            lr_decay_style="cosine" if c.lr_decay_steps else "constant",
-            start_wd=c.weight_decay,
-            end_wd=c.weight_decay,
-            wd_incr_steps=1,
-            wd_incr_style="constant",
-        )
 
     def module(self) -> torch.nn.Module:
         """The GPTModel under the DDP / Float16Module wrappers."""
@@ -384,39 +330,10 @@ class MegatronWorker:
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save(self, ckpt_dir: str) -> None:
-        state = {
-            "model": self.module().state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "steps": self.steps,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-                "cuda": None if self.on_cpu else torch.cuda.get_rng_state(),
-            },
-        }
-        os.makedirs(ckpt_dir, exist_ok=True)
-        torch.save(state, os.path.join(ckpt_dir, f"rank_{self.rank:05d}.pt"))
+        rank_checkpoint.save(self, ckpt_dir)
 
     def load(self, ckpt_dir: str) -> None:
-        path = os.path.join(ckpt_dir, f"rank_{self.rank:05d}.pt")
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{path}: checkpoint has no shard for rank {self.rank} "
-                "(was it saved with the same trainer.world_size/tp/pp?)"
-            )
-        state = torch.load(path, weights_only=False)
-        self.module().load_state_dict(state["model"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.steps = state["steps"]
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
+        rank_checkpoint.load(self, ckpt_dir)
 
     def shutdown(self) -> None:
         from megatron.core import parallel_state as ps
