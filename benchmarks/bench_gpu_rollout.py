@@ -131,6 +131,7 @@ def main() -> None:
         },
         log_path=out / "vllm_rollout.log",
         startup_timeout_s=900,
+        guard=False,  # the baseline is vLLM as shipped; the adapter and gateway paths send the secret anyway
     )
     rows = []
     with server:

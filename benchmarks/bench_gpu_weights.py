@@ -105,6 +105,7 @@ def bench_size(size: str, out_dir: Path, backend: str = "ipc", engine_env: dict[
         env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **(engine_env or {})},
         log_path=out_dir / f"vllm_{backend}_{size}.log",
         startup_timeout_s=900,
+        guard=False,  # vLLM's own IPC sender (the baseline) cannot send vime's secret
     )
     t = time.perf_counter()
     with server:

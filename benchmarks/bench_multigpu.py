@@ -122,6 +122,8 @@ def greedy_top(url: str, model: str, prompts: list[list[int]]) -> list[tuple[lis
     """Greedy ids with the top-5 log-probs at each position (to tell a near-tie from a wrong token)."""
     import httpx
 
+    from vime.secret import auth_headers
+
     out = []
     for p in prompts:
         body = {
@@ -134,7 +136,7 @@ def greedy_top(url: str, model: str, prompts: list[list[int]]) -> list[tuple[lis
             "return_token_ids": True,
             "return_tokens_as_token_ids": True,
         }
-        r = httpx.post(url + "/v1/completions", json=body, timeout=300)
+        r = httpx.post(url + "/v1/completions", json=body, timeout=300, headers=auth_headers())
         r.raise_for_status()
         ch = r.json()["choices"][0]
         out.append((ch["token_ids"], ch["logprobs"]["top_logprobs"]))

@@ -51,7 +51,9 @@ async def drive(url: str, model: str, offset: int) -> dict[str, float]:
             ttfts.append(first or 0.0)
             return n
 
-    async with httpx.AsyncClient(timeout=600) as client:
+    from vime.secret import auth_headers
+
+    async with httpx.AsyncClient(timeout=600, headers=auth_headers()) as client:
         t = time.perf_counter()
         chunks = sum(await asyncio.gather(*(one(client, i) for i in range(REQUESTS))))
         dt = time.perf_counter() - t

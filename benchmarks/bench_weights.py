@@ -67,6 +67,8 @@ def bench_reload(model_dir, tmp, sets):
     import httpx
     from safetensors.torch import save_file
 
+    from vime.secret import auth_headers
+
     with engine(model_dir, tmp / "logs-reload", "disk") as group:
         url = group.urls()[0]
         times = []
@@ -74,17 +76,21 @@ def bench_reload(model_dir, tmp, sets):
             d = Path(tempfile.mkdtemp(dir="/dev/shm"))
             t = time.perf_counter()
             save_file(sets[i % 2], str(d / "model.safetensors"))
-            httpx.post(url + "/pause", params={"mode": "keep"}, timeout=600).raise_for_status()
+            httpx.post(url + "/pause", params={"mode": "keep"}, timeout=600, headers=auth_headers()).raise_for_status()
             r = httpx.post(
                 url + "/collective_rpc",
                 json={"method": "reload_weights", "kwargs": {"weights_path": str(d)}},
                 timeout=600,
+                headers=auth_headers(),
             )
             r.raise_for_status()
             httpx.post(
-                url + "/collective_rpc", json={"method": "vime_refresh_tied_lm_head"}, timeout=600
+                url + "/collective_rpc",
+                json={"method": "vime_refresh_tied_lm_head"},
+                timeout=600,
+                headers=auth_headers(),
             ).raise_for_status()
-            httpx.post(url + "/resume", timeout=600).raise_for_status()
+            httpx.post(url + "/resume", timeout=600, headers=auth_headers()).raise_for_status()
             if i:
                 times.append(time.perf_counter() - t)
             for f in d.iterdir():

@@ -8,6 +8,10 @@ from typing import Any
 
 import httpx
 
+from vime.secret import auth_headers
+
+ENGINE_HTTP = httpx.Client(headers=auth_headers())  # the engines vime starts want the run's secret
+
 
 def pd_completion(prefill_url: str, decode_url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
     first = {
@@ -23,9 +27,9 @@ def pd_completion(prefill_url: str, decode_url: str, body: dict[str, Any], timeo
             "remote_port": None,
         },
     }
-    r = httpx.post(prefill_url + "/v1/completions", json=first, timeout=timeout)
+    r = ENGINE_HTTP.post(prefill_url + "/v1/completions", json=first, timeout=timeout)
     r.raise_for_status()
     params = r.json()["kv_transfer_params"]
-    r = httpx.post(decode_url + "/v1/completions", json={**body, "kv_transfer_params": params}, timeout=timeout)
+    r = ENGINE_HTTP.post(decode_url + "/v1/completions", json={**body, "kv_transfer_params": params}, timeout=timeout)
     r.raise_for_status()
     return r.json()

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from vime import protocols
 from vime.engine import EngineConfig
 from vime.registry import ENGINES, TRAINERS, load_object
+from vime.secret import auth_headers
 from vime.trainer import TrainerConfig
 from vime.types import Sample, SamplingParams
 from vime.weights import WeightPushError, WeightsConfig
@@ -123,9 +124,9 @@ def test_engine_group_and_engine_contract(group, model_dir):
     assert all(c.weight_versions == ["contract-v1"] * len(c.token_ids) for c in generate(engine))
 
     group.sleep(level=1)  # on CPU vLLM pauses scheduling but frees nothing
-    assert httpx.get(url + "/is_sleeping", timeout=10).json()["is_sleeping"] is True
+    assert httpx.get(url + "/is_sleeping", timeout=10, headers=auth_headers()).json()["is_sleeping"] is True
     group.wake_up(None)
-    assert httpx.get(url + "/is_sleeping", timeout=10).json()["is_sleeping"] is False
+    assert httpx.get(url + "/is_sleeping", timeout=10, headers=auth_headers()).json()["is_sleeping"] is False
     assert len(generate(engine)) == 2
 
     group.restart(0)  # same URL, model-directory weights, so the pushed version is gone

@@ -15,8 +15,11 @@ from transformers import AutoModelForCausalLM
 
 from engines.vllm.config import VLLMEngineConfig as EngineConfig
 from engines.vllm.weight_channel import VLLMWeightChannel
+from vime.secret import auth_headers
 from vime.specs import make_engine_group
 from vime.types import Sample, SamplingParams
+
+ENGINE_HTTP = httpx.Client(headers=auth_headers())  # the engines vime starts want the run's secret
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +38,17 @@ def pd(model_dir, tmp_path_factory):
 
 def kv_tokens(url: str) -> dict[str, float]:
     out = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
+    for line in ENGINE_HTTP.get(url + "/metrics").text.splitlines():
         if line.startswith("vllm:prompt_tokens_by_source_total{"):
             out[line.split('source="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
     return out
+
+
+def answer(r: httpx.Response) -> dict:
+    """The reply's JSON, or a failure that shows what the server or router said (a reply without `choices`
+    under load was once all a failed run showed)."""
+    assert r.status_code == 200 and "choices" in r.text, f"{r.request.url} -> {r.status_code}: {r.text[:800]}"
+    return r.json()
 
 
 def body(model, prompt, **kw):
@@ -52,37 +62,37 @@ def test_greedy_tokens_equal_single_server_and_kv_is_transferred(pd, model_dir):
     for k, n in enumerate((137, 70, 33)):  # fresh prompts: no prefix-cache hit can hide a missing transfer
         prompt = [3 + (k * 37 + i * 7) % 500 for i in range(n)]
         before = kv_tokens(decode)
-        via_router = httpx.post(router + "/v1/completions", json=body(model, prompt), timeout=60).json()
+        via_router = answer(ENGINE_HTTP.post(router + "/v1/completions", json=body(model, prompt), timeout=60))
         after = kv_tokens(decode)
-        single = httpx.post(prefill + "/v1/completions", json=body(model, prompt), timeout=60).json()
+        single = answer(ENGINE_HTTP.post(prefill + "/v1/completions", json=body(model, prompt), timeout=60))
         assert via_router["choices"][0]["token_ids"] == single["choices"][0]["token_ids"]
         assert after["external_kv_transfer"] - before["external_kv_transfer"] == n
         assert after["local_compute"] == before["local_compute"]
     # the hand-made 3-step protocol (the oracle) agrees with the router
     prompt = [5 + i % 400 for i in range(90)]
     oracle = pd_completion(prefill, decode, body(model, prompt))
-    routed = httpx.post(router + "/v1/completions", json=body(model, prompt), timeout=60).json()
+    routed = answer(ENGINE_HTTP.post(router + "/v1/completions", json=body(model, prompt), timeout=60))
     assert oracle["choices"][0]["token_ids"] == routed["choices"][0]["token_ids"]
 
 
 def test_chat_and_streaming_through_router(pd, model_dir):
     prefill, router, model = pd.urls()[0], pd.router.base_url, str(model_dir("qwen2"))
     chat = {"model": model, "messages": [{"role": "user", "content": "12+7="}], "max_tokens": 10, "temperature": 0.0}
-    a = httpx.post(router + "/v1/chat/completions", json=chat, timeout=60).json()
-    b = httpx.post(prefill + "/v1/chat/completions", json=chat, timeout=60).json()
+    a = answer(ENGINE_HTTP.post(router + "/v1/chat/completions", json=chat, timeout=60))
+    b = answer(ENGINE_HTTP.post(prefill + "/v1/chat/completions", json=chat, timeout=60))
     assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
     for path, req, key in (
         ("/v1/chat/completions", chat, "delta"),
         ("/v1/completions", body(model, [7] * 40, return_token_ids=False), "text"),
     ):
         text = ""
-        with httpx.stream("POST", router + path, json={**req, "stream": True}, timeout=60) as r:
+        with ENGINE_HTTP.stream("POST", router + path, json={**req, "stream": True}, timeout=60) as r:
             for line in r.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     ch = json.loads(line[6:])["choices"]
                     if ch:
                         text += (ch[0]["delta"].get("content") or "") if key == "delta" else ch[0]["text"]
-        plain = httpx.post(prefill + path, json=req, timeout=60).json()["choices"][0]
+        plain = ENGINE_HTTP.post(prefill + path, json=req, timeout=60).json()["choices"][0]
         assert text == (plain["message"]["content"] if key == "delta" else plain["text"])
 
 
@@ -96,7 +106,7 @@ def test_engine_adapter_over_router_and_weight_push_reaches_both(pd, model_dir):
     ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, pd.urls())
     ch.push([sorted(sd.items())], "pd1")
     ch.close()
-    assert [httpx.get(u + "/weight_info").json()["weight_version"] for u in pd.urls()] == ["pd1", "pd1"]
+    assert [ENGINE_HTTP.get(u + "/weight_info").json()["weight_version"] for u in pd.urls()] == ["pd1", "pd1"]
     ref = AutoModelForCausalLM.from_pretrained(new_dir, dtype=torch.float32, attn_implementation="eager")
     prompt = [3 + (i * 11) % 500 for i in range(64)]
     (cs,) = asyncio.run(pd.engines[0].generate([prompt], SamplingParams(n=1, max_tokens=12, seed=5)))
@@ -121,7 +131,7 @@ def test_plain_pool_behind_router_keeps_sessions_sticky(qwen2_engines, model_dir
     def served():
         out = []
         for u in qwen2_engines.urls():
-            text = httpx.get(u + "/metrics").text
+            text = ENGINE_HTTP.get(u + "/metrics").text
             out.append(
                 sum(
                     float(line.rsplit(" ", 1)[1])
@@ -154,3 +164,23 @@ def test_plain_pool_behind_router_keeps_sessions_sticky(qwen2_engines, model_dir
         assert hit == {0, 1}  # and the sessions spread over both
     finally:
         router.stop()
+
+
+def test_router_is_no_way_around_the_engine_guard(pd, model_dir):
+    """vllm-router forwards any path to both servers with its own key; that key is good for generation only, so
+    a caller without the run's secret can generate through the router but not pause, sleep or update an engine."""
+    router = pd.router.base_url
+    for path, req in [
+        ("/pause", None),
+        ("/sleep", None),
+        ("/collective_rpc", {"method": "vime_refresh_tied_lm_head"}),
+        ("/start_weight_update", None),
+        ("/init_weight_transfer_engine", {"init_info": {}}),
+    ]:
+        r = httpx.post(router + path, json=req or {}, timeout=60)  # no Authorization header
+        assert (r.status_code >= 400 and "401" in r.text) or r.status_code == 401, (path, r.status_code, r.text[:300])
+    for u in pd.urls():
+        state = {p: ENGINE_HTTP.get(u + p, timeout=30).json() for p in ("/is_paused", "/is_sleeping")}
+        assert state == {"/is_paused": {"is_paused": False}, "/is_sleeping": {"is_sleeping": False}}, (u, state)
+    r = httpx.post(router + "/v1/completions", json=body(str(model_dir("qwen2")), [1, 2, 3]), timeout=60)
+    assert r.status_code == 200 and r.json().get("choices"), r.text[:500]

@@ -13,6 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vime.secret import ENV as SECRET_ENV
+from vime.secret import run_secret
+
 
 class RayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -55,6 +58,7 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         "env_vars": {
             "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
             "TOKENIZERS_PARALLELISM": "false",
+            SECRET_ENV: run_secret(),  # a trainer rank's weight channel talks to the engines with it
         }
     }
     if cfg.address:

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from vime.secret import auth_headers
 from vime.types import Completion, SamplingParams
 
 
@@ -97,6 +98,7 @@ class VLLMClient:
                 base_url=self.base_url,
                 timeout=self.timeout_s,
                 limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+                headers=auth_headers(),  # the engines vime starts refuse requests without the run's secret
             )
             self._loop = loop
         return self._http

@@ -14,6 +14,8 @@ from engines.vllm.config import VLLMEngineConfig
 from engines.vllm.router import VLLMRouter, pd_args
 from engines.vllm.server import VLLMServer
 from vime.placement import free_port
+from vime.secret import ENV as SECRET_ENV
+from vime.secret import auth_headers, run_secret
 from vime.types import Completion, SamplingParams
 
 
@@ -116,7 +118,8 @@ class VLLMEngineGroup:
 
     def _server_env(self, i: int) -> dict[str, str]:
         role = self.roles()[i]
-        env = {**self.cfg.env, **(getattr(self.cfg, role).env if role != "server" else {})}
+        # the driver's secret, explicitly: a server in a Ray actor must not draw its own
+        env = {SECRET_ENV: run_secret(), **self.cfg.env, **(getattr(self.cfg, role).env if role != "server" else {})}
         if on_cpu() and len(self.roles()) > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
             # Without explicit pinning every CPU server binds core 0 and they crawl.
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(i % (os.cpu_count() or 1))
@@ -280,7 +283,7 @@ class VLLMEngineGroup:
         sums: dict[str, float] = {}
         for s in self.servers:
             try:
-                text = httpx.get(s.base_url + "/metrics", timeout=5).text
+                text = httpx.get(s.base_url + "/metrics", timeout=5, headers=auth_headers()).text
             except httpx.HTTPError:
                 continue
             for line in text.splitlines():
@@ -299,7 +302,7 @@ class VLLMEngineGroup:
         import httpx
 
         for s in self.servers:
-            r = httpx.post(s.base_url + path, params=params, timeout=self.cfg.request_timeout_s)
+            r = httpx.post(s.base_url + path, params=params, timeout=self.cfg.request_timeout_s, headers=auth_headers())
             if r.status_code >= 400:
                 raise RuntimeError(f"{s.base_url}{path} -> {r.status_code}: {r.text[:300]}")
 

@@ -15,6 +15,7 @@ import httpx
 
 from engines.vllm.server import EngineStartError, _die_with_parent, kill_tree, log_tail
 from vime.placement import free_port
+from vime.secret import router_key, run_secret
 
 
 def router_binary() -> str:
@@ -81,6 +82,9 @@ class VLLMRouter:
                 self.command(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                # in P/D mode the router sends `Bearer $OPENAI_API_KEY` to both servers for any path it is asked
+                # (not the caller's header): a generation-only key, never the secret (engines/vllm/guard.py)
+                env={**os.environ, "OPENAI_API_KEY": router_key(run_secret())},
                 start_new_session=True,
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, async-signal-safe
             )

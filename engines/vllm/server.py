@@ -22,6 +22,8 @@ import httpx
 import psutil
 
 from vime.placement import free_port
+from vime.secret import ENV as SECRET_ENV
+from vime.secret import run_secret
 
 
 class EngineStartError(RuntimeError):
@@ -130,6 +132,7 @@ class VLLMServer:
         env: dict[str, str] | None = None,
         log_path: str | Path = "vllm.log",
         startup_timeout_s: float = 300.0,
+        guard: bool = True,
     ):
         self.model_path = model_path
         self.host = host
@@ -138,6 +141,7 @@ class VLLMServer:
         self.env = dict(env or {})
         self.log_path = Path(log_path)
         self.startup_timeout_s = startup_timeout_s
+        self.guard = guard  # False only for a benchmark's bare-vLLM baseline (vLLM's own senders send no secret)
         self.proc: subprocess.Popen | None = None
         self.version = vllm_version()
 
@@ -149,6 +153,11 @@ class VLLMServer:
         args = dict(self.args)
         if self.version >= (0, 27, 0):  # 0.26 serves /inference/v1/generate unconditionally
             args.setdefault("enable_scale_out", True)
+        # --middleware is an append flag (one per import path); the guard comes last, so it runs first
+        extra = args.pop("middleware", None) or []
+        middleware = [*([extra] if isinstance(extra, str) else extra)]
+        if self.guard:
+            middleware.append("engines.vllm.guard.EngineGuard")
         return [
             sys.executable,
             "-m",
@@ -160,13 +169,15 @@ class VLLMServer:
             "--port",
             str(self.port),
             *to_cli_flags(args),
+            *(f for m in middleware for f in ("--middleware", m)),
         ]
 
     def start(self) -> VLLMServer:
         if not Path(self.model_path).exists():
             raise EngineStartError(f"model directory {self.model_path!r} does not exist (model.path)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **self.env}
+        # dev mode serves the RL routes (pause, collective_rpc, sleep); the guard keeps them behind the secret
+        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", SECRET_ENV: run_secret(), **self.env}
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child keeps it; closed right after Popen
         try:
             self.proc = subprocess.Popen(

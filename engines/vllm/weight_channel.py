@@ -25,6 +25,7 @@ import torch
 
 from engines.vllm.server import vllm_version
 from vime.placement import free_port
+from vime.secret import auth_headers
 from vime.weights import WeightPushError, WeightsConfig
 
 Bucket = list[tuple[str, torch.Tensor]]
@@ -61,7 +62,7 @@ class VLLMWeightChannel:
         self.workers_per_engine = workers_per_engine
         # vLLM >= 0.27 takes weight_version in /finish_weight_update and reports it in /weight_info
         self.new_finish_api = vllm_version() >= (0, 27, 0) if new_finish_api is None else new_finish_api
-        self.http = httpx.Client(timeout=self.cfg.timeout_s)
+        self.http = httpx.Client(timeout=self.cfg.timeout_s, headers=auth_headers())
         self.pool = ThreadPoolExecutor(max(4, len(self.urls) * 2))
         self.pg: Any = None  # gloo process group / NCCL communicator
         self.staging: torch.Tensor | None = None  # ipc: the buffer engines map once
