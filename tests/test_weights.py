@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 from conftest import hf_response_logprobs, start_engines
+from net_audit import listening_beyond_loopback
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -88,6 +89,8 @@ def test_trainer_pushes_through_gloo(qwen2_engines, model_dir, ray_cluster):
         )
         stats = tr.push_weights("t1")
         assert stats["bytes"] > 0
+        # Ray, both ranks' rendezvous store, the channel's store and the servers: nothing beyond loopback
+        assert listening_beyond_loopback() == []
         for eng in qwen2_engines.engines:
             (cs,) = asyncio.run(eng.generate([CACHED], SamplingParams(n=2, max_tokens=12, seed=3)))
             samples = [Sample.from_completion(CACHED, c) for c in cs]

@@ -63,8 +63,20 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     }
     if cfg.address:
         ray.init(address=cfg.address, runtime_env=env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env, log_to_driver=True)
+        return
+    loopback_only(ray, env["env_vars"])
+    ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env, log_to_driver=True)
+
+
+def loopback_only(ray: Any, env_vars: dict[str, str]) -> None:
+    """A cluster started here serves this host only, so nothing of it listens beyond loopback: Ray's node address
+    becomes 127.0.0.1 (its switch for single-host clusters, read at import, hence also set on the loaded module;
+    GCS, raylet and worker servers bind the node address) and gloo picks the loopback device."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = env_vars["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env_vars.setdefault("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if constants is not None and hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def placement_group(bundles: list[dict[str, float]], name: str | None = None, timeout_s: float = 120.0) -> Any:
@@ -96,6 +108,17 @@ def remove_placement_group(pg: Any) -> None:
 
     if ray.is_initialized():
         ray.util.remove_placement_group(pg)
+
+
+def listening_socket(host: str) -> socket.socket:
+    """A socket already listening on `host` (not on every interface) at a port the kernel picked, for a
+    rendezvous store to take over: torch's TCPStore binds every interface unless handed one, and a port that
+    stays bound cannot be taken by anyone in between."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(128)
+    return sock
 
 
 _PORTS = random.SystemRandom()

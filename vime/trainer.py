@@ -34,6 +34,9 @@ class TrainerConfig(BaseModel):
     )
     recompute: bool = False
     seed: int = 1234
+    rendezvous_timeout_s: float = Field(
+        default=300.0, gt=0, description="how long ranks wait for each other to join the process group"
+    )
     cpus_per_rank: float = Field(default=1.0, gt=0)
     gpus_per_rank: float = Field(default=0.0, ge=0, description="0 on CPU; 1 on GPUs")
     args: dict[str, Any] = Field(default_factory=dict, description="backend config fields, verbatim")

@@ -24,7 +24,7 @@ import httpx
 import torch
 
 from engines.vllm.server import vllm_version
-from vime.placement import free_port
+from vime.placement import free_port, listening_socket
 from vime.secret import auth_headers
 from vime.weights import WeightPushError, WeightsConfig
 
@@ -98,7 +98,8 @@ class VLLMWeightChannel:
 
     def _connect_broadcast(self, backend: str) -> None:
         """One group: the sender is rank 0, every engine worker joins at its rank offset."""
-        port = free_port(self.master_address)
+        sock = listening_socket(self.master_address) if backend == "gloo" else None  # the store binds no more
+        port = sock.getsockname()[1] if sock is not None else free_port(self.master_address)
         world = 1 + self.workers_per_engine * len(self.urls)
         extra = {"timeout_s": self.cfg.timeout_s} if backend == "gloo" else {}
         futs = [
@@ -122,7 +123,13 @@ class VLLMWeightChannel:
             from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
             self.pg = stateless_init_torch_distributed_process_group(
-                self.master_address, port, 0, world, backend="gloo", timeout=timedelta(seconds=self.cfg.timeout_s)
+                self.master_address,
+                port,
+                0,
+                world,
+                backend="gloo",
+                timeout=timedelta(seconds=self.cfg.timeout_s),
+                listen_socket=sock,
             )
         else:  # vLLM's own NCCL engine, trainer side
             from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Iterator
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from trainers.megatron.batching import microbatches, response_values
 from trainers.megatron.logprobs import LogProbHead
 from trainers.megatron.spec import build_model, transformer_config
 from vime.algorithms.losses import get_loss
-from vime.placement import free_port
+from vime.placement import listening_socket
 from vime.protocols import WeightChannel, WeightChannelFactory
 from vime.trainer import TrainerConfig
 
@@ -46,19 +47,28 @@ class MegatronWorker:
 
     # ---- setup -------------------------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
+        """Rank 0 holds the rendezvous socket, bound to its node's address only (loopback on a local cluster)."""
         import ray
 
-        return ray.util.get_node_ip_address(), free_port("")
+        self._store_socket = listening_socket(ray.util.get_node_ip_address())
+        host, port = self._store_socket.getsockname()[:2]
+        return host, port
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, int]:
         from megatron.core import parallel_state as ps
         from transformers import AutoConfig
 
+        sock = getattr(self, "_store_socket", None)
+        store = dist.TCPStore(
+            master_addr,
+            master_port,
+            self.world_size,
+            is_master=sock is not None,
+            master_listen_fd=sock.detach() if sock is not None else None,
+            timeout=timedelta(seconds=self.cfg.rendezvous_timeout_s),
+        )
         dist.init_process_group(
-            "gloo" if self.on_cpu else "nccl",
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=self.rank,
-            world_size=self.world_size,
+            "gloo" if self.on_cpu else "nccl", store=store, rank=self.rank, world_size=self.world_size
         )
         if not self.on_cpu:
             torch.cuda.set_device(0)  # Ray gives each rank one visible GPU
