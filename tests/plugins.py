@@ -1,5 +1,8 @@
 """Plug-ins used by tests through import paths, as users would write them."""
 
+import asyncio
+import threading
+
 
 def exploding_reward(sample):
     raise RuntimeError("reward exploded")
@@ -62,3 +65,20 @@ def reward_failing_once(sample):
     if REWARD_CALLS["n"] == 1:
         raise ValueError("reward failed once")
     return arithmetic_reward(sample)
+
+
+RELEASE = threading.Event()
+
+
+def reward_hanging_once(sample):
+    """Hangs on the first sample it scores (a verifier stuck on a sandbox) until RELEASE is set."""
+    REWARD_CALLS["n"] += 1
+    if REWARD_CALLS["n"] == 1:
+        RELEASE.wait(120)
+    return 1.0
+
+
+async def async_reward(sample):
+    """An async verifier: awaited, not called in a thread."""
+    await asyncio.sleep(0)
+    return float(sample.index % 2)

@@ -116,6 +116,29 @@ def test_one_failing_reward_is_skipped_and_counted(recipe, qwen2_engines, caplog
 
 
 @pytest.mark.slow
+def test_hanging_reward_times_out_and_async_rewards_are_awaited(recipe, qwen2_engines, caplog):
+    overrides = ["rollout.batch_size=4", "rollout.n_samples=4", "rollout.group_filters=[]"]
+    plugins.REWARD_CALLS["n"] = 0
+    plugins.RELEASE.clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="vime.rollout.faults"):
+            summary = run_rollout(
+                recipe("rollout.reward=plugins:reward_hanging_once", "rollout.reward_timeout_s=2", *overrides),
+                steps=1,
+                progress=False,
+                engines=qwen2_engines,
+            )
+    finally:
+        plugins.RELEASE.set()  # let the abandoned thread end
+    assert summary["samples"] == 4 * 4 - 1 and summary["failed/reward_timeouts"] == 1.0, summary
+    assert "rollout.reward_timeout_s=2" in caplog.text and "of data row" in caplog.text
+    summary = run_rollout(
+        recipe("rollout.reward=plugins:async_reward", *overrides), steps=1, progress=False, engines=qwen2_engines
+    )
+    assert summary["samples"] == 16 and 0 < summary["mean_reward"] < 1, summary
+
+
+@pytest.mark.slow
 def test_prompt_too_long_is_skipped_and_names_its_row(recipe, qwen2_engines, tmp_path, caplog):
     data = tmp_path / "data.jsonl"
     rows = [{"prompt": f"{i}+1=", "label": str(i + 1)} for i in range(3)] + [{"prompt": "1+1=" * 400, "label": "2"}]

@@ -8,7 +8,7 @@ drives the real implementations through exactly the declared members.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from vime.engine import EngineConfig
@@ -208,7 +208,9 @@ class TrainerSpec(Protocol):
 
 
 class RewardFn(Protocol):
-    def __call__(self, sample: Sample) -> float: ...
+    """Plain or async (a verifier that waits on a sandbox); either is bounded by `rollout.reward_timeout_s`."""
+
+    def __call__(self, sample: Sample) -> float | Awaitable[float]: ...
 
 
 class GroupFilter(Protocol):

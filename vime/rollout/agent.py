@@ -41,7 +41,7 @@ async def run_agent_group(agent: Any, record: dict[str, Any], ctx: Any, gateway:
         s.metadata["task"] = record
         if isinstance(result, BaseException):
             s.reward = 0.0  # a failed episode is a real outcome of the policy: trained on with no reward
-        elif not ctx.score(s, f"agent run {k} of data row {record.get('index')}"):
+        elif not await ctx.score(s, f"agent run {k} of data row {record.get('index')}"):
             continue
         group.append(s)
     return group

@@ -27,6 +27,9 @@ class RolloutConfig(BaseModel):
         default_factory=list, description="'drop_uniform_reward' or 'pkg.module:fn' (group -> keep?)"
     )
     agent: str | None = Field(default=None, description="agent fn 'pkg.module:fn' for vime.rollout.agent:agent_rollout")
+    reward_timeout_s: float = Field(
+        default=60.0, gt=0, description="a reward taking longer marks its sample failed (failed/reward_timeouts)"
+    )
     max_failures: int = Field(
         default=64,
         ge=0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +21,7 @@ class RolloutContext:
     engines: EnginePool
     tokenizer: Any  # a transformers tokenizer
     params: SamplingParams
-    reward_fn: Callable[[Sample], float]
+    reward_fn: Callable[[Sample], Any]  # a float, or an awaitable of one
     apply_chat_template: bool = True
     system_prompt: str | None = None
     step: int = 0
@@ -30,11 +32,22 @@ class RolloutContext:
     context_limit: int | None = None  # prompt + max_tokens the engine accepts (None: unknown)
     data_source: str = "the prompt data"  # the file prompt records come from, for messages that name a row
     faults: Faults = field(default_factory=Faults)
+    reward_timeout_s: float = 60.0
 
-    def score(self, sample: Sample, what: str) -> bool:
-        """Set the sample's reward; False (and counted) when the reward function raised."""
+    async def score(self, sample: Sample, what: str) -> bool:
+        """Set the sample's reward; False (and counted) when the reward function raised or ran past
+        `rollout.reward_timeout_s`. It runs off the event loop (a slow verifier must not stall generation); an
+        async reward function is awaited. A timed-out thread cannot be stopped, only abandoned: the bound on
+        failures bounds them too."""
+        fn = self.reward_fn
+        call = fn(sample) if inspect.iscoroutinefunction(fn) else asyncio.to_thread(fn, sample)
         try:
-            sample.reward = float(self.reward_fn(sample))
+            sample.reward = float(await asyncio.wait_for(call, self.reward_timeout_s))
+        except TimeoutError:
+            self.faults.record(
+                "reward_timeouts", f"reward of {what} took longer than rollout.reward_timeout_s={self.reward_timeout_s}"
+            )
+            return False
         except Exception as e:  # noqa: BLE001 - a user's reward may raise anything; recorded with its traceback
             self.faults.record("reward_errors", f"reward of {what}", e)
             return False
@@ -105,5 +118,6 @@ def make_context(
         agent=r.agent,
         context_limit=context_limit,
         faults=Faults(bound=r.max_failures),
+        reward_timeout_s=r.reward_timeout_s,
         data_source=data.path,
     )

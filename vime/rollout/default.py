@@ -29,7 +29,7 @@ async def sample_group(record: dict[str, Any], ctx: RolloutContext, group_id: st
             metadata={"seed": params.seed, "step": ctx.step},
         )
         s.response = ctx.decode(s.response_ids)  # the ids are the truth; engine text may lag a partial char
-        if ctx.score(s, f"sample {k} of data row {record.get('index')}"):
+        if await ctx.score(s, f"sample {k} of data row {record.get('index')}"):
             group.append(s)
     return group
 
