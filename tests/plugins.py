@@ -82,3 +82,8 @@ async def async_reward(sample):
     """An async verifier: awaited, not called in a thread."""
     await asyncio.sleep(0)
     return float(sample.index % 2)
+
+
+def nan_loss(logp, mb, **_):
+    """A loss that has gone NaN (an overflowing ratio, a bad advantage): the trainer must not step on it."""
+    return logp * float("nan"), {}

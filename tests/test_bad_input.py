@@ -154,3 +154,15 @@ def test_prompt_too_long_is_skipped_and_names_its_row(recipe, qwen2_engines, tmp
         summary = run_rollout(cfg, steps=1, progress=False, engines=qwen2_engines)
     assert summary["samples"] == 3 * 2 and summary["failed/prompts_too_long"] == 1.0, summary
     assert f"data row 3 of {data}" in caplog.text and "exceed the engine's context of 512" in caplog.text
+
+
+def test_nonfinite_updates_are_bounded_and_the_first_is_named(caplog):
+    from types import SimpleNamespace
+
+    from vime.loop import skipped_nonfinite
+
+    run = SimpleNamespace(nonfinite=[], cfg=SimpleNamespace(loop=SimpleNamespace(max_nonfinite_steps=1)))
+    skipped_nonfinite(run, {"loss": float("nan"), "tokens": 40.0})  # within the bound: a warning
+    assert "update skipped" in caplog.text
+    with pytest.raises(FloatingPointError, match=r"loop.max_nonfinite_steps=1; the first: loss nan, batch of 40"):
+        skipped_nonfinite(run, {"loss": float("inf"), "tokens": 8.0})

@@ -99,6 +99,18 @@ def test_sft_step_lowers_cross_entropy(ray_cluster, model_dir):
     assert losses[-1] < losses[0] - 0.1
 
 
+def test_nonfinite_loss_skips_the_update_on_every_rank(ray_cluster, model_dir):
+    """TP=2: each rank holds other shards, so both must skip together; the weights stay exactly as they were."""
+    samples = make_samples(4, seed=5)
+    with trainer(model_dir("llama"), tp=2, lr=3e-3) as tr:
+        before = tr.logprobs(samples)
+        stats = tr.train_step(samples, "tests.plugins:nan_loss")
+        assert stats["skipped_nonfinite"] == 1.0 and stats["update_ok"] == 0.0, stats
+        assert tr.logprobs(samples) == before
+        stats = tr.train_step(samples, "sft")  # the next finite batch trains as usual
+        assert stats["skipped_nonfinite"] == 0.0 and tr.logprobs(samples) != before, stats
+
+
 def test_save_load_reproduces_next_step(ray_cluster, model_dir, tmp_path):
     samples = make_samples(4, seed=5)
     for s in samples:

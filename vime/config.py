@@ -58,6 +58,11 @@ class LoopConfig(Strict):
         description="engine deaths a run survives (restarted, "
         "re-synced, requests re-issued) before it fails with the first cause",
     )
+    max_nonfinite_steps: int = Field(
+        default=3,
+        ge=0,
+        description="steps whose loss or gradients were NaN/inf, skipped without an update, before the run stops",
+    )
 
 
 class Config(Strict):

@@ -4,12 +4,13 @@
 
 Each step is one named call on a part built in `parts.py`. Resume restores every piece of state (trainer weights
 and optimiser, data position, buffer, sampling-seed counters) and re-pushes the weights, so the next step is the
-one an uninterrupted run would have taken. The asynchronous loop is this file's sibling (`loop_async.py`): same
-parts, same step metrics, rollout and training overlapped.
+one an uninterrupted run would have taken. An asynchronous loop (not written yet) is to be this file's sibling over
+the same parts.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from vime.data.source import PromptSource
 from vime.parts import Parts
 from vime.step_metrics import Timer, consistency, rollout_metrics
 from vime.types import Group, Sample
+
+log = logging.getLogger(__name__)
 
 
 def warm_start(run: Parts) -> None:
@@ -63,7 +66,24 @@ def train_on(run: Parts, batch: list[Sample], T: float) -> dict[str, float]:
     metrics |= consistency(batch, trainer_lp)
     old = trainer_lp if algo.old_logprobs == "recompute" else [s.logprobs for s in batch]
     stats = run.trainer.train_step(batch, algo.loss, algo.loss_kwargs(), old_logprobs=old, temperature=T)
+    if stats.get("skipped_nonfinite"):
+        skipped_nonfinite(run, stats)
     return metrics | {f"train/{k}": v for k, v in stats.items()}
+
+
+def skipped_nonfinite(run: Parts, stats: dict[str, float]) -> None:
+    """The trainer skipped an update whose loss or gradients were NaN/inf; past the bound the run stops."""
+    run.nonfinite.append(f"loss {stats.get('loss')}, batch of {stats.get('tokens', 0):.0f} tokens")
+    bound = run.cfg.loop.max_nonfinite_steps
+    log.warning(
+        "a NaN/inf loss or gradient: update skipped (%s; loop.max_nonfinite_steps=%d)", run.nonfinite[-1], bound
+    )
+    if len(run.nonfinite) > bound:
+        raise FloatingPointError(
+            f"{len(run.nonfinite)} updates skipped for a NaN/inf loss or gradient, more than "
+            f"loop.max_nonfinite_steps={bound}; the first: {run.nonfinite[0]} (check the loss, learning rate, "
+            "advantages and engine log-probs)"
+        )
 
 
 def eval_due(cfg: Config, step: int) -> bool:

@@ -33,6 +33,7 @@ class Parts(contextlib.ExitStack):
         self.cfg = cfg
         self.out = Path(cfg.run.out_dir)
         self.progress = progress
+        self.nonfinite: list[str] = []  # steps skipped for a NaN/inf loss or gradient, with their loss
 
     def build(self) -> Parts:
         """Start every part; if any part fails to start, stop the ones already running (the caller's `with`

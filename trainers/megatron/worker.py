@@ -270,9 +270,14 @@ class MegatronWorker:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outs = self._run(samples, False, get_loss(loss), loss_kwargs, temperature)
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
-        self.steps += 1
+        finite = self._all_finite(outs)
+        if finite:
+            ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            self.steps += 1
+        else:  # one NaN/inf gradient would poison every weight for good: this batch is not learned from
+            ok, grad_norm = False, None
+            self.optimizer.zero_grad()
         sums: dict[str, float] = {}
         for out in outs:
             for k, v in out.items():
@@ -285,10 +290,22 @@ class MegatronWorker:
         metrics.update(
             grad_norm=float(grad_norm or 0.0),
             update_ok=float(bool(ok)),
+            skipped_nonfinite=float(not finite),
             tokens=n,
             lr=float(self.optimizer.param_groups[0]["lr"]),
         )
         return metrics
+
+    def _all_finite(self, outs: list[dict[str, Any]]) -> bool:
+        """Loss and gradients finite on every rank (each holds other shards; all must agree to step or skip).
+        Megatron's fp32 and unscaled bf16 optimisers step on whatever the gradients hold."""
+        local = all(bool(torch.isfinite(torch.as_tensor(o["loss_sum"])).all()) for o in outs if "loss_sum" in o)
+        grads = [g for p in self.model.parameters() if (g := getattr(p, "main_grad", p.grad)) is not None]
+        if local and grads:
+            local = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        bad = torch.tensor([0.0 if local else 1.0], device="cpu" if self.on_cpu else "cuda")
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad.item())
 
     # ---- weights out ---------------------------------------------------------------------------------------
     def iter_hf_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
