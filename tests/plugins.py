@@ -30,6 +30,16 @@ KILLED: list[dict] = []  # what rollout_killing_an_engine killed: {"port", "pids
 async def rollout_killing_an_engine(prompts, ctx):
     """The default rollout, except that the first time it samples groups (n > 1, so not an eval) it SIGKILLs the
     engine's vLLM server once its requests are in flight: what a crashed engine looks like to a run."""
+    return await disrupt_first_rollout(prompts, ctx, "kill")
+
+
+async def rollout_hanging_an_engine(prompts, ctx):
+    """Like `rollout_killing_an_engine`, but the server's whole process group is SIGSTOPped: alive, answering
+    nothing (what a deadlocked engine looks like); only health probes can tell."""
+    return await disrupt_first_rollout(prompts, ctx, "stop")
+
+
+async def disrupt_first_rollout(prompts, ctx, how):
     import asyncio
     import os
     import signal
@@ -45,11 +55,14 @@ async def rollout_killing_an_engine(prompts, ctx):
         p
         for p in psutil.process_iter(["cmdline"])
         if "vllm.entrypoints.openai.api_server" in (p.info["cmdline"] or []) and port in p.info["cmdline"]
-    )  # found first: the scan is slow under load, and the kill must land while the step's requests run
+    )  # found first: the scan is slow under load, and the disruption must land while the step's requests run
     pids = [server.pid, *(c.pid for c in server.children(recursive=True))]
     task = asyncio.ensure_future(generate_groups(prompts, ctx))
     await asyncio.sleep(0.01)  # the requests are out; 64 samples take far longer than this
-    os.kill(server.pid, signal.SIGKILL)
+    if how == "kill":
+        os.kill(server.pid, signal.SIGKILL)
+    else:
+        os.killpg(os.getpgid(server.pid), signal.SIGSTOP)
     KILLED.append({"port": port, "pids": pids, "done_before_kill": task.done()})
     return await task
 

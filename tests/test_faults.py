@@ -14,10 +14,20 @@ from vime.types import read_jsonl
 pytestmark = pytest.mark.slow
 
 
-def test_engine_killed_mid_rollout_loses_nothing(ray_cluster, repo_root, model_dir, tmp_path):
+# a hung server is told by its health probes: 1 s apart, 2 s each, 2 misses in a row (defaults: 10 s, 10 s, 3)
+PROBES = ["loop.engine_probe.interval_s=1", "loop.engine_probe.timeout_s=2", "loop.engine_probe.failures=2"]
+
+
+@pytest.mark.parametrize("how", ["killing", "hanging"])
+def test_engine_killed_or_hung_mid_rollout_loses_nothing(ray_cluster, repo_root, model_dir, tmp_path, how):
     plugins.KILLED.clear()
     cfg = recipe(
-        repo_root, model_dir, tmp_path, "rollout.function=plugins:rollout_killing_an_engine", "run.save_samples=true"
+        repo_root,
+        model_dir,
+        tmp_path,
+        f"rollout.function=plugins:rollout_{how}_an_engine",
+        "run.save_samples=true",
+        *PROBES,
     )
     result = train(cfg, progress=False)
 
@@ -26,6 +36,7 @@ def test_engine_killed_mid_rollout_loses_nothing(ray_cluster, repo_root, model_d
     rl = [r for r in result["history"] if "rollout/reward" in r]
     assert [r["step"] for r in rl] == [1, 2]
     assert sum(r["faults/engine_restarts"] for r in rl) == 1, rl
+    assert sum(r["faults/hung_engines"] for r in rl) == (how == "hanging"), rl
     assert sum(r["faults/reissued_requests"] for r in rl) >= 1, rl
     for r in rl:
         assert r["train/samples"] == 8 * 8, r
@@ -39,4 +50,4 @@ def test_engine_killed_mid_rollout_loses_nothing(ray_cluster, repo_root, model_d
             groups.setdefault(s.group_id, []).append(s.index)
         assert len(groups) == 8 and all(sorted(ix) == list(range(8)) for ix in groups.values()), groups
     left = [p for p in kill["pids"] if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not left, f"processes of the killed server still alive: {left}"
+    assert not left, f"processes of the disrupted server still alive: {left}"

@@ -156,11 +156,14 @@ def _serve(cfg: Config) -> int:
     from vime.gateway.server import Gateway
     from vime.rollout.context import load_tokenizer
     from vime.specs import make_engine_group
+    from vime.supervise import SupervisedPool
 
     engines = make_engine_group(cfg.engine, cfg.model.path, str(Path(cfg.run.out_dir) / "logs"))
+    # a server that dies or hangs is restarted (with the model directory's weights) and its requests re-issued
+    pool = SupervisedPool(engines, lambda: None, cfg.loop.max_engine_restarts, probe=cfg.loop.engine_probe)
     try:
         engines.start()
-        with Gateway(engines, load_tokenizer(cfg.model.tokenizer or cfg.model.path), gateway_config(cfg)) as gw:
+        with Gateway(pool, load_tokenizer(cfg.model.tokenizer or cfg.model.path), gateway_config(cfg)) as gw:
             print(
                 f"OpenAI endpoint: {gw.base_url}\nAPI key: {gw.api_key}\nmodel: {gw.cfg.model_name}\n"
                 "sessions: send header x-session-id, or use base_url .../sessions/<id>/v1. Ctrl-C stops.",

@@ -22,6 +22,7 @@ from vime.placement import PlacementConfig, RayConfig
 from vime.registry import DEFAULT_ENGINE, PluginError
 from vime.rollout.config import RolloutConfig
 from vime.specs import engine_spec, trainer_spec
+from vime.supervise import ProbeConfig
 from vime.trainer import TrainerConfig
 from vime.weights import WeightsConfig
 
@@ -57,6 +58,9 @@ class LoopConfig(Strict):
         ge=0,
         description="engine deaths a run survives (restarted, "
         "re-synced, requests re-issued) before it fails with the first cause",
+    )
+    engine_probe: ProbeConfig = Field(
+        default_factory=ProbeConfig, description="health probes that tell a hung engine server from a busy one"
     )
     max_nonfinite_steps: int = Field(
         default=3,

@@ -84,7 +84,9 @@ class Parts(contextlib.ExitStack):
         self.callback(self.trainer.shutdown)
         self.sync = WeightSync(self.trainer, self.engines, engine_spec(e.name).weight_channel, cfg.weights, sleeps)
         self.sync.connect()
-        self.pool = SupervisedPool(self.engines, self.sync.resync, cfg.loop.max_engine_restarts)
+        self.pool = SupervisedPool(
+            self.engines, self.sync.resync, cfg.loop.max_engine_restarts, probe=cfg.loop.engine_probe
+        )
         limit = engine_spec(e.name).context_limit(cfg.engine)
         self.ctx = make_context(cfg.rollout, cfg.data, self.pool, self.tokenizer, limit)
         if cfg.rollout.agent:  # agents reach the engines through the OpenAI gateway, which records their tokens

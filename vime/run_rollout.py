@@ -30,7 +30,9 @@ def run_rollout(
         finally:
             group.stop()
     buffer = make_buffer(cfg.rollout.group_filters)
-    pool = SupervisedPool(engines, resync=lambda: None, max_restarts=cfg.loop.max_engine_restarts)  # model weights
+    pool = SupervisedPool(  # engines hold the model directory's weights: nothing to re-sync
+        engines, resync=lambda: None, max_restarts=cfg.loop.max_engine_restarts, probe=cfg.loop.engine_probe
+    )
     limit = engine_spec(cfg.engine.name).context_limit(cfg.engine)
     ctx = make_context(cfg.rollout, cfg.data, pool, load_tokenizer(cfg.model.tokenizer or cfg.model.path), limit)
     rollout = RolloutStep(cfg.rollout.function, PromptSource(cfg.data), buffer, ctx, cfg.rollout.batch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import hashlib
 import os
@@ -77,7 +78,8 @@ class VLLMEngine:
     async def healthy(self) -> bool:
         checked, ok = self._health
         if time.monotonic() - checked > self.HEALTH_TTL_S:
-            ok = self.server.alive() and await self.client.healthy()
+            # alive() of a server in a Ray actor is a blocking actor call: off the event loop
+            ok = await asyncio.to_thread(self.server.alive) and await self.client.healthy()
             self._health = (time.monotonic(), ok)
         return ok
 
@@ -254,6 +256,9 @@ class VLLMEngineGroup:
         old = self.servers[i]
         old.stop()
         (server,) = self._launch([i], [old.port])
+        if i >= len(self.servers) or self.servers[i] is not old:  # stop() (or another restart) ran meanwhile
+            server.stop()
+            raise RuntimeError(f"engine server {i} was restarted while its group was being stopped")
         self.servers[i] = server
         if self.router is None:
             self.engines[i] = VLLMEngine(server, self.cfg.request_timeout_s)
