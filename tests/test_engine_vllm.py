@@ -175,3 +175,21 @@ def test_gpu_launch_flags_and_role_env():
     g = VLLMEngineGroup(pd, model_path="m", log_dir="/tmp")
     assert [g._server_env(i)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["0", "1"]
     assert g._server_env(1)["A"] == "1"
+
+
+def test_children_outlive_the_thread_that_started_them():
+    """PR_SET_PDEATHSIG follows the forking *thread*: a server restarted from a worker thread that then ends
+    (asyncio.to_thread's pool at the end of a rollout step) must not be killed with it."""
+    import threading
+
+    from engines.vllm.server import kill_group, spawn
+
+    procs = []
+    t = threading.Thread(target=lambda: procs.append(spawn(["sleep", "60"])))
+    t.start()
+    t.join()
+    time.sleep(0.5)
+    try:
+        assert procs[0].poll() is None, "the child died with the thread that spawned it"
+    finally:
+        kill_group(procs[0].pid, timeout=5)

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 from conftest import start_engines
 from transformers import AutoTokenizer
@@ -67,4 +68,8 @@ def test_gateway_routes_around_a_killed_engine_and_back(model_dir, tmp_path):
             assert [ask(sid) for sid in on_first]
             assert served(group.urls()[0]) - before == len(on_first), "requests did not come back to the server"
     finally:
+        trees = [psutil.Process(s.proc.pid) for s in group.servers]
+        pids = [p.pid for t in trees for p in [t, *t.children(recursive=True)]]
         group.stop()
+    left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"processes of the servers still alive after stop: {left}"

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from engines.vllm.server import EngineStartError, _die_with_parent, kill_tree, log_tail
+from engines.vllm.server import EngineStartError, kill_tree, log_tail, spawn
 from vime.placement import free_port
 from vime.secret import router_key, run_secret
 
@@ -78,15 +78,13 @@ class VLLMRouter:
     def start(self) -> VLLMRouter:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
+            self.proc = spawn(
                 self.command(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # in P/D mode the router sends `Bearer $OPENAI_API_KEY` to both servers for any path it is asked
                 # (not the caller's header): a generation-only key, never the secret (engines/vllm/guard.py)
                 env={**os.environ, "OPENAI_API_KEY": router_key(run_secret())},
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, async-signal-safe
             )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:

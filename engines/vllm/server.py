@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Self
@@ -65,6 +66,21 @@ def to_cli_flags(args: dict[str, Any]) -> list[str]:
 def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process: a server started from
+# a short-lived thread (a restart in asyncio.to_thread, whose pool ends with its event loop) would be killed with
+# it, its EngineCore orphaned. Every child is forked from this one thread, which lives as long as the process.
+_SPAWNER = ThreadPoolExecutor(1, thread_name_prefix="vime-spawn")
+
+
+def spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
+    """Popen in its own session (the whole tree can be signalled), dying with this process."""
+
+    def popen() -> subprocess.Popen:
+        return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, **kwargs)  # noqa: PLW1509 - prctl only, async-signal-safe
+
+    return _SPAWNER.submit(popen).result()
 
 
 def log_tail(path: Path, n: int = 40) -> str:
@@ -180,14 +196,7 @@ class VLLMServer:
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", SECRET_ENV: run_secret(), **self.env}
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child keeps it; closed right after Popen
         try:
-            self.proc = subprocess.Popen(
-                self.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, async-signal-safe
-            )
+            self.proc = spawn(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
         finally:
             log.close()
         return self
