@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,12 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         ray.init(address=cfg.address, runtime_env=env, log_to_driver=True)
         return
     loopback_only(ray, env["env_vars"])
+    on_term = signal.getsignal(signal.SIGTERM)
     ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env, log_to_driver=True)
+    if callable(on_term) and threading.current_thread() is threading.main_thread():
+        # Ray's C++ failure handler takes SIGTERM over (it dumps a stack and aborts, leaving its agents behind);
+        # the caller's handler unwinds through the context managers that stop engines and trainer
+        signal.signal(signal.SIGTERM, on_term)
 
 
 def loopback_only(ray: Any, env_vars: dict[str, str]) -> None:

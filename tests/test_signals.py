@@ -1,0 +1,59 @@
+"""`vime train` stopped by SIGTERM (a scheduler's preemption, `kill`) unwinds like Ctrl-C: rc 143, and no process it
+started (Ray, trainer ranks, vLLM servers and their EngineCore) is left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from vime.secret import ENV
+
+pytestmark = pytest.mark.slow
+
+
+def run_processes(marker: str) -> list[str]:
+    """Processes carrying this run's secret: everything the run started inherits it (Ray's runtime env too)."""
+    out = []
+    for p in psutil.process_iter(["name"]):
+        try:
+            if f"{ENV}={marker}".encode() in Path(f"/proc/{p.pid}/environ").read_bytes():
+                out.append(f"{p.info['name']} {p.pid}")
+        except OSError:
+            continue
+    return out
+
+
+def test_sigterm_mid_training_exits_143_with_nothing_left(repo_root, model_dir, tmp_path):
+    marker = f"sigterm-test-{os.getpid()}"
+    log = tmp_path / "train.log"
+    cmd = [sys.executable, "-m", "vime.cli", "train", "-c", str(repo_root / "configs" / "grpo_tiny_cpu.yaml")]
+    for s in (f"model.path={model_dir('qwen2')}", f"run.out_dir={tmp_path}/run", "loop.num_steps=500"):
+        cmd += ["--set", s]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, ENV: marker})
+    try:
+        deadline = time.monotonic() + 400
+        while b"grpo:" not in log.read_bytes() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert proc.poll() is None, f"the run ended before RL steps: {log.read_text()[-3000:]}"
+        assert b"grpo:" in log.read_bytes(), f"no RL step within 400 s: {log.read_text()[-3000:]}"
+        time.sleep(3)  # mid-run: engines generating, ranks training
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    assert rc == 143, f"rc {rc}; log ends with: {text[-3000:]}"
+    assert "SIGTERM received" not in text, text[-3000:]  # Ray's C++ handler aborting with a stack dump
+    deadline = time.monotonic() + 20  # Ray's agents notice their raylet is gone within a few seconds
+    while (left := run_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert left == [], f"left behind: {left}"
