@@ -1,12 +1,12 @@
 """Fault injection over a real run: `python benchmarks/chaos.py -c configs/grpo_tiny_cpu.yaml --faults 20`.
 
-Runs `vime train` on the recipe (checkpoints every step, samples saved) while SIGKILLing, at seeded random moments,
-either a vLLM server (the run must restart it and carry on) or a Megatron trainer rank (the run dies; the tool
-resumes it from the last checkpoint, as a user would). At the end it reads what the run trained on and prints
-faults injected / survived, runs resumed, samples expected / lost / duplicated, and processes left behind; the
-report goes to benchmarks/results/chaos_cpu.json. The baseline in the same run is the fault-free count of samples
-the recipe must train on (steps x prompts x samples per prompt).
-"""
+Runs `vime train` on the recipe (checkpoints every step, samples saved) while, at seeded random moments, it SIGKILLs a
+vLLM server (the run must restart it and carry on), SIGSTOPs a server's whole process group (a hung engine: alive,
+answering nothing; the run's health probes must find it and restart it) or SIGKILLs a Megatron trainer rank (the run
+dies; the tool resumes it from the last checkpoint, as a user would). At the end it reads what the run trained on and
+prints faults injected / survived, runs resumed, samples expected / lost / duplicated, and processes left behind; the
+report goes to benchmarks/results/chaos_cpu.json. The baseline in the same run is the fault-free count of samples the
+recipe must train on (steps x prompts x samples per prompt)."""
 
 from __future__ import annotations
 
@@ -51,26 +51,37 @@ def engine_family() -> set[int]:
 class Injector(threading.Thread):
     """Kills one victim every `gap` seconds (jittered) until `faults` kills are done or `stop` is set."""
 
-    def __init__(self, faults: int, seed: int, gap: float, trainer_share: float):
+    def __init__(self, faults: int, seed: int, gap: float, trainer_share: float, hang_share: float):
         super().__init__(daemon=True)
         self.rng = random.Random(seed)
-        self.faults, self.gap, self.trainer_share = faults, gap, trainer_share
+        self.faults, self.gap, self.trainer_share, self.hang_share = faults, gap, trainer_share, hang_share
         self.injected: list[dict[str, object]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         while len(self.injected) < self.faults and not self.stop.wait(self.gap * self.rng.uniform(0.5, 1.5)):
-            kind = "trainer" if self.rng.random() < self.trainer_share else "engine"
+            draw = self.rng.random()
+            kind = (
+                "trainer"
+                if draw < self.trainer_share
+                else "hang"
+                if draw < self.trainer_share + self.hang_share
+                else "engine"
+            )
             victims = processes("ray::MegatronWorker" if kind == "trainer" else SERVER)
             if not victims:  # the run is (re)starting: try again at the next tick
                 continue
             victim = self.rng.choice(victims)
             try:
-                os.kill(victim.pid, signal.SIGKILL)
+                if kind == "hang":
+                    os.killpg(os.getpgid(victim.pid), signal.SIGSTOP)
+                else:
+                    os.kill(victim.pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue
             self.injected.append({"kind": kind, "pid": victim.pid, "t": time.time()})
-            print(f"chaos: SIGKILL {kind} pid {victim.pid} ({len(self.injected)}/{self.faults})", flush=True)
+            what = "SIGSTOP (hang)" if kind == "hang" else "SIGKILL"
+            print(f"chaos: {what} {kind} pid {victim.pid} ({len(self.injected)}/{self.faults})", flush=True)
 
 
 def train_once(recipe: str, out: Path, sets: list[str], resume: bool, log: Path) -> int:
@@ -110,6 +121,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gap", type=float, default=25.0, help="mean seconds between faults")
     ap.add_argument("--trainer-share", type=float, default=0.25, help="fraction of faults that kill a trainer rank")
+    ap.add_argument("--hang-share", type=float, default=0.25, help="fraction of faults that hang an engine")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--out", default="runs/chaos")
     ap.add_argument("--max-resumes", type=int, default=30)
@@ -132,10 +144,15 @@ def main() -> int:
         "loop.eval_every=0",
         "loop.sft_steps=20",
         f"loop.max_engine_restarts={a.faults + 1}",
+        # a hung server is found by 2 missed probes 2 s apart (5 s each) instead of the default 3 x 10 s
+        "loop.engine_probe.interval_s=2",
+        "loop.engine_probe.timeout_s=5",
+        "loop.engine_probe.failures=2",
+        "weights.timeout_s=30",  # a push to a hung server fails after 30 s (default 300) and restarts the servers
     ]
     cfg = load_config(ROOT / a.config, sets)
     before = engine_family()
-    injector = Injector(a.faults, a.seed, a.gap, a.trainer_share)
+    injector = Injector(a.faults, a.seed, a.gap, a.trainer_share, a.hang_share)
     t0 = time.time()
     injector.start()
     resumes, rc = -1, 1
@@ -155,7 +172,7 @@ def main() -> int:
         "seed": a.seed,
         "steps": a.steps,
         "faults_injected": len(injector.injected),
-        "by_kind": {k: sum(f["kind"] == k for f in injector.injected) for k in ("engine", "trainer")},
+        "by_kind": {k: sum(f["kind"] == k for f in injector.injected) for k in ("engine", "hang", "trainer")},
         "completed": rc == 0,
         "resumes": resumes,
         "orphans": len(orphans),
