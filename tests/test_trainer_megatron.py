@@ -92,6 +92,50 @@ def test_tp2_training_equals_tp1_and_policy_step_moves_logprobs(ray_cluster, mod
         assert (sum(b) > sum(a)) == bool(j % 2), (j, sum(a), sum(b))
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_aggregation_is_exact_over_micro_batches_and_data_parallel_ranks(ray_cluster, model_dir, mode):
+    """The same batch in 1, 2 and 4 micro-batches, and over DP=2, gives the same gradient: each micro-batch's token
+    weights divide by the *global* token and response counts (a mean of means would differ here: the responses
+    have 3 to 9 tokens)."""
+    samples = make_samples(8, seed=6)
+    for j, s in enumerate(samples):
+        s.advantage = 1.0 if j % 3 else -2.0
+    norms = {}
+    for mbs, world in [(8, 1), (4, 1), (2, 1), (2, 2)]:
+        with trainer(model_dir("llama"), micro_batch_size=mbs, world_size=world, lr=1e-9) as tr:
+            norms[(mbs, world)] = tr.train_step(samples, "ppo", {"aggregation": mode})["grad_norm"]
+    ref = norms[(8, 1)]
+    assert all(abs(n / ref - 1) < 1e-5 for n in norms.values()), norms
+
+
+def test_second_epoch_moves_the_ratio_and_the_clip_acts(ray_cluster, model_dir):
+    """Old log-probs are taken once: the first update is on-policy (ratio 1, nothing clipped), the second is not."""
+    samples = make_samples(6, seed=7)
+    for j, s in enumerate(samples):
+        s.advantage = 1.0 if j % 2 else -1.0
+    with trainer(model_dir("llama"), lr=3e-2) as tr:
+        old = tr.logprobs(samples)
+        first = tr.train_step(samples, "ppo", {"clip_low": 0.2, "clip_high": 0.2}, old_logprobs=old)
+        second = tr.train_step(samples, "ppo", {"clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0}, old_logprobs=old)
+    assert abs(first["ratio"] - 1) < 1e-6 and first.get("clip_frac", 0.0) == 0.0, first
+    assert abs(second["ratio"] - 1) > 1e-3 and second["clip_frac"] > 0, second
+    assert "dual_clip_frac" in second  # every metric a loss returns is logged (no whitelist)
+
+
+def test_kl_to_the_frozen_reference_is_zero_then_grows(ray_cluster, model_dir):
+    samples = make_samples(6, seed=8)
+    for j, s in enumerate(samples):
+        s.advantage = 1.0 if j % 2 else -1.0
+    with trainer(model_dir("llama"), tp=2, lr=3e-2) as tr:
+        ref = tr.logprobs(samples, reference=True)
+        assert ref == tr.logprobs(samples)  # the reference is the initial policy
+        kw = {"kl_coef": 0.1, "kl_estimator": "k3"}
+        first = tr.train_step(samples, "ppo", kw, old_logprobs=ref, ref_logprobs=ref)
+        second = tr.train_step(samples, "ppo", kw, old_logprobs=ref, ref_logprobs=ref)
+        assert tr.logprobs(samples, reference=True) == ref  # frozen: updates never reach it
+    assert first["kl_ref"] < 1e-9 and second["kl_ref"] > 1e-4, (first, second)
+
+
 def test_sft_step_lowers_cross_entropy(ray_cluster, model_dir):
     samples = make_samples(4, seed=4)
     with trainer(model_dir("llama"), lr=3e-3) as tr:

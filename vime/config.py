@@ -176,23 +176,37 @@ def _explain(e: ValidationError, origin: dict[str, str], default_src: str, schem
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def read_recipe(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file as a mapping; `base: other.yaml` (relative to it) is read first and this one merged over it,
+    key by key, so a variant recipe says only what it changes."""
+    if not p.is_file():
+        raise ConfigError(f"recipe file {str(p)!r} does not exist" + (f" (base: of {seen[-1]})" if seen else ""))
+    if p.resolve() in seen:
+        raise ConfigError(f"recipe {p} names itself through base: ({' -> '.join(map(str, seen))})")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {p} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {p} must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    return merged(read_recipe(p.parent / str(base), (*seen, p.resolve())), raw) if base else raw
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     engine_args: dict[str, Any] | None = None,
 ) -> Config:
-    raw: dict[str, Any] = {}
     src = str(path) if path else "<defaults>"
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe file {str(p)!r} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {src} is not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"recipe {src} must be a mapping of sections, got {type(raw).__name__}")
+    raw: dict[str, Any] = read_recipe(Path(path)) if path else {}
     origin: dict[str, str] = {}
     for item in overrides:
         key, value = parse_override(item)

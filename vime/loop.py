@@ -59,16 +59,31 @@ def resume_from(run: Parts, path: Path, state: dict[str, Any]) -> int:
 
 
 def train_on(run: Parts, batch: list[Sample], T: float) -> dict[str, float]:
-    """One policy update: the trainer's own log-probs (old policy, and the engine-mismatch metric), then the loss."""
+    """The policy updates of one rollout batch: the trainer's own log-probs, taken once before the first update (the
+    old policy of every epoch, and the engine-mismatch metric), then `ppo_epochs` passes over its mini-batches."""
     algo = run.cfg.algorithm
     metrics = run.sync.release_engines()  # colocated on a GPU: the engines sleep while we train
     trainer_lp = run.trainer.logprobs(batch, T)
     metrics |= consistency(batch, trainer_lp)
     old = trainer_lp if algo.old_logprobs == "recompute" else [s.logprobs for s in batch]
-    stats = run.trainer.train_step(batch, algo.loss, algo.loss_kwargs(), old_logprobs=old, temperature=T)
-    if stats.get("skipped_nonfinite"):
-        skipped_nonfinite(run, stats)
-    return metrics | {f"train/{k}": v for k, v in stats.items()}
+    ref = run.trainer.logprobs(batch, T, reference=True) if algo.kl_coef else None
+    kwargs = algo.loss_kwargs() | {"max_len": algo.max_len or run.cfg.rollout.max_tokens}
+    steps = []
+    for part in updates(len(batch), algo.ppo_epochs, algo.mini_batch_size):
+        stats = run.trainer.train_step(
+            batch[part], algo.loss, kwargs, old_logprobs=old[part], ref_logprobs=ref and ref[part], temperature=T
+        )
+        if stats.get("skipped_nonfinite"):
+            skipped_nonfinite(run, stats)
+        steps.append(stats)
+    keys = sorted({k for s in steps for k in s})
+    return metrics | {f"train/{k}": sum(s.get(k, 0.0) for s in steps) / len(steps) for k in keys}
+
+
+def updates(n: int, epochs: int, size: int | None) -> list[slice]:
+    """The samples of each optimiser step: every epoch walks the batch in order, in mini-batches of `size`."""
+    size = size or n
+    return [slice(i, i + size) for _ in range(epochs) for i in range(0, n, size)]
 
 
 def skipped_nonfinite(run: Parts, stats: dict[str, float]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vime.algorithms.estimators import ESTIMATORS
 from vime.algorithms.losses import LOSSES
 from vime.config import Config
 from vime.data.buffer import FILTERS
@@ -43,6 +44,7 @@ def check_plugins(cfg: Config) -> None:
         for name in r.group_filters:
             FILTERS.get(name)
         LOSSES.get(cfg.algorithm.loss)
+        ESTIMATORS.get(str(cfg.algorithm.estimator))
         if r.agent:
             AGENTS.get(r.agent)
             TOOL_PARSERS.get(cfg.gateway.tool_parser)

@@ -116,17 +116,19 @@ class WeightChannelFactory(Protocol):
 class Trainer(Protocol):
     """Owns the weights and the optimiser (one handle over all ranks)."""
 
-    def logprobs(self, samples: list[Sample], temperature: float = 1.0) -> list[list[float]]:
-        """Per response token, under the current weights and the sampling temperature."""
+    def logprobs(self, samples: list[Sample], temperature: float = 1.0, reference: bool = False) -> list[list[float]]:
+        """Per response token, under the current weights and the sampling temperature; `reference`: under the
+        frozen initial weights instead (the KL term's reference policy)."""
         ...
 
     def train_step(
         self,
         samples: list[Sample],
         loss: str,
-        loss_kwargs: Mapping[str, float] | None = None,
+        loss_kwargs: Mapping[str, Any] | None = None,
         *,
         old_logprobs: list[list[float]] | None = None,
+        ref_logprobs: list[list[float]] | None = None,
         temperature: float = 1.0,
     ) -> dict[str, float]:
         """One optimiser step over `samples` with the named loss (`vime.algorithms.losses.LOSSES`)."""

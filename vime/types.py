@@ -64,6 +64,7 @@ class Sample:
     loss_mask: list[int] = field(default_factory=list)
     reward: float | None = None
     advantage: float = 0.0  # set by the algorithm from the group (e.g. GRPO), broadcast over tokens
+    token_advantages: list[float] = field(default_factory=list)  # one per response token, when they differ
     status: Status = Status.COMPLETED
     weight_versions: list[str] = field(default_factory=list)
     group_id: str = ""

@@ -33,7 +33,8 @@ def make_microbatch(samples: list[dict[str, Any]], length: int) -> dict[str, tor
         targets[i, : n - 1] = torch.tensor(ids[1:])
         span = slice(p - 1, p - 1 + r)
         mask[i, span] = torch.tensor(s.get("loss_mask") or [1] * r, dtype=torch.float)
-        adv[i, span] = float(s.get("advantage", 0.0))
+        per_token = s.get("token_advantages")  # estimators whose advantage varies along the response (GAE, discounts)
+        adv[i, span] = torch.tensor(per_token, dtype=torch.float) if per_token else float(s.get("advantage", 0.0))
         for k, t in extra.items():
             t[i, span] = torch.tensor(s[k], dtype=torch.float)
     return {

@@ -94,8 +94,8 @@ class MegatronTrainer:
         rows = [to_rank_dict(s, old[i] if old else None, ref[i] if ref else None) for i, s in enumerate(samples)]
         return split(rows, self.cfg.dp)
 
-    def logprobs(self, samples: list[Sample], temperature: float = 1.0) -> list[list[float]]:
-        outs = self._fan("logprobs", self._chunks(samples), temperature)
+    def logprobs(self, samples: list[Sample], temperature: float = 1.0, reference: bool = False) -> list[list[float]]:
+        outs = self._fan("logprobs", self._chunks(samples), temperature, reference)
         by_dp: dict[int, list[list[float]]] = {}
         for r, o in zip(self.ranks, outs):
             if o is not None and r["tp_rank"] == 0:

@@ -22,6 +22,7 @@ from trainers.megatron import adapter, export, optim, rank_checkpoint
 from trainers.megatron.batching import microbatches, response_values
 from trainers.megatron.logprobs import LogProbHead
 from trainers.megatron.spec import build_model, transformer_config
+from vime.algorithms.aggregation import token_weights
 from vime.algorithms.losses import get_loss
 from vime.placement import listening_socket
 from vime.protocols import WeightChannel, WeightChannelFactory
@@ -91,15 +92,28 @@ class MegatronWorker:
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         self.layers_per_stage = self.hf_cfg.num_hidden_layers // self.cfg.pp
+        model, self.head = self._initial_model()
+        self.model, self.optimizer, self.scheduler = optim.wrap(self, model, self._apply_args)
+        return {"rank": self.rank, "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank}
+
+    def _initial_model(self) -> tuple[torch.nn.Module, LogProbHead | None]:
+        """This rank's stage of the model, with the checkpoint's weights and (last stage) the log-prob head."""
+        from megatron.core import parallel_state as ps
+
         model = build_model(
             self.hf_cfg, self.tcfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
         )
         if not self.on_cpu:
             model = model.cuda()
-        self.head = LogProbHead.install(model) if ps.is_pipeline_last_stage() else None
+        head = LogProbHead.install(model) if ps.is_pipeline_last_stage() else None
         self._load_hf_into(model)
-        self.model, self.optimizer, self.scheduler = optim.wrap(self, model, self._apply_args)
-        return {"rank": self.rank, "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank}
+        return model, head
+
+    def _build_reference(self) -> None:
+        """The initial policy, frozen, in the same parallel layout (no DDP wrapper, no optimiser state)."""
+        self.ref, self.ref_head = self._initial_model()
+        self.ref.eval()
+        self.ref.requires_grad_(False)
 
     def _apply_args(self, obj: Any) -> None:
         """`trainer.args` keys that are fields of `obj` (the recipe check rejected keys on neither dataclass)."""
@@ -160,20 +174,29 @@ class MegatronWorker:
         loss_kwargs: dict[str, Any],
         temperature: float,
         on_logits: Any = None,
+        reference: bool = False,
     ) -> list[dict[str, Any]]:
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         mbs, length = microbatches(samples, self.cfg.micro_batch_size)
         dev = "cpu" if self.on_cpu else "cuda"
-        n_tokens = torch.tensor(float(sum(mb["loss_mask"].sum() for mb in mbs)), device=dev)  # counted on the host
+        # the global batch's token and response counts (on the host, before the copy), so each micro-batch's token
+        # weights make it its share of the whole batch's loss
+        masks = [mb["loss_mask"] for mb in mbs]
+        counts = torch.tensor([float(sum(m.sum() for m in masks)), float(sum((m.sum(-1) > 0).sum() for m in masks))])
+        counts = counts.to(dev)
         mbs = [{k: v.to(dev) for k, v in mb.items()} for mb in mbs]
-        dist.all_reduce(n_tokens, group=ps.get_data_parallel_group())
-        scale = self.cfg.dp * len(mbs) / max(1.0, float(n_tokens))  # → a token mean over the global batch
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        n_tokens, n_seqs = float(counts[0]), float(counts[1])
+        loss_kwargs = dict(loss_kwargs)
+        mode, max_len = loss_kwargs.pop("aggregation", "token-mean"), loss_kwargs.pop("max_len", None)
+        scale = self.cfg.dp * len(mbs)  # Megatron averages over micro-batches and DP ranks: undo both
         mask = torch.triu(torch.ones(length, length, dtype=torch.bool, device=dev), 1)[None, None]
 
-        if self.head is not None:  # the model's last stage returns per-token log-probs (see LogProbHead)
-            h = self.head
+        model, head = (self.ref, self.ref_head) if reference else (self.model, self.head)
+        if head is not None:  # the model's last stage returns per-token log-probs (see LogProbHead)
+            h = head
             h.temperature, h.with_entropy, h.on_logits = temperature, not forward_only, on_logits
 
         def loss_func(mb: dict[str, torch.Tensor], logp: torch.Tensor):
@@ -182,9 +205,11 @@ class MegatronWorker:
             if forward_only:
                 return logp.sum() * 0.0, out
             tok_loss, metrics = loss_fn(logp, mb, **loss_kwargs)
-            loss = (tok_loss * lm).sum()
-            out["loss_sum"] = loss.detach()
-            out["entropy_sum"] = (self.head.entropy * lm).sum()
+            w = token_weights(lm, mode, n_tokens=n_tokens, n_seqs=n_seqs, max_len=max_len)
+            loss = (tok_loss * w).sum()
+            out["loss_sum"] = (tok_loss * lm).sum().detach()
+            assert head is not None  # a loss is computed on the last stage, which has the head
+            out["entropy_sum"] = (head.entropy * lm).sum()
             for k, v in metrics.items():
                 out[k + "_sum"] = (v * lm).sum()
             return loss * scale, out
@@ -199,12 +224,18 @@ class MegatronWorker:
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(mbs),
-            model=[self.model],
+            model=[model],
             num_microbatches=len(mbs),
             seq_length=length,
             micro_batch_size=self.cfg.micro_batch_size,
             forward_only=forward_only,
         )
+
+    def _metric_keys(self, sums: dict[str, float]) -> list[str]:
+        """Every rank must reduce the same keys: those any rank's loss returned (earlier pipeline stages have none)."""
+        keys: list[list[str]] = [[] for _ in range(self.world_size)]
+        dist.all_gather_object(keys, sorted(sums))
+        return sorted({"loss_sum", "entropy_sum", "mask_sum", *(k for ks in keys for k in ks)})
 
     def _last_stage_dp_sum(self, values: dict[str, float]) -> dict[str, float]:
         """Sum metric sums over the DP ranks of the last pipeline stage and hand them to every rank."""
@@ -221,13 +252,18 @@ class MegatronWorker:
             dist.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
         return dict(zip(keys, t.tolist()))
 
-    def logprobs(self, samples: list[dict[str, Any]], temperature: float = 1.0) -> list[list[float]] | None:
-        """Per-sample response-token log-probs (on last-stage ranks; None elsewhere)."""
+    def logprobs(
+        self, samples: list[dict[str, Any]], temperature: float = 1.0, reference: bool = False
+    ) -> list[list[float]] | None:
+        """Per-sample response-token log-probs (on last-stage ranks; None elsewhere), of the policy or of the frozen
+        reference (the initial weights, built on first use: only recipes with a KL term pay for it)."""
         from megatron.core import parallel_state as ps
 
+        if reference and getattr(self, "ref", None) is None:
+            self._build_reference()
         self.model.eval()
         with torch.no_grad():
-            outs = self._run(samples, True, None, {}, temperature)
+            outs = self._run(samples, True, None, {}, temperature, reference=reference)
         self.model.train()
         if not ps.is_pipeline_last_stage():
             return None
@@ -283,10 +319,9 @@ class MegatronWorker:
             for k, v in out.items():
                 if k.endswith("_sum"):
                     sums[k] = sums.get(k, 0.0) + float(v)
-        keys = ["loss_sum", "entropy_sum", "mask_sum", "clip_frac_sum", "ratio_sum", "kl_ref_sum"]
-        total = self._last_stage_dp_sum({k: sums.get(k, 0.0) for k in keys})
+        total = self._last_stage_dp_sum({k: sums.get(k, 0.0) for k in self._metric_keys(sums)})
         n = max(1.0, total.pop("mask_sum"))
-        metrics = {k[:-4]: v / n for k, v in total.items() if v or k in ("loss_sum", "entropy_sum")}
+        metrics = {k[:-4]: v / n for k, v in total.items()}  # every metric the loss returned: token means
         metrics.update(
             grad_norm=float(grad_norm or 0.0),
             update_ok=float(bool(ok)),

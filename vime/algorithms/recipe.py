@@ -1,37 +1,110 @@
-"""The algorithm section of a recipe: how groups become a training batch and which loss trains on it."""
+"""The algorithm section of a recipe: how groups become a training batch and which loss trains on it.
+
+`name` is a preset: it fills the estimator and aggregation a recipe leaves unset (GRPO: std-normalised group
+advantages, token-mean; Dr. GRPO: mean-centred, a constant-length normaliser; DAPO: GRPO's advantages with
+clip-higher and token-mean). Anything set explicitly wins.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vime.algorithms.advantages import grpo_advantages
 from vime.types import Group, Sample
+
+# kept here, not imported from the tensor modules: loading a recipe must not import torch
+MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KLEstimator = Literal["k1", "k2", "k3"]
+
+PRESETS: dict[str, dict[str, str]] = {
+    "grpo": {"estimator": "grpo", "aggregation": "token-mean"},
+    "dr_grpo": {"estimator": "dr_grpo", "aggregation": "seq-mean-token-sum-norm"},
+    "dapo": {"estimator": "grpo", "aggregation": "token-mean"},
+    "rloo": {"estimator": "rloo", "aggregation": "token-mean"},
+    "reinforce_plus_plus": {"estimator": "reinforce_plus_plus", "aggregation": "token-mean"},
+    "reinforce_plus_plus_baseline": {"estimator": "reinforce_plus_plus_baseline", "aggregation": "token-mean"},
+    "gspo": {"estimator": "grpo", "aggregation": "seq-mean-token-mean"},
+}
 
 
 class AlgorithmConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
-    loss: str = Field(default="policy", description="built-in loss name or 'pkg.module:fn'")
+    name: Literal["grpo", "dr_grpo", "dapo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gspo"] = (
+        "grpo"
+    )
+    estimator: str | None = Field(default=None, description="advantage estimator name or 'pkg.module:fn'")
+    std: Literal["unbiased", "population", "none"] = Field(
+        default="unbiased", description="grpo's group std: unbiased (n-1, as verl and slime) or population (n)"
+    )
+    gamma: float = Field(default=1.0, ge=0, le=1, description="discount (reinforce_plus_plus*, gae)")
+    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda")
+    aggregation: str | None = Field(default=None, description=f"one of {', '.join(MODES)}")
+    max_len: int | None = Field(
+        default=None, ge=1, description="seq-mean-token-sum-norm's constant length (default: rollout.max_tokens)"
+    )
+    loss: str = Field(default="ppo", description="ppo | gspo | cispo | reinforce | sft, or 'pkg.module:fn'")
     clip_low: float = 0.2
     clip_high: float = Field(default=0.2, description="DAPO's clip-higher: set above clip_low")
+    dual_clip: float | None = Field(default=None, gt=1, description="dual-clip PPO's bound c on negative advantages")
     kl_coef: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    ppo_epochs: int = Field(default=1, ge=1, description="passes over each rollout batch (each its own steps)")
+    mini_batch_size: int | None = Field(
+        default=None, ge=1, description="samples per optimiser step (default: the whole batch, one step per epoch)"
+    )
     old_logprobs: Literal["recompute", "rollout"] = Field(
         default="recompute", description="importance-ratio denominator: trainer's recomputed or engine's"
     )
     temperature: float | None = Field(default=None, description="defaults to rollout.temperature")
 
-    def loss_kwargs(self) -> dict[str, float]:
-        return {"clip_low": self.clip_low, "clip_high": self.clip_high, "kl_coef": self.kl_coef}
+    @model_validator(mode="after")
+    def _preset(self) -> AlgorithmConfig:
+        preset = PRESETS[self.name]
+        self.estimator = self.estimator or preset["estimator"]
+        self.aggregation = self.aggregation or preset["aggregation"]
+        if self.aggregation not in MODES:
+            raise ValueError(f"algorithm.aggregation={self.aggregation!r}: use one of {', '.join(MODES)}")
+        if self.estimator == "gae":
+            raise ValueError("algorithm.estimator=gae needs a critic, which vime does not build yet (issue 20)")
+        return self  # an unknown estimator or loss name fails in preflight, naming its key
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The loss's parameters, and how the trainer aggregates it."""
+        out: dict[str, Any] = {
+            "clip_low": self.clip_low,
+            "clip_high": self.clip_high,
+            "kl_coef": self.kl_coef,
+            "kl_estimator": self.kl_estimator,
+            "aggregation": self.aggregation,
+            "max_len": self.max_len,
+        }
+        if self.dual_clip is not None:
+            out["dual_clip"] = self.dual_clip
+        return out
 
 
 def assign_advantages(groups: list[Group], cfg: AlgorithmConfig) -> list[Sample]:
-    """GRPO normalises by the group's reward std; Dr. GRPO and DAPO only subtract the group mean."""
-    out: list[Sample] = []
-    for g in groups:
-        for s, a in zip(g, grpo_advantages(g, normalize_std=cfg.name == "grpo")):
-            s.advantage = a
-            out.append(s)
-    return out
+    """Runs the estimator over the whole batch at once (REINFORCE++ whitens over the batch's tokens); each sample
+    gets its per-token advantages, and their mean as `advantage` for logs."""
+    import torch
+
+    from vime.algorithms.estimators import ESTIMATORS
+
+    samples = [s for g in groups for s in g]
+    if not samples:
+        return []
+    width = max(1, *(len(s.response_ids) for s in samples))
+    mask = torch.zeros(len(samples), width)
+    for i, s in enumerate(samples):
+        mask[i, : len(s.response_ids)] = torch.tensor(s.loss_mask[: len(s.response_ids)], dtype=torch.float)
+    rewards = torch.tensor([float(s.reward or 0.0) for s in samples])
+    group_ids = torch.tensor([k for k, g in enumerate(groups) for _ in g])
+    params = {"std": cfg.std, "gamma": cfg.gamma, "lam": cfg.lam}
+    adv, _ = ESTIMATORS.get(str(cfg.estimator))(rewards, mask, group_ids, None, **params)
+    for i, s in enumerate(samples):
+        n, m = len(s.response_ids), mask[i]
+        s.token_advantages = adv[i, :n].tolist()
+        s.advantage = float((adv[i] * m).sum() / m.sum()) if m.sum() > 0 else 0.0
+    return samples

@@ -1,0 +1,187 @@
+"""Estimators, losses, KL estimators and aggregation modes against hand-computed values on small tensors, with the
+edge cases that break them: all-equal rewards, a group of one, an empty response, masked tool tokens."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vime.algorithms.aggregation import aggregate, token_weights
+from vime.algorithms.estimators import ESTIMATORS
+from vime.algorithms.kl import kl_term
+from vime.algorithms.losses import LOSSES
+
+T = torch.tensor
+
+
+def est(name, rewards, mask, groups, values=None, **kw):
+    return ESTIMATORS.get(name)(T(rewards), T(mask), T(groups), None if values is None else T(values), **kw)
+
+
+def close(a, b, tol=1e-4):
+    return torch.allclose(a, T(b, dtype=torch.float32), atol=tol)
+
+
+@pytest.mark.parametrize("std, value", [("unbiased", 0.5 / math.sqrt(1 / 3)), ("population", 1.0), ("none", 0.5)])
+def test_grpo_std_conventions(std, value):
+    adv, ret = est("grpo", [1.0, 0.0, 1.0, 0.0], [[1, 1]] * 4, [0, 0, 0, 0], std=std)
+    assert close(adv[:, 0], [value, -value, value, -value]) and close(ret[:, 1], [1, 0, 1, 0])
+
+
+def test_grpo_edge_cases_and_dr_grpo():
+    # group 0 all-equal, group 1 of one, group 2 with an empty response (mask 0): nothing to prefer → 0
+    adv, _ = est("grpo", [1.0, 1.0, 0.7, 1.0, 0.0], [[1, 1], [1, 0], [1, 1], [0, 0], [1, 1]], [0, 0, 1, 2, 2])
+    assert close(adv[:3], [[0, 0], [0, 0], [0, 0]]) and close(adv[3], [0, 0])
+    adv, _ = est("dr_grpo", [1.0, 0.0, 0.0], [[1, 1, 0]] * 3, [5, 5, 5])
+    assert close(adv, [[2 / 3, 2 / 3, 0], [-1 / 3, -1 / 3, 0], [-1 / 3, -1 / 3, 0]])
+
+
+def test_rloo_leaves_one_out():
+    adv, _ = est("rloo", [1.0, 0.0, 0.0, 3.0], [[1]] * 4, [0, 0, 0, 1])
+    assert close(adv[:, 0], [1.0, -0.5, -0.5, 0.0])  # the group of one has no baseline
+
+
+def test_reinforce_plus_plus_whitens_over_tokens_and_discounts_past_tool_tokens():
+    adv, ret = est("reinforce_plus_plus", [1.0, 0.0], [[1, 1, 0], [1, 1, 1]], [0, 1])
+    assert close(ret, [[1, 1, 0], [0, 0, 0]])
+    s = math.sqrt(0.24)  # 5 tokens: mean 0.4, variance (2·0.36 + 3·0.16)/5
+    assert close(adv, [[0.6 / s, 0.6 / s, 0], [-0.4 / s] * 3])
+    # gamma 0.5, a tool token (mask 0) in the middle: it neither discounts nor receives
+    _, ret = est("reinforce_plus_plus", [1.0], [[1, 0, 1]], [0], gamma=0.5)
+    assert close(ret, [[0.5, 0.0, 1.0]])
+    # per-token rewards (an outcome plus a KL penalty per token) are summed backwards
+    _, ret = est("reinforce_plus_plus", [[-0.1, -0.1, 0.9]], [[1, 1, 1]], [0])
+    assert close(ret, [[0.7, 0.8, 0.9]])
+
+
+def test_reinforce_plus_plus_baseline_subtracts_the_group_mean_first():
+    _, ret = est("reinforce_plus_plus_baseline", [1.0, 0.0, 5.0], [[1, 1]] * 3, [0, 0, 1])
+    assert close(ret, [[0.5, 0.5], [-0.5, -0.5], [0, 0]])
+
+
+def test_gae_hand_values_skip_tool_tokens_and_need_a_critic():
+    adv, ret = est("gae", [1.0], [[1, 1]], [0], values=[[0.5, 0.5]], gamma=1.0, lam=1.0)
+    assert close(adv, [[0.5, 0.5]]) and close(ret, [[1.0, 1.0]])
+    adv, _ = est("gae", [1.0], [[1, 1]], [0], values=[[0.5, 0.5]], gamma=1.0, lam=0.5)
+    assert close(adv, [[0.25, 0.5]])
+    # the tool token's value (9) is never used: the next sampled token's value bootstraps
+    adv, _ = est("gae", [1.0], [[1, 0, 1]], [0], values=[[0.2, 9.0, 0.4]], gamma=1.0, lam=1.0)
+    assert close(adv, [[0.8, 0.0, 0.6]])
+    with pytest.raises(ValueError, match="needs a critic"):
+        est("gae", [1.0], [[1]], [0])
+
+
+def grad_of(name, logp, adv, old, **kw):
+    logp = T(logp, requires_grad=True)
+    mb = {"advantages": T(adv), "old_logprobs": T(old), "loss_mask": torch.ones_like(logp)}
+    loss, metrics = LOSSES.get(name)(logp, mb, **kw)
+    loss.sum().backward()
+    return loss.detach(), metrics, logp.grad
+
+
+def test_ppo_clip_and_dual_clip():
+    r = math.log(1.5)
+    loss, m, g = grad_of("ppo", [[r, r]], [[1.0, -1.0]], [[0.0, 0.0]])
+    assert close(loss, [[-1.2, 1.5]]) and close(m["clip_frac"], [[1.0, 0.0]])
+    assert close(g, [[0.0, 1.5]])  # the clipped token gets no gradient
+    loss, m, _ = grad_of("ppo", [[math.log(5.0)]], [[-1.0]], [[0.0]], dual_clip=3.0)
+    assert close(loss, [[3.0]]) and close(m["dual_clip_frac"], [[1.0]])
+    loss, _, _ = grad_of("ppo", [[r]], [[1.0]], [[0.0]], clip_high=0.28)  # DAPO's clip-higher
+    assert close(loss, [[-1.28]])
+
+
+def test_gspo_uses_one_ratio_per_sequence():
+    seq = math.exp(0.2)  # geometric mean of token ratios e^0.1 and e^0.3
+    loss, m, g = grad_of("gspo", [[0.1, 0.3]], [[-1.0, -1.0]], [[0.0, 0.0]])
+    assert close(m["ratio"], [[seq, seq]]) and close(loss, [[seq, seq]]) and close(g, [[seq, seq]])
+    loss, m, g = grad_of("gspo", [[0.1, 0.3]], [[1.0, 1.0]], [[0.0, 0.0]])
+    assert close(loss, [[-1.0004, -1.0004]]) and close(g, [[0.0, 0.0]]) and close(m["clip_frac"], [[1, 1]])
+
+
+def test_cispo_clips_the_weight_but_keeps_every_gradient_and_reinforce_has_no_ratio():
+    _, m, g = grad_of("cispo", [[0.5]], [[1.0]], [[0.0]])
+    assert close(g, [[-1.28]]) and close(m["clip_frac"], [[1.0]])
+    _, _, g = grad_of("reinforce", [[0.5, -2.0]], [[2.0, -1.0]], [[9.0, 9.0]])
+    assert close(g, [[-2.0, 1.0]])
+
+
+def test_kl_estimators_and_kl_term_in_a_loss():
+    logp, ref = T([0.0]), T([math.log(0.5)])
+    lr = math.log(2)
+    assert close(kl_term(logp, ref, "k1"), [lr])
+    assert close(kl_term(logp, ref, "k2"), [0.5 * lr**2])
+    assert close(kl_term(logp, ref, "k3"), [0.5 - 1 + lr])
+    assert close(kl_term(ref, ref, "k3"), [0.0])  # policy = reference: no KL
+    mb = {"advantages": T([[0.0]]), "ref_logprobs": T([[math.log(0.5)]]), "loss_mask": T([[1.0]])}
+    loss, m = LOSSES.get("ppo")(T([[0.0]]), mb, kl_coef=0.1, kl_estimator="k1")
+    assert close(loss, [[0.1 * lr]]) and close(m["kl_ref"], [[lr]])
+
+
+TOK = T([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0], [7.0, 7.0, 7.0]])
+MASK = T([[1, 1, 0], [1, 0, 0], [0, 0, 0]])  # the third response is empty
+
+
+@pytest.mark.parametrize(
+    "mode, value",
+    [
+        ("token-mean", 2.0),
+        ("seq-mean-token-sum", 3.0),
+        ("seq-mean-token-mean", 2.25),
+        ("seq-mean-token-sum-norm", 0.75),
+    ],
+)
+def test_aggregation_modes_and_micro_batches_agree(mode, value):
+    assert close(aggregate(TOK, MASK, mode, max_len=4), value)
+    # the same batch in three micro-batches, each weighted with the global counts, sums to the same loss
+    parts = sum(
+        (TOK[i : i + 1] * token_weights(MASK[i : i + 1], mode, n_tokens=3, n_seqs=2, max_len=4)).sum() for i in range(3)
+    )
+    assert close(parts, value)
+
+
+def test_unknown_names_say_what_exists():
+    with pytest.raises(Exception, match="algorithm.estimator") as e:
+        ESTIMATORS.get("nope")
+    assert "grpo" in str(e.value)
+    with pytest.raises(ValueError, match="algorithm.aggregation"):
+        token_weights(MASK, "mean-of-means", n_tokens=1, n_seqs=1)
+
+
+def test_presets_fill_what_a_recipe_leaves_unset_and_bad_values_name_their_key():
+    from pydantic import ValidationError
+
+    from vime.algorithms.recipe import AlgorithmConfig
+
+    c = AlgorithmConfig(name="dr_grpo")
+    assert (c.estimator, c.aggregation) == ("dr_grpo", "seq-mean-token-sum-norm")
+    c = AlgorithmConfig(name="dapo", aggregation="seq-mean-token-mean", clip_high=0.28)
+    assert (c.estimator, c.aggregation, c.loss_kwargs()["clip_high"]) == ("grpo", "seq-mean-token-mean", 0.28)
+    with pytest.raises(ValidationError, match="algorithm.aggregation='mean'"):
+        AlgorithmConfig(aggregation="mean")
+    with pytest.raises(ValidationError, match="gae needs a critic"):
+        AlgorithmConfig(estimator="gae")
+
+
+def test_assign_advantages_runs_the_estimator_over_the_batch():
+    from vime.algorithms.recipe import AlgorithmConfig, assign_advantages
+    from vime.types import Sample
+
+    def sample(reward, n, mask=None):
+        return Sample(prompt_ids=[1], response_ids=list(range(n)), logprobs=[0.0] * n, loss_mask=mask, reward=reward)
+
+    groups = [[sample(1.0, 2), sample(0.0, 3, [1, 0, 1])], [sample(5.0, 1)]]
+    out = assign_advantages(groups, AlgorithmConfig(name="rloo"))
+    assert [s.token_advantages for s in out] == [[1.0, 1.0], [-1.0, 0.0, -1.0], [0.0]]
+    assert [s.advantage for s in out] == [1.0, -1.0, 0.0]
+
+
+def test_ppo_epochs_and_mini_batches_walk_the_batch_with_the_same_old_logprobs():
+    from vime.loop import updates
+
+    batch, old = list("abcde"), [[0.1], [0.2], [0.3], [0.4], [0.5]]
+    steps = updates(len(batch), epochs=2, size=2)
+    assert [batch[s] for s in steps] == [["a", "b"], ["c", "d"], ["e"]] * 2
+    assert old[steps[3]] == [[0.1], [0.2]]  # epoch 2 reuses the log-probs taken before epoch 1
+    assert updates(5, epochs=1, size=None) == [slice(0, 5)]
