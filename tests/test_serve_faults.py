@@ -73,3 +73,36 @@ def test_gateway_routes_around_a_killed_engine_and_back(model_dir, tmp_path):
         group.stop()
     left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not left, f"processes of the servers still alive after stop: {left}"
+
+
+def test_a_server_killed_while_starting_is_started_again(model_dir, tmp_path, caplog):
+    """engine.start_retries: a server SIGKILLed before it is healthy is started again instead of ending the run."""
+    import logging
+    import threading
+
+    model = str(model_dir("llama"))  # no other test's server runs this model now: the victim is ours
+    killed: list[int] = []
+
+    def kill_first_server() -> None:
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for p in psutil.process_iter(["cmdline"]):
+                cmd = p.info["cmdline"] or []
+                if "vllm.entrypoints.openai.api_server" in cmd and model in cmd:
+                    time.sleep(2)  # well into its start-up, long before it is healthy
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_first_server, daemon=True)
+    killer.start()
+    with caplog.at_level(logging.WARNING, logger="engines.vllm.group"):
+        group = start_engines(model_dir("llama"), tmp_path / "logs")
+    try:
+        killer.join(timeout=5)
+        assert killed, "the server was never seen starting"
+        assert group.servers[0].proc.pid != killed[0] and not group.dead()
+        assert "killed while starting; starting again (1 of 2" in caplog.text
+    finally:
+        group.stop()

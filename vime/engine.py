@@ -23,6 +23,9 @@ class EngineConfig(BaseModel):
     cpus_per_engine: float = Field(default=1.0, gt=0, description="Ray resources of one engine's bundle")
     gpus_per_engine: float = Field(default=0.0, ge=0)
     startup_timeout_s: float = Field(default=300.0, gt=0)
+    start_retries: int = Field(
+        default=2, ge=0, description="times a server killed by a signal while starting is started again"
+    )
     request_timeout_s: float = Field(default=600.0, gt=0)
 
     @property

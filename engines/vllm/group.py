@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import hashlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from vime.placement import free_port
 from vime.secret import ENV as SECRET_ENV
 from vime.secret import auth_headers, run_secret
 from vime.types import Completion, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def on_cpu() -> bool:
@@ -201,6 +204,24 @@ class VLLMEngineGroup:
             raise
         return [RemoteServer(a, *info) for a, info in zip(actors, started)]
 
+    def _launch_retrying(self, indices: list[int]) -> list[Any]:
+        """`_launch`, again when a server was killed by a signal while starting (the OOM killer, an operator, a
+        chaos test): that is the machine's fault, not the recipe's. A server that exits by itself (a bad flag,
+        a bad model) fails at once."""
+        for attempt in range(self.cfg.start_retries + 1):
+            try:
+                return self._launch(indices, [None] * len(indices))
+            except Exception as e:
+                if attempt == self.cfg.start_retries or "exited with code -" not in str(e):
+                    raise
+                log.warning(
+                    "a vLLM server was killed while starting; starting again (%d of %d, engine.start_retries): %s",
+                    attempt + 1,
+                    self.cfg.start_retries,
+                    str(e).splitlines()[0],
+                )
+        raise AssertionError("unreachable")
+
     @classmethod
     def attach(cls, urls: list[str], cfg: VLLMEngineConfig | None = None) -> VLLMEngineGroup:
         """A group over servers that are already running (started elsewhere); stop() leaves them alone."""
@@ -216,7 +237,7 @@ class VLLMEngineGroup:
             return self
         atexit.register(self.stop)
         n = len(self.roles())
-        self.servers = self._launch(list(range(n)), [None] * n)
+        self.servers = self._launch_retrying(list(range(n)))
         c = self.cfg
         if c.topology == "pd" or c.router.enabled:
             roles = self.roles()
