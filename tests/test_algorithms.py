@@ -185,3 +185,46 @@ def test_ppo_epochs_and_mini_batches_walk_the_batch_with_the_same_old_logprobs()
     assert [batch[s] for s in steps] == [["a", "b"], ["c", "d"], ["e"]] * 2
     assert old[steps[3]] == [[0.1], [0.2]]  # epoch 2 reuses the log-probs taken before epoch 1
     assert updates(5, epochs=1, size=None) == [slice(0, 5)]
+
+
+def mismatch_batch():
+    # trainer old log-probs vs the engine's: token ratios 1, 2 and 4 (sequence ratio 8, geometric mean 2)
+    return {
+        "old_logprobs": T([[0.0, math.log(2), math.log(4)]]),
+        "rollout_logprobs": T([[0.0, 0.0, 0.0]]),
+        "loss_mask": T([[1.0, 1.0, 1.0]]),
+    }
+
+
+@pytest.mark.parametrize(
+    "tis, mis, loss, metric, value",
+    [
+        ({"level": "token", "cap": 2.0}, None, [1, 2, 2], "tis_capped_frac", [0, 0, 1]),
+        ({"level": "sequence", "cap": 2.0}, None, [2, 2, 2], "tis_capped_frac", [1, 1, 1]),
+        (None, {"level": "token", "low": 0.5, "high": 2.0}, [1, 1, 0], "mis_masked_frac", [0, 0, 1]),
+        (None, {"level": "geometric", "low": 0.5, "high": 2.0}, [1, 1, 1], "mis_masked_frac", [0, 0, 0]),
+        (None, {"level": "geometric", "low": 0.5, "high": 1.9}, [0, 0, 0], "mis_masked_frac", [1, 1, 1]),
+        (None, {"level": "sequence", "low": 0.5, "high": 2.0}, [0, 0, 0], "mis_masked_frac", [1, 1, 1]),
+    ],
+)
+def test_tis_and_mis_against_the_engine_log_probs(tis, mis, loss, metric, value):
+    from vime.algorithms.correction import correct
+
+    out, metrics = correct(torch.ones(1, 3), mismatch_batch(), tis=tis, mis=mis)
+    assert close(out, [loss]) and close(metrics[metric], [value])
+    assert close(metrics["mismatch_abs_log_ratio"], [[0, math.log(2), math.log(4)]])
+
+
+def test_no_correction_without_engine_log_probs_and_padding_rows_keep_old_logprobs():
+    from trainers.megatron.batching import microbatches
+    from vime.algorithms.correction import correct
+
+    mb = mismatch_batch()
+    del mb["rollout_logprobs"]
+    out, metrics = correct(torch.ones(1, 3), mb, tis={"cap": 2.0})
+    assert close(out, [[1, 1, 1]]) and metrics == {}
+    # 3 samples in micro-batches of 2: the padding row in the second must not drop its old log-probs
+    rows = [{"prompt_ids": [1, 2], "response_ids": [3, 4], "logprobs": [-1.0, -2.0], "old_logprobs": [-0.5, -0.7]}] * 3
+    mbs, _ = microbatches(rows, 2)
+    assert all("old_logprobs" in m and "rollout_logprobs" in m for m in mbs)
+    assert close(mbs[1]["old_logprobs"][0, 1:3], [-0.5, -0.7]) and close(mbs[1]["rollout_logprobs"][0, 1:3], [-1, -2])

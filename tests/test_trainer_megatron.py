@@ -122,6 +122,17 @@ def test_second_epoch_moves_the_ratio_and_the_clip_acts(ray_cluster, model_dir):
     assert "dual_clip_frac" in second  # every metric a loss returns is logged (no whitelist)
 
 
+def test_per_token_advantages_reach_the_trainer(ray_cluster, model_dir):
+    samples = make_samples(4, seed=10)
+    with trainer(model_dir("llama"), lr=1e-9) as tr:
+        for s in samples:
+            s.advantage, s.token_advantages = 0.0, [1.0] * len(s.response_ids)
+        assert tr.train_step(samples, "reinforce")["grad_norm"] > 0
+        for s in samples:
+            s.token_advantages = []
+        assert tr.train_step(samples, "reinforce")["grad_norm"] == 0
+
+
 def test_kl_to_the_frozen_reference_is_zero_then_grows(ray_cluster, model_dir):
     samples = make_samples(6, seed=8)
     for j, s in enumerate(samples):
@@ -133,7 +144,10 @@ def test_kl_to_the_frozen_reference_is_zero_then_grows(ray_cluster, model_dir):
         first = tr.train_step(samples, "ppo", kw, old_logprobs=ref, ref_logprobs=ref)
         second = tr.train_step(samples, "ppo", kw, old_logprobs=ref, ref_logprobs=ref)
         assert tr.logprobs(samples, reference=True) == ref  # frozen: updates never reach it
+        # TIS and MIS against the engine's log-probs (here 0.0 per token, far from the trainer's): all capped
+        fixed = tr.train_step(samples, "ppo", {"tis": {"cap": 2.0}, "mis": {"low": 0.0, "high": 1e9}}, old_logprobs=ref)
     assert first["kl_ref"] < 1e-9 and second["kl_ref"] > 1e-4, (first, second)
+    assert fixed["mis_masked_frac"] == 0.0 and fixed["mismatch_abs_log_ratio"] > 1, fixed
 
 
 def test_sft_step_lowers_cross_entropy(ray_cluster, model_dir):

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-PER_TOKEN = ("old_logprobs", "ref_logprobs")
+# micro-batch field <- sample field, one value per response token (`logprobs` are the engine's, as sampled)
+PER_TOKEN = {"old_logprobs": "old_logprobs", "ref_logprobs": "ref_logprobs", "rollout_logprobs": "logprobs"}
 
 
 def seq_len(s: dict[str, Any]) -> int:
@@ -25,7 +26,14 @@ def make_microbatch(samples: list[dict[str, Any]], length: int) -> dict[str, tor
     targets = torch.zeros(b, length, dtype=torch.long)
     mask = torch.zeros(b, length)
     adv = torch.zeros(b, length)
-    extra = {k: torch.zeros(b, length) for k in PER_TOKEN if all(k in s for s in samples)}
+    # a field is present when every real sample has it; the empty rows that pad the last micro-batch never do,
+    # and must not switch it off for the real samples beside them (their ratio would silently become 1)
+    real = [s for s in samples if s["response_ids"]]
+    extra = {
+        k: torch.zeros(b, length)
+        for k, src in PER_TOKEN.items()
+        if real and all(len(s.get(src) or []) == len(s["response_ids"]) for s in real)
+    }
     for i, s in enumerate(samples):
         ids = list(s["prompt_ids"]) + list(s["response_ids"])
         n, p, r = len(ids), len(s["prompt_ids"]), len(s["response_ids"])
@@ -36,7 +44,8 @@ def make_microbatch(samples: list[dict[str, Any]], length: int) -> dict[str, tor
         per_token = s.get("token_advantages")  # estimators whose advantage varies along the response (GAE, discounts)
         adv[i, span] = torch.tensor(per_token, dtype=torch.float) if per_token else float(s.get("advantage", 0.0))
         for k, t in extra.items():
-            t[i, span] = torch.tensor(s[k], dtype=torch.float)
+            if r:
+                t[i, span] = torch.tensor(s[PER_TOKEN[k]], dtype=torch.float)
     return {
         "tokens": tokens,
         "targets": targets,

@@ -23,6 +23,8 @@ def to_rank_dict(s: Sample, old: list[float] | None, ref: list[float] | None) ->
         "response_ids": s.response_ids,
         "loss_mask": s.loss_mask,
         "advantage": s.advantage,
+        "token_advantages": s.token_advantages,
+        "logprobs": s.logprobs,  # the engine's, for TIS / MIS
     }
     if old is not None:
         d["old_logprobs"] = old

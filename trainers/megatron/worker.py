@@ -23,6 +23,7 @@ from trainers.megatron.batching import microbatches, response_values
 from trainers.megatron.logprobs import LogProbHead
 from trainers.megatron.spec import build_model, transformer_config
 from vime.algorithms.aggregation import token_weights
+from vime.algorithms.correction import correct
 from vime.algorithms.losses import get_loss
 from vime.placement import listening_socket
 from vime.protocols import WeightChannel, WeightChannelFactory
@@ -191,6 +192,7 @@ class MegatronWorker:
         n_tokens, n_seqs = float(counts[0]), float(counts[1])
         loss_kwargs = dict(loss_kwargs)
         mode, max_len = loss_kwargs.pop("aggregation", "token-mean"), loss_kwargs.pop("max_len", None)
+        fixes = {"tis": loss_kwargs.pop("tis", None), "mis": loss_kwargs.pop("mis", None)}
         scale = self.cfg.dp * len(mbs)  # Megatron averages over micro-batches and DP ranks: undo both
         mask = torch.triu(torch.ones(length, length, dtype=torch.bool, device=dev), 1)[None, None]
 
@@ -205,6 +207,8 @@ class MegatronWorker:
             if forward_only:
                 return logp.sum() * 0.0, out
             tok_loss, metrics = loss_fn(logp, mb, **loss_kwargs)
+            tok_loss, fixed = correct(tok_loss, mb, **fixes)  # TIS / MIS against the engine's log-probs
+            metrics = {**metrics, **fixed}
             w = token_weights(lm, mode, n_tokens=n_tokens, n_seqs=n_seqs, max_len=max_len)
             loss = (tok_loss * w).sum()
             out["loss_sum"] = (tok_loss * lm).sum().detach()

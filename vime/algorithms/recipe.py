@@ -28,6 +28,21 @@ PRESETS: dict[str, dict[str, str]] = {
 }
 
 
+class TISConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    level: Literal["token", "sequence"] = "token"
+    cap: float = Field(default=2.0, gt=0, description="largest importance weight")
+
+
+class MISConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    level: Literal["token", "sequence", "geometric"] = "token"
+    low: float = Field(default=0.5, ge=0)
+    high: float = Field(default=2.0, gt=0)
+
+
 class AlgorithmConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,6 +72,8 @@ class AlgorithmConfig(BaseModel):
     old_logprobs: Literal["recompute", "rollout"] = Field(
         default="recompute", description="importance-ratio denominator: trainer's recomputed or engine's"
     )
+    tis: TISConfig | None = Field(default=None, description="truncated importance weights vs the engine's log-probs")
+    mis: MISConfig | None = Field(default=None, description="masked importance sampling (IcePop) vs the engine's")
     temperature: float | None = Field(default=None, description="defaults to rollout.temperature")
 
     @model_validator(mode="after")
@@ -82,6 +99,10 @@ class AlgorithmConfig(BaseModel):
         }
         if self.dual_clip is not None:
             out["dual_clip"] = self.dual_clip
+        if self.tis is not None:
+            out["tis"] = self.tis.model_dump()
+        if self.mis is not None:
+            out["mis"] = self.mis.model_dump()
         return out
 
 
