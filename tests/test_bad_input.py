@@ -139,6 +139,31 @@ def test_hanging_reward_times_out_and_async_rewards_are_awaited(recipe, qwen2_en
 
 
 @pytest.mark.slow
+def test_dynamic_sampling_refills_the_groups_the_filter_dropped(recipe, qwen2_engines):
+    overrides = [
+        "rollout.reward=plugins:reward_uniform_on_even_rows",
+        "rollout.batch_size=6",
+        "rollout.n_samples=2",
+        "rollout.group_filters=[drop_uniform_reward]",
+    ]
+    plain = run_rollout(recipe(*overrides), steps=1, progress=False, engines=qwen2_engines)
+    assert plain["groups_kept"] < 6 and plain["rollout/sampling_rounds"] == 1, plain
+    full = run_rollout(
+        recipe(*overrides, "rollout.dynamic_sampling={over_sampling: 2.0, max_rounds: 6}"),
+        steps=1,
+        progress=False,
+        engines=qwen2_engines,
+    )
+    assert full["groups_kept"] == 6 and full["rollout/sampling_rounds"] > 1, full
+    assert full["samples/expected"] > 6 * 2 and full["samples/dropped_by_filter"] > 0, full
+
+
+def test_dynamic_sampling_needs_a_filter(recipe):
+    with pytest.raises(ConfigError, match="rollout.dynamic_sampling refills groups"):
+        recipe("rollout.group_filters=[]", "rollout.dynamic_sampling={max_rounds: 2}")
+
+
+@pytest.mark.slow
 def test_prompt_too_long_is_skipped_and_names_its_row(recipe, qwen2_engines, tmp_path, caplog):
     data = tmp_path / "data.jsonl"
     rows = [{"prompt": f"{i}+1=", "label": str(i + 1)} for i in range(3)] + [{"prompt": "1+1=" * 400, "label": "2"}]

@@ -95,8 +95,9 @@ class Parts(contextlib.ExitStack):
             self.ctx.gateway = Gateway(self.pool, self.tokenizer, gateway_config(cfg)).start()
             self.callback(self.ctx.gateway.stop)
         samples_dir = self.out / "samples" if cfg.run.save_samples else None
+        r = cfg.rollout
         self.rollout = RolloutStep(
-            cfg.rollout.function, self.source, self.buffer, self.ctx, cfg.rollout.batch_size, samples_dir
+            r.function, self.source, self.buffer, self.ctx, r.batch_size, samples_dir, r.dynamic_sampling
         )
         self.evaluate = Evaluator(cfg.data, cfg.loop.eval_size, ROLLOUTS.get(cfg.rollout.function), self.ctx)
         self.engine_counters = EngineCounters(self.engines)

@@ -35,7 +35,8 @@ def run_rollout(
     )
     limit = engine_spec(cfg.engine.name).context_limit(cfg.engine)
     ctx = make_context(cfg.rollout, cfg.data, pool, load_tokenizer(cfg.model.tokenizer or cfg.model.path), limit)
-    rollout = RolloutStep(cfg.rollout.function, PromptSource(cfg.data), buffer, ctx, cfg.rollout.batch_size)
+    r = cfg.rollout
+    rollout = RolloutStep(r.function, PromptSource(cfg.data), buffer, ctx, r.batch_size, dynamic=r.dynamic_sampling)
     samples: list[Sample] = []
     tokens, rewards = 0, []
     t0 = time.perf_counter()
@@ -62,5 +63,6 @@ def run_rollout(
         "groups_kept": len(buffer),
         "groups_dropped": buffer.stats["groups_dropped"],
         "failed": ctx.faults.total,
+        **rollout.accounting,  # the last step's
         **ctx.faults.take(),
     }

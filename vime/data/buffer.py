@@ -48,6 +48,13 @@ class DataBuffer:
         n = len(self._groups) if n is None else min(n, len(self._groups))
         return [self._groups.popleft() for _ in range(n)]
 
+    def trim(self, n: int) -> int:
+        """Keep the first `n` groups; the number of samples dropped."""
+        dropped = 0
+        while len(self._groups) > n:
+            dropped += len(self._groups.pop())
+        return dropped
+
     def state_dict(self) -> dict[str, Any]:
         return {"groups": [[s.to_dict() for s in g] for g in self._groups], "stats": dict(self.stats)}
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class DynamicSamplingConfig(BaseModel):
+    """DAPO's dynamic sampling: groups the filters drop (all-equal rewards teach nothing) are replaced by sampling
+    more prompts, so every step trains on a full batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    over_sampling: float = Field(default=1.0, ge=1.0, description="prompts drawn per missing group, each round")
+    max_rounds: int = Field(default=3, ge=1, description="rounds of sampling per step before training on what there is")
 
 
 class RolloutConfig(BaseModel):
@@ -26,6 +36,9 @@ class RolloutConfig(BaseModel):
     group_filters: list[str] = Field(
         default_factory=list, description="'drop_uniform_reward' or 'pkg.module:fn' (group -> keep?)"
     )
+    dynamic_sampling: DynamicSamplingConfig | None = Field(
+        default=None, description="refill groups the filters dropped (needs rollout.group_filters)"
+    )
     agent: str | None = Field(default=None, description="agent fn 'pkg.module:fn' for vime.rollout.agent:agent_rollout")
     reward_timeout_s: float = Field(
         default=60.0, gt=0, description="a reward taking longer marks its sample failed (failed/reward_timeouts)"
@@ -37,3 +50,12 @@ class RolloutConfig(BaseModel):
         "skipped and counted before the run stops with the first one's cause",
     )
     sampling_extra: dict[str, Any] = Field(default_factory=dict, description="extra engine sampling params")
+
+    @model_validator(mode="after")
+    def _refill_needs_a_filter(self) -> RolloutConfig:
+        if self.dynamic_sampling is not None and not self.group_filters:
+            raise ValueError(
+                "rollout.dynamic_sampling refills groups that rollout.group_filters drop: set a filter "
+                "(e.g. group_filters: [drop_uniform_reward])"
+            )
+        return self

@@ -4,12 +4,14 @@ the groups into the buffer (where the filters run), and optionally onto disk."""
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 from typing import Any
 
 from vime.data.buffer import FILTERS, DataBuffer
 from vime.data.source import PromptSource
 from vime.rollout import ROLLOUTS
+from vime.rollout.config import DynamicSamplingConfig
 from vime.rollout.context import RolloutContext
 from vime.types import Group, write_jsonl
 
@@ -23,34 +25,51 @@ class RolloutStep:
         ctx: RolloutContext,
         batch_size: int,
         samples_dir: Path | None = None,
+        dynamic: DynamicSamplingConfig | None = None,
     ):
         self.fn: Any = ROLLOUTS.get(fn)
         self.source, self.buffer, self.ctx = source, buffer, ctx
-        self.batch_size, self.samples_dir = batch_size, samples_dir
+        self.batch_size, self.samples_dir, self.dynamic = batch_size, samples_dir, dynamic
         self.accounting: dict[str, float] = {}  # the last step's sample counts
 
     def __call__(self, step: int) -> list[Group]:
+        """Sample `batch_size` prompts; with dynamic sampling, sample more while the filters left fewer than
+        `batch_size` groups (at most `max_rounds` rounds), and keep only `batch_size` of them."""
         self.ctx.step = step
-        prompts = self.source.next_batch(self.batch_size)
-        if len(prompts) < self.batch_size:
-            raise RuntimeError(
-                f"the prompt data ran out at step {step + 1}: {len(prompts)} of rollout.batch_size="
-                f"{self.batch_size} prompts left after data.epochs={self.source.cfg.epochs} over "
-                f"{self.source.cfg.path}; raise data.epochs or lower loop.num_steps"
-            )
-        groups: list[Group] = asyncio.run(self.fn(prompts, self.ctx))
+        before = self.buffer.num_samples()
+        groups: list[Group] = []
+        drawn, rounds, missing = 0, 0, self.batch_size
+        while missing > 0 and (rounds == 0 or (self.dynamic is not None and rounds < self.dynamic.max_rounds)):
+            factor = self.dynamic.over_sampling if self.dynamic is not None else 1.0
+            prompts = self.prompts(step, self.batch_size if rounds == 0 else math.ceil(missing * factor))
+            new: list[Group] = asyncio.run(self.fn(prompts, self.ctx))
+            self.buffer.add(new)
+            groups += new
+            drawn, rounds = drawn + len(prompts), rounds + 1
+            missing = self.batch_size - len(self.buffer)
+        over = self.buffer.trim(self.batch_size)  # a refill round may overshoot: train on one batch's worth
         if self.samples_dir is not None:
             self.samples_dir.mkdir(parents=True, exist_ok=True)
             write_jsonl([s for g in groups for s in g], self.samples_dir / f"step_{step + 1:06d}.jsonl")
-        before = self.buffer.num_samples()
-        self.buffer.add(groups)
         generated = sum(len(g) for g in groups)
         self.accounting = {
-            "samples/expected": float(len(prompts) * self.ctx.params.n),
+            "samples/expected": float(drawn * self.ctx.params.n),
             "samples/generated": float(generated),
-            "samples/dropped_by_filter": float(generated - (self.buffer.num_samples() - before)),
+            "samples/dropped_by_filter": float(generated - over - (self.buffer.num_samples() - before)),
+            "samples/dropped_over_sampled": float(over),
+            "rollout/sampling_rounds": float(rounds),
         }
         return groups
+
+    def prompts(self, step: int, n: int) -> list[dict[str, Any]]:
+        prompts = self.source.next_batch(n)
+        if len(prompts) < n:
+            raise RuntimeError(
+                f"the prompt data ran out at step {step + 1}: {len(prompts)} of {n} prompts (rollout.batch_size="
+                f"{self.batch_size}) left after data.epochs={self.source.cfg.epochs} over "
+                f"{self.source.cfg.path}; raise data.epochs or lower loop.num_steps"
+            )
+        return prompts
 
 
 def make_buffer(filters: list[str]) -> DataBuffer:
