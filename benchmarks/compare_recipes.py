@@ -1,0 +1,87 @@
+"""The algorithm recipes side by side on the default CPU task: `python benchmarks/compare_recipes.py`.
+
+Runs `vime train` once per recipe (same model, data, seed and step count; only the algorithm differs), reads each
+run's eval reward by step, and writes one plot and one JSON (benchmarks/results/compare_recipes_cpu.*). The
+baseline in the same run is GRPO: every other recipe's final eval reward and wall time are printed as a ratio to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(recipe: str, out: Path, steps: int, seed: int) -> dict:
+    cmd = [sys.executable, "-m", "vime.cli", "train", "-c", f"configs/{recipe}_tiny_cpu.yaml"]
+    for s in (f"run.out_dir={out}", f"loop.num_steps={steps}", f"run.seed={seed}", f"rollout.seed={seed}"):
+        cmd += ["--set", s]
+    t = time.perf_counter()
+    with open(out.parent / f"{recipe}.log", "w") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
+    evals = [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r and r["step"] >= 0]
+    return {"recipe": recipe, "rc": rc, "seconds": time.perf_counter() - t, "eval": evals}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", nargs="+", default=["grpo", "dapo", "dr_grpo", "rloo"])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/compare")
+    a = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.common import write
+
+    out = (ROOT / a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for recipe in a.recipes:
+        r = run(recipe, out / recipe, a.steps, a.seed)
+        rows.append(r)
+        last = r["eval"][-1][1] if r["eval"] else float("nan")
+        print(f"{recipe:>30}: rc {r['rc']}, final eval reward {last:.3f}, {r['seconds']:.0f} s", flush=True)
+    base = rows[0]
+    for r in rows:
+        if r["eval"] and base["eval"]:
+            r["final_eval"] = r["eval"][-1][1]
+            r["final_eval_vs_" + base["recipe"]] = r["final_eval"] / max(1e-9, base["eval"][-1][1])
+            r["seconds_vs_" + base["recipe"]] = r["seconds"] / base["seconds"]
+            print(
+                f"{r['recipe']:>30}: eval {r['final_eval_vs_' + base['recipe']]:.2f}x, time "
+                f"{r['seconds_vs_' + base['recipe']]:.2f}x of {base['recipe']}",
+                flush=True,
+            )
+    results = ROOT / "benchmarks" / "results"
+    payload = {
+        "card": "CPU (no accelerator)",
+        "steps": a.steps,
+        "seed": a.seed,
+        "baseline": base["recipe"],
+        "runs": rows,
+    }
+    print("wrote", write("compare_recipes_cpu", payload, results))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["eval"]:
+            ax.plot(*zip(*r["eval"]), marker="o", label=r["recipe"])
+    ax.set(xlabel="RL step", ylabel="eval reward", title=f"recipes on the CPU arithmetic task (seed {a.seed})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(results / "compare_recipes_cpu.png", dpi=120)
+    return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
