@@ -228,3 +228,15 @@ def test_no_correction_without_engine_log_probs_and_padding_rows_keep_old_logpro
     mbs, _ = microbatches(rows, 2)
     assert all("old_logprobs" in m and "rollout_logprobs" in m for m in mbs)
     assert close(mbs[1]["old_logprobs"][0, 1:3], [-0.5, -0.7]) and close(mbs[1]["rollout_logprobs"][0, 1:3], [-1, -2])
+
+
+def test_overlong_shaping_ramps_to_minus_one_over_the_buffer():
+    from vime.algorithms.recipe import AlgorithmConfig, assign_advantages, overlong_penalty
+    from vime.types import Sample
+
+    assert [overlong_penalty(n, 10, 4) for n in (5, 6, 7, 8, 10, 12)] == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    group = [
+        Sample(prompt_ids=[1], response_ids=[5] * n, logprobs=[0.0] * n, reward=1.0, group_id="g") for n in (4, 10)
+    ]
+    out = assign_advantages([group], AlgorithmConfig(name="dr_grpo", overlong_buffer=4), max_len=10)
+    assert [s.advantage for s in out] == [0.5, -0.5]  # rewards 1 and 0 after shaping, mean-centred

@@ -61,3 +61,31 @@ def test_valid_requests_still_served(gw):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1="}]
     r, body = post(gw, "/chat/completions", {"model": "tiny", "messages": msgs, "max_tokens": 2})
     assert r.status_code == 200, body
+
+
+def test_unknown_routes_answer_in_openai_shape(gw):
+    r = httpx.post(gw.base_url + "/nope", headers=KEY, json={})
+    assert r.status_code == 404 and "POST /v1/nope" in r.json()["error"]["message"], r.text
+    r = httpx.get(gw.base_url + "/chat/completions", headers=KEY)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
+def test_content_parts_are_rendered_as_their_text(gw):
+    parts = [{"type": "text", "text": "2+"}, {"type": "text", "text": "2="}]
+    _, as_parts = post(gw, "/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": parts}]})
+    _, as_text = post(gw, "/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "2+2="}]})
+    assert as_parts["prompt_token_ids"] == as_text["prompt_token_ids"], (as_parts, as_text)
+    image = [*parts, {"type": "image_url", "image_url": {"url": "x"}}]
+    r, body = post(gw, "/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": image}]})
+    assert r.status_code == 400 and "messages[0].content[2] is a 'image_url' part" in body["error"]["message"], body
+
+
+def test_an_unset_max_tokens_is_fitted_to_the_context(gw):
+    """As vLLM does: a long prompt without max_tokens gets what the context has left instead of a 400."""
+    long = [{"role": "user", "content": "1+1= " * 80}]  # ~410 tokens: 256 more would not fit in 512
+    r, body = post(gw, "/chat/completions", {"model": "tiny", "messages": long})
+    assert r.status_code == 200, body
+    used = body["usage"]["prompt_tokens"]
+    assert used + gw.cfg.default_max_tokens > 512 and used + body["usage"]["completion_tokens"] <= 512, body
+    r, body = post(gw, "/chat/completions", {"model": "tiny", "messages": long, "max_tokens": 512})
+    assert r.status_code == 400 and body["error"]["code"] == "context_length_exceeded", body

@@ -136,7 +136,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
                 groups = run.rollout(step)
             metrics = rollout_metrics(groups, timer["time/rollout"]) | run.engine_counters() | run.pool.take_counts()
             metrics |= run.rollout.accounting | run.ctx.faults.take()
-            batch = training_batch(run.buffer.pop_groups(), cfg.algorithm, run.sync.version, cfg.loop.max_staleness)
+            batch = training_batch(
+                run.buffer.pop_groups(), cfg.algorithm, run.sync.version, cfg.loop.max_staleness, cfg.rollout.max_tokens
+            )
             with timer("train"):
                 if batch:
                     metrics |= train_on(run, batch, T)

@@ -72,6 +72,11 @@ class AlgorithmConfig(BaseModel):
     old_logprobs: Literal["recompute", "rollout"] = Field(
         default="recompute", description="importance-ratio denominator: trainer's recomputed or engine's"
     )
+    overlong_buffer: int | None = Field(
+        default=None,
+        ge=1,
+        description="DAPO's overlong shaping: the last this-many tokens before max_len cost up to -1 reward, linearly",
+    )
     tis: TISConfig | None = Field(default=None, description="truncated importance weights vs the engine's log-probs")
     mis: MISConfig | None = Field(default=None, description="masked importance sampling (IcePop) vs the engine's")
     temperature: float | None = Field(default=None, description="defaults to rollout.temperature")
@@ -106,9 +111,17 @@ class AlgorithmConfig(BaseModel):
         return out
 
 
-def assign_advantages(groups: list[Group], cfg: AlgorithmConfig) -> list[Sample]:
+def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
+    """DAPO: 0 up to max_len - buffer tokens, then falling linearly to -1 at max_len (and -1 beyond)."""
+    if length <= max_len - buffer:
+        return 0.0
+    return max(-1.0, (max_len - buffer - length) / buffer)
+
+
+def assign_advantages(groups: list[Group], cfg: AlgorithmConfig, max_len: int | None = None) -> list[Sample]:
     """Runs the estimator over the whole batch at once (REINFORCE++ whitens over the batch's tokens); each sample
-    gets its per-token advantages, and their mean as `advantage` for logs."""
+    gets its per-token advantages, and their mean as `advantage` for logs. With `overlong_buffer`, long responses
+    lose reward first (`max_len`: the response budget, rollout.max_tokens unless algorithm.max_len says)."""
     import torch
 
     from vime.algorithms.estimators import ESTIMATORS
@@ -121,6 +134,10 @@ def assign_advantages(groups: list[Group], cfg: AlgorithmConfig) -> list[Sample]
     for i, s in enumerate(samples):
         mask[i, : len(s.response_ids)] = torch.tensor(s.loss_mask[: len(s.response_ids)], dtype=torch.float)
     rewards = torch.tensor([float(s.reward or 0.0) for s in samples])
+    limit = cfg.max_len or max_len
+    if cfg.overlong_buffer and limit:
+        shaped = [overlong_penalty(len(s.response_ids), limit, cfg.overlong_buffer) for s in samples]
+        rewards = rewards + torch.tensor(shaped)
     group_ids = torch.tensor([k for k, g in enumerate(groups) for _ in g])
     params = {"std": cfg.std, "gamma": cfg.gamma, "lam": cfg.lam}
     adv, _ = ESTIMATORS.get(str(cfg.estimator))(rewards, mask, group_ids, None, **params)

@@ -11,8 +11,10 @@ from vime.data.source import PromptSource
 from vime.types import Group, Sample
 
 
-def training_batch(groups: list[Group], algo: AlgorithmConfig, version: str, max_staleness: int) -> list[Sample]:
-    samples = assign_advantages(groups, algo)
+def training_batch(
+    groups: list[Group], algo: AlgorithmConfig, version: str, max_staleness: int, max_len: int | None = None
+) -> list[Sample]:
+    samples = assign_advantages(groups, algo, max_len)
     sampled = (v for s in samples for v, m in zip(s.weight_versions, s.loss_mask) if m)  # not user/tool tokens
     stale = set(sampled) - {version}
     if stale and max_staleness == 0:

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vime.gateway.config import GatewayConfig
 from vime.gateway.schema import APIError, ChatRequest, CompletionRequest, error_response, parse
@@ -38,6 +39,12 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
         return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes and methods in OpenAI's error shape (clients show `message`), naming the path."""
+        what = "no route" if e.status_code == 404 else str(e.detail)
+        return error_response(APIError(e.status_code, f"{what}: {request.method} {request.url.path}", code=None))
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
@@ -128,7 +135,7 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
         req = parse(ChatRequest, await body_of(request))
         check_model(req.model)
         sid = sid or request.headers.get("x-session-id") or req.user
-        max_tokens = req.max_completion_tokens or req.max_tokens or cfg.default_max_tokens
+        asked = req.max_completion_tokens or req.max_tokens
         session = store.get(sid) if sid else None
         try:  # the template and tokenizer run off the event loop: a long body must not stall /health
             prompt_ids = await asyncio.to_thread(
@@ -140,6 +147,8 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
             )
         except Exception as e:  # noqa: BLE001 - a template that cannot render these messages
             raise APIError(400, f"cannot apply the chat template to 'messages': {e}", param="messages") from None
+        # like vLLM: an unset max_tokens shrinks to what the context has left; one the client set is checked
+        max_tokens = asked or max(1, min(cfg.default_max_tokens, cfg.context_length - len(prompt_ids)))
         check_length(prompt_ids, max_tokens, "messages")
         engine = await engine_for(sid)
         (completions,) = await engine.generate([prompt_ids], params_of(req, max_tokens), session=sid)

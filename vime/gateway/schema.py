@@ -44,7 +44,21 @@ class ChatRequest(BaseModel):
                 raise ValueError(f"messages[{i}] ({role}) has no content")
             if content is not None and not isinstance(content, str | list):
                 raise ValueError(f"messages[{i}].content must be a string or a list of parts")
-        return messages
+        return [
+            {**m, "content": text_of(m["content"], i)} if isinstance(m.get("content"), list) else m for m in messages
+        ]
+
+
+def text_of(parts: list[Any], i: int) -> str:
+    """OpenAI's content parts → the text the chat template renders. Without this a template given a list renders
+    its Python repr (`[{'type': 'text', ...}]`) into the prompt, and the model is trained on that."""
+    out = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("text", "input_text", "output_text") or not isinstance(part.get("text"), str):
+            raise ValueError(f"messages[{i}].content[{j}] is a {kind!r} part; this gateway takes text parts only")
+        out.append(part["text"])
+    return "".join(out)
 
 
 class CompletionRequest(BaseModel):
