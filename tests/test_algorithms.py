@@ -240,3 +240,16 @@ def test_overlong_shaping_ramps_to_minus_one_over_the_buffer():
     ]
     out = assign_advantages([group], AlgorithmConfig(name="dr_grpo", overlong_buffer=4), max_len=10)
     assert [s.advantage for s in out] == [0.5, -0.5]  # rewards 1 and 0 after shaping, mean-centred
+
+
+def test_kl_in_reward_is_taken_off_each_token_and_the_advantages_estimated_again():
+    from vime.algorithms.recipe import AlgorithmConfig
+    from vime.data.batch import kl_in_reward
+    from vime.types import Sample
+
+    algo = AlgorithmConfig(name="reinforce_plus_plus", kl_coef=0.5, kl_estimator="k1", kl_in_reward=True)
+    assert algo.loss_kwargs()["kl_coef"] == 0.0  # in the reward, not also in the loss
+    batch = [Sample(prompt_ids=[1], response_ids=[7, 8], logprobs=[0.0, 0.0], reward=1.0, group_id="g")]
+    kl_in_reward(batch, policy=[[0.0, 0.0]], ref=[[-0.2, -0.4]], algo=algo, max_len=8)
+    # token rewards -0.1 and 1 - 0.2 = 0.8 (k1 = 0.2, 0.4 times 0.5); returns 0.7 and 0.8, then whitened
+    assert close(T(batch[0].token_advantages), [-1.0, 1.0], tol=1e-3)

@@ -3,6 +3,8 @@ pushes, checkpoints."""
 
 from __future__ import annotations
 
+import math
+
 import psutil
 import pytest
 
@@ -47,10 +49,22 @@ def alive_actors(ray):
     return [a for a in state.actor_table(None).values() if a["State"] == "ALIVE"]
 
 
-@pytest.mark.parametrize("colocate", [False, True])
-def test_two_steps_consistency_and_cleanup(ray_cluster, repo_root, model_dir, tmp_path, colocate):
+# the colocated run also takes the other algorithm path: REINFORCE++ with the KL to the reference model in the
+# reward, two epochs of two mini-batches each (one loop run covers both; each costs an engine start)
+REINFORCE_PP = (
+    "algorithm.name=reinforce_plus_plus",
+    "algorithm.loss=reinforce",
+    "algorithm.kl_coef=0.01",
+    "algorithm.kl_in_reward=true",
+    "algorithm.ppo_epochs=2",
+    "algorithm.mini_batch_size=32",
+)
+
+
+@pytest.mark.parametrize("colocate, algorithm", [(False, ()), (True, REINFORCE_PP)], ids=["grpo", "colocated-rpp"])
+def test_two_steps_consistency_and_cleanup(ray_cluster, repo_root, model_dir, tmp_path, colocate, algorithm):
     before = {p.pid for p in vllm_procs()}
-    cfg = recipe(repo_root, model_dir, tmp_path, f"placement.colocate={str(colocate).lower()}")
+    cfg = recipe(repo_root, model_dir, tmp_path, f"placement.colocate={str(colocate).lower()}", *algorithm)
     result = train(cfg, progress=False)
     rl = [r for r in result["history"] if "rollout/reward" in r]
     assert [r["step"] for r in rl] == [1, 2]
@@ -58,6 +72,7 @@ def test_two_steps_consistency_and_cleanup(ray_cluster, repo_root, model_dir, tm
         assert r["consistency/max_abs_diff"] < 1e-3
         assert r["train/samples"] == 8 * 8 and r["sync/bytes"] > 0
         assert {"time/rollout", "time/train", "time/weight_sync", "train/grad_norm"} <= set(r)
+        assert all(math.isfinite(v) for v in r.values()), r
     assert "eval/reward" in result["history"][-1]
     out = tmp_path / "run"
     assert (out / "run.png").stat().st_size > 10_000 and any((out / "tensorboard").iterdir())

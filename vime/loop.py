@@ -16,7 +16,7 @@ from typing import Any
 
 from vime import checkpoint, run_state
 from vime.config import Config
-from vime.data.batch import sft_samples, training_batch
+from vime.data.batch import kl_in_reward, sft_samples, training_batch
 from vime.data.source import PromptSource
 from vime.parts import Parts
 from vime.step_metrics import Timer, consistency, rollout_metrics
@@ -67,6 +67,8 @@ def train_on(run: Parts, batch: list[Sample], T: float) -> dict[str, float]:
     metrics |= consistency(batch, trainer_lp)
     old = trainer_lp if algo.old_logprobs == "recompute" else [s.logprobs for s in batch]
     ref = run.trainer.logprobs(batch, T, reference=True) if algo.kl_coef else None
+    if ref is not None and algo.kl_in_reward:
+        kl_in_reward(batch, trainer_lp, ref, algo, run.cfg.rollout.max_tokens)
     kwargs = algo.loss_kwargs() | {"max_len": algo.max_len or run.cfg.rollout.max_tokens}
     steps = []
     for part in updates(len(batch), algo.ppo_epochs, algo.mini_batch_size):

@@ -65,6 +65,10 @@ class AlgorithmConfig(BaseModel):
     dual_clip: float | None = Field(default=None, gt=1, description="dual-clip PPO's bound c on negative advantages")
     kl_coef: float = 0.0
     kl_estimator: KLEstimator = "k3"
+    kl_in_reward: bool = Field(
+        default=False,
+        description="KL as a per-token reward penalty (REINFORCE++'s way) instead of a loss term; needs kl_coef",
+    )
     ppo_epochs: int = Field(default=1, ge=1, description="passes over each rollout batch (each its own steps)")
     mini_batch_size: int | None = Field(
         default=None, ge=1, description="samples per optimiser step (default: the whole batch, one step per epoch)"
@@ -88,6 +92,8 @@ class AlgorithmConfig(BaseModel):
         self.aggregation = self.aggregation or preset["aggregation"]
         if self.aggregation not in MODES:
             raise ValueError(f"algorithm.aggregation={self.aggregation!r}: use one of {', '.join(MODES)}")
+        if self.kl_in_reward and not self.kl_coef:
+            raise ValueError("algorithm.kl_in_reward needs algorithm.kl_coef > 0 (the penalty's weight)")
         if self.estimator == "gae":
             raise ValueError("algorithm.estimator=gae needs a critic, which vime does not build yet (issue 20)")
         return self  # an unknown estimator or loss name fails in preflight, naming its key
@@ -97,7 +103,7 @@ class AlgorithmConfig(BaseModel):
         out: dict[str, Any] = {
             "clip_low": self.clip_low,
             "clip_high": self.clip_high,
-            "kl_coef": self.kl_coef,
+            "kl_coef": 0.0 if self.kl_in_reward else self.kl_coef,  # in the reward, not also in the loss
             "kl_estimator": self.kl_estimator,
             "aggregation": self.aggregation,
             "max_len": self.max_len,
@@ -118,10 +124,13 @@ def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
     return max(-1.0, (max_len - buffer - length) / buffer)
 
 
-def assign_advantages(groups: list[Group], cfg: AlgorithmConfig, max_len: int | None = None) -> list[Sample]:
+def assign_advantages(
+    groups: list[Group], cfg: AlgorithmConfig, max_len: int | None = None, penalty: list[list[float]] | None = None
+) -> list[Sample]:
     """Runs the estimator over the whole batch at once (REINFORCE++ whitens over the batch's tokens); each sample
     gets its per-token advantages, and their mean as `advantage` for logs. With `overlong_buffer`, long responses
-    lose reward first (`max_len`: the response budget, rollout.max_tokens unless algorithm.max_len says)."""
+    lose reward first (`max_len`: the response budget, rollout.max_tokens unless algorithm.max_len says);
+    `penalty` (per response token, e.g. kl_coef x KL to the reference) is taken off each token's reward."""
     import torch
 
     from vime.algorithms.estimators import ESTIMATORS
@@ -138,6 +147,13 @@ def assign_advantages(groups: list[Group], cfg: AlgorithmConfig, max_len: int | 
     if cfg.overlong_buffer and limit:
         shaped = [overlong_penalty(len(s.response_ids), limit, cfg.overlong_buffer) for s in samples]
         rewards = rewards + torch.tensor(shaped)
+    if penalty is not None:
+        from vime.algorithms.estimators import token_rewards
+
+        per_token = torch.zeros_like(mask)
+        for i, p in enumerate(penalty):
+            per_token[i, : len(p)] = torch.tensor(p, dtype=torch.float)
+        rewards = token_rewards(rewards, mask) - per_token * mask
     group_ids = torch.tensor([k for k, g in enumerate(groups) for _ in g])
     params = {"std": cfg.std, "gamma": cfg.gamma, "lam": cfg.lam}
     adv, _ = ESTIMATORS.get(str(cfg.estimator))(rewards, mask, group_ids, None, **params)

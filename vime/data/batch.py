@@ -25,6 +25,25 @@ def training_batch(
     return samples
 
 
+def kl_in_reward(
+    batch: list[Sample], policy: list[list[float]], ref: list[list[float]], algo: AlgorithmConfig, max_len: int
+) -> None:
+    """REINFORCE++'s KL: each sampled token's reward loses kl_coef x KL(policy || reference), and the advantages
+    are estimated again from those token rewards (groups keep their members' order)."""
+    import torch
+
+    from vime.algorithms.kl import kl_term
+
+    penalty = {
+        id(s): (algo.kl_coef * kl_term(torch.tensor(p), torch.tensor(r), algo.kl_estimator)).tolist()
+        for s, p, r in zip(batch, policy, ref)
+    }
+    groups: dict[str, list[Sample]] = {}
+    for s in batch:
+        groups.setdefault(s.group_id, []).append(s)
+    assign_advantages(list(groups.values()), algo, max_len, [penalty[id(s)] for g in groups.values() for s in g])
+
+
 def sft_samples(source: PromptSource, n: int, encode: Callable[[Any], list[int]], tokenizer: Any) -> list[Sample]:
     """Prompt + reference answer + EOS, for the supervised warm start."""
     eos = tokenizer.eos_token_id
