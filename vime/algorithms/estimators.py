@@ -146,8 +146,7 @@ def reinforce_plus_plus_baseline(
     tok = token_rewards(r - mean, mask)
     if rewards.dim() == 2:  # per-token terms beyond the outcome (a KL penalty) stay where they are
         tok = tok + (rewards - token_rewards(outcome(rewards, mask), mask)) * mask
-    returns = discounted_returns(tok, mask, gamma)
-    return whiten(returns, mask), returns
+    return reinforce_plus_plus(tok, mask, group_ids, gamma=gamma)
 
 
 def gae(
