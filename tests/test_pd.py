@@ -114,6 +114,26 @@ def test_engine_adapter_over_router_and_weight_push_reaches_both(pd, model_dir):
     assert max(abs(a - b) for a, b in zip(cs[0].logprobs, lp)) < 1e-3
 
 
+def test_router_is_no_way_around_the_engine_guard(pd, model_dir):
+    """vllm-router forwards any path to both servers with its own key; that key is good for generation only, so
+    a caller without the run's secret can generate through the router but not pause, sleep or update an engine."""
+    router = pd.router.base_url
+    for path, req in [
+        ("/pause", None),
+        ("/sleep", None),
+        ("/collective_rpc", {"method": "vime_refresh_tied_lm_head"}),
+        ("/start_weight_update", None),
+        ("/init_weight_transfer_engine", {"init_info": {}}),
+    ]:
+        r = httpx.post(router + path, json=req or {}, timeout=60)  # no Authorization header
+        assert (r.status_code >= 400 and "401" in r.text) or r.status_code == 401, (path, r.status_code, r.text[:300])
+    for u in pd.urls():
+        state = {p: ENGINE_HTTP.get(u + p, timeout=30).json() for p in ("/is_paused", "/is_sleeping")}
+        assert state == {"/is_paused": {"is_paused": False}, "/is_sleeping": {"is_sleeping": False}}, (u, state)
+    r = httpx.post(router + "/v1/completions", json=body(str(model_dir("qwen2")), [1, 2, 3]), timeout=60)
+    assert r.status_code == 200 and r.json().get("choices"), r.text[:500]
+
+
 def test_killed_prefill_gives_error_not_hang(pd, model_dir):
     pd.servers[0].stop()
     t = time.monotonic()
@@ -164,23 +184,3 @@ def test_plain_pool_behind_router_keeps_sessions_sticky(qwen2_engines, model_dir
         assert hit == {0, 1}  # and the sessions spread over both
     finally:
         router.stop()
-
-
-def test_router_is_no_way_around_the_engine_guard(pd, model_dir):
-    """vllm-router forwards any path to both servers with its own key; that key is good for generation only, so
-    a caller without the run's secret can generate through the router but not pause, sleep or update an engine."""
-    router = pd.router.base_url
-    for path, req in [
-        ("/pause", None),
-        ("/sleep", None),
-        ("/collective_rpc", {"method": "vime_refresh_tied_lm_head"}),
-        ("/start_weight_update", None),
-        ("/init_weight_transfer_engine", {"init_info": {}}),
-    ]:
-        r = httpx.post(router + path, json=req or {}, timeout=60)  # no Authorization header
-        assert (r.status_code >= 400 and "401" in r.text) or r.status_code == 401, (path, r.status_code, r.text[:300])
-    for u in pd.urls():
-        state = {p: ENGINE_HTTP.get(u + p, timeout=30).json() for p in ("/is_paused", "/is_sleeping")}
-        assert state == {"/is_paused": {"is_paused": False}, "/is_sleeping": {"is_sleeping": False}}, (u, state)
-    r = httpx.post(router + "/v1/completions", json=body(str(model_dir("qwen2")), [1, 2, 3]), timeout=60)
-    assert r.status_code == 200 and r.json().get("choices"), r.text[:500]
