@@ -22,6 +22,7 @@ from trainers.megatron import adapter, export, optim, rank_checkpoint
 from trainers.megatron.batching import microbatches, response_values
 from trainers.megatron.logprobs import LogProbHead
 from trainers.megatron.spec import build_model, transformer_config
+from trainers.megatron.step_reduce import all_finite, token_means
 from vime.algorithms.aggregation import token_weights
 from vime.algorithms.correction import correct
 from vime.algorithms.losses import get_loss
@@ -235,27 +236,6 @@ class MegatronWorker:
             forward_only=forward_only,
         )
 
-    def _metric_keys(self, sums: dict[str, float]) -> list[str]:
-        """Every rank must reduce the same keys: those any rank's loss returned (earlier pipeline stages have none)."""
-        keys: list[list[str]] = [[] for _ in range(self.world_size)]
-        dist.all_gather_object(keys, sorted(sums))
-        return sorted({"loss_sum", "entropy_sum", "mask_sum", *(k for ks in keys for k in ks)})
-
-    def _last_stage_dp_sum(self, values: dict[str, float]) -> dict[str, float]:
-        """Sum metric sums over the DP ranks of the last pipeline stage and hand them to every rank."""
-        from megatron.core import parallel_state as ps
-
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-        if not self.on_cpu:
-            t = t.cuda()
-        if not ps.is_pipeline_last_stage():
-            t.zero_()
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
-        if self.cfg.pp > 1:
-            dist.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
-        return dict(zip(keys, t.tolist()))
-
     def logprobs(
         self, samples: list[dict[str, Any]], temperature: float = 1.0, reference: bool = False
     ) -> list[list[float]] | None:
@@ -310,7 +290,7 @@ class MegatronWorker:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outs = self._run(samples, False, get_loss(loss), loss_kwargs, temperature)
-        finite = self._all_finite(outs)
+        finite = all_finite(outs, self.model.parameters(), self.on_cpu)
         if finite:
             ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
@@ -318,14 +298,7 @@ class MegatronWorker:
         else:  # one NaN/inf gradient would poison every weight for good: this batch is not learned from
             ok, grad_norm = False, None
             self.optimizer.zero_grad()
-        sums: dict[str, float] = {}
-        for out in outs:
-            for k, v in out.items():
-                if k.endswith("_sum"):
-                    sums[k] = sums.get(k, 0.0) + float(v)
-        total = self._last_stage_dp_sum({k: sums.get(k, 0.0) for k in self._metric_keys(sums)})
-        n = max(1.0, total.pop("mask_sum"))
-        metrics = {k[:-4]: v / n for k, v in total.items()}  # every metric the loss returned: token means
+        metrics, n = token_means(outs, self.world_size, self.on_cpu, self.cfg.pp)  # every metric the loss returned
         metrics.update(
             grad_norm=float(grad_norm or 0.0),
             update_ok=float(bool(ok)),
@@ -334,17 +307,6 @@ class MegatronWorker:
             lr=float(self.optimizer.param_groups[0]["lr"]),
         )
         return metrics
-
-    def _all_finite(self, outs: list[dict[str, Any]]) -> bool:
-        """Loss and gradients finite on every rank (each holds other shards; all must agree to step or skip).
-        Megatron's fp32 and unscaled bf16 optimisers step on whatever the gradients hold."""
-        local = all(bool(torch.isfinite(torch.as_tensor(o["loss_sum"])).all()) for o in outs if "loss_sum" in o)
-        grads = [g for p in self.model.parameters() if (g := getattr(p, "main_grad", p.grad)) is not None]
-        if local and grads:
-            local = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-        bad = torch.tensor([0.0 if local else 1.0], device="cpu" if self.on_cpu else "cuda")
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bool(bad.item())
 
     # ---- weights out ---------------------------------------------------------------------------------------
     def iter_hf_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
