@@ -25,18 +25,31 @@ def one_rank() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def both(base: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, temperature: float) -> tuple[dict, dict]:
-    """(vime, reference), each {logp, entropy, grad} for the loss Σ weights·logp; the grad has the logits' dtype."""
+def both(
+    base: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    temperature: float,
+    entropy_weights: torch.Tensor | None = None,
+) -> tuple[dict, dict]:
+    """(vime, reference), each {logp, entropy, grad} for the loss Σ weights·logp (+ Σ entropy_weights·entropy: an
+    entropy bonus); the grad has the logits' dtype."""
     from trainers.megatron.logprobs import logprobs_and_entropy
 
     x, ref_x = base.clone().requires_grad_(), base.clone().requires_grad_()
     logp, ent = logprobs_and_entropy(x, targets, temperature)
-    (logp * weights).sum().backward()
+    assert ent is not None
+    loss = (logp * weights).sum()
     ref_all = torch.log_softmax(ref_x.float() / temperature, -1)
     ref = ref_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    (ref * weights).sum().backward()
+    ref_ent = -(ref_all.exp() * ref_all).sum(-1)
+    ref_loss = (ref * weights).sum()
+    if entropy_weights is not None:
+        loss, ref_loss = loss + (ent * entropy_weights).sum(), ref_loss + (ref_ent * entropy_weights).sum()
+    loss.backward()
+    ref_loss.backward()
     assert torch.equal(x.detach(), base)  # the caller's logits are never overwritten
     return (
-        {"logp": logp.detach(), "entropy": ent, "grad": x.grad},
-        {"logp": ref.detach(), "entropy": -(ref_all.exp() * ref_all).sum(-1).detach(), "grad": ref_x.grad},
+        {"logp": logp.detach(), "entropy": ent.detach(), "grad": x.grad},
+        {"logp": ref.detach(), "entropy": ref_ent.detach(), "grad": ref_x.grad},
     )

@@ -133,6 +133,16 @@ def test_per_token_advantages_reach_the_trainer(ray_cluster, model_dir):
         assert tr.train_step(samples, "reinforce")["grad_norm"] == 0
 
 
+def test_entropy_bonus_alone_raises_the_entropy(ray_cluster, model_dir):
+    """With zero advantages the policy loss has no gradient; the entropy bonus alone moves the weights, towards a
+    flatter distribution (the sign of a wrong bonus gradient would lower it)."""
+    samples = make_samples(4, seed=12)
+    with trainer(model_dir("llama"), lr=1e-2) as tr:
+        assert tr.train_step(samples, "ppo")["grad_norm"] == 0
+        steps = [tr.train_step(samples, "ppo", {"entropy_coef": 0.5}) for _ in range(4)]
+    assert steps[0]["grad_norm"] > 0 and steps[-1]["entropy"] > steps[0]["entropy"] + 1e-3, steps
+
+
 def test_kl_to_the_frozen_reference_is_zero_then_grows(ray_cluster, model_dir):
     samples = make_samples(6, seed=8)
     for j, s in enumerate(samples):
@@ -213,10 +223,19 @@ def test_export_serves_in_vllm_and_logprobs_match_engine(ray_cluster, model_dir,
     assert max(abs(a - b) for a, b in zip(hf_response_logprobs(orig, engine_samples[0]), trainer_lps[0])) > 1e-3
 
 
-@pytest.mark.parametrize("dtype, temperature", [(torch.float32, 1.0), (torch.float32, 0.7), (torch.bfloat16, 1.0)])
-def test_fused_logprobs_equal_log_softmax_in_value_entropy_and_gradient(dtype, temperature):
+@pytest.mark.parametrize(
+    "dtype, temperature, bonus",
+    [
+        (torch.float32, 1.0, False),
+        (torch.float32, 0.7, False),
+        (torch.bfloat16, 1.0, False),
+        (torch.float32, 0.7, True),
+    ],
+)
+def test_fused_logprobs_equal_log_softmax_in_value_entropy_and_gradient(dtype, temperature, bonus):
     """The in-place autograd function against plain `log_softmax` (TP=1, in this process): a wrong backward
-    (the fused `onehot - softmax`) or a missing temperature factor shows in the gradient."""
+    (the fused `onehot - softmax`, the entropy bonus's -p(log p + H)) or a missing temperature factor shows in the
+    gradient."""
     from logprob_oracle import both, one_rank
 
     from trainers.megatron.logprobs import logprobs_and_entropy
@@ -225,7 +244,8 @@ def test_fused_logprobs_equal_log_softmax_in_value_entropy_and_gradient(dtype, t
         g = torch.Generator().manual_seed(0)
         base = (torch.randn(2, 16, 300, generator=g) * 3).to(dtype)
         targets = torch.randint(0, 300, (2, 16), generator=g)
-        got, ref = both(base, targets, torch.randn(2, 16, generator=g), temperature)
+        ent_w = torch.randn(2, 16, generator=g) if bonus else None
+        got, ref = both(base, targets, torch.randn(2, 16, generator=g), temperature, ent_w)
         assert torch.allclose(got["logp"], ref["logp"], atol=1e-5)
         assert torch.allclose(got["entropy"], ref["entropy"], atol=1e-4)
         assert torch.allclose(got["grad"].float(), ref["grad"].float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6)

@@ -65,27 +65,36 @@ class _VocabParallelLogProb(torch.autograd.Function):
         lse = sumexp.log()
         logp = picked - lse
         entropy = lse - e_s / sumexp if with_entropy else torch.zeros_like(lse)
-        ctx.mark_non_differentiable(entropy)
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)  # an entropy no loss term uses gets no gradient pass at all
         if ctx.needs_input_grad[0]:  # a forward-only pass (old/ref log-probs) keeps nothing
             x.div_(sumexp.unsqueeze(-1))  # softmax
-            ctx.save_for_backward(x, local, inside)
+            ctx.save_for_backward(x, local, inside, entropy)
             ctx.temperature, ctx.dtype = temperature, logits.dtype
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, g_logp: torch.Tensor, _g_entropy: torch.Tensor):  # type: ignore[override]
-        softmax, local, inside = ctx.saved_tensors
+    def backward(ctx, g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None):  # type: ignore[override]
+        softmax, local, inside, entropy = ctx.saved_tensors
+        # d/ds with s = logits / T: d logp = onehot - p; dH = -p (log p + H), per local column
+        bonus = None
+        if g_entropy is not None:  # only with an entropy term in the loss (it costs one more [.., V] tensor)
+            bonus = (torch.xlogy(softmax, softmax) + softmax * entropy.unsqueeze(-1)) * g_entropy.unsqueeze(-1)
         grad = softmax.scatter_add_(-1, local.unsqueeze(-1), -inside.unsqueeze(-1).to(softmax.dtype))  # p - onehot
-        scale = -g_logp.unsqueeze(-1) / ctx.temperature  # d logp / d logits = (onehot - p) / T
+        g = torch.zeros_like(entropy) if g_logp is None else g_logp
         out = torch.empty(grad.shape, dtype=ctx.dtype, device=grad.device)  # the product lands in the input dtype
-        return torch.mul(grad, scale, out=out), None, None, None
+        if bonus is None:
+            return torch.mul(grad, -g.unsqueeze(-1) / ctx.temperature, out=out), None, None, None
+        grad.mul_(g.unsqueeze(-1)).add_(bonus)
+        return torch.mul(grad, -1.0 / ctx.temperature, out=out), None, None, None
 
 
 def logprobs_and_entropy(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, with_entropy: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(target) per position [..] (differentiable) and the entropy of the same distribution (a metric: no
-    gradient; None when not asked for)."""
+    """log p(target) per position [..] and the entropy of the same distribution (None when not asked for), both
+    differentiable: the entropy is a metric unless a loss adds an entropy bonus."""
     logp, entropy = _VocabParallelLogProb.apply(logits, targets, temperature, with_entropy)
     return logp, entropy if with_entropy else None
 

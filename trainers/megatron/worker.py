@@ -25,7 +25,7 @@ from trainers.megatron.spec import build_model, transformer_config
 from trainers.megatron.step_reduce import all_finite, token_means
 from vime.algorithms.aggregation import token_weights
 from vime.algorithms.correction import correct
-from vime.algorithms.losses import get_loss
+from vime.algorithms.losses import entropy_bonus, get_loss
 from vime.placement import listening_socket
 from vime.protocols import WeightChannel, WeightChannelFactory
 from vime.trainer import TrainerConfig
@@ -194,6 +194,7 @@ class MegatronWorker:
         loss_kwargs = dict(loss_kwargs)
         mode, max_len = loss_kwargs.pop("aggregation", "token-mean"), loss_kwargs.pop("max_len", None)
         fixes = {"tis": loss_kwargs.pop("tis", None), "mis": loss_kwargs.pop("mis", None)}
+        entropy_coef = float(loss_kwargs.pop("entropy_coef", 0.0))
         scale = self.cfg.dp * len(mbs)  # Megatron averages over micro-batches and DP ranks: undo both
         mask = torch.triu(torch.ones(length, length, dtype=torch.bool, device=dev), 1)[None, None]
 
@@ -210,11 +211,13 @@ class MegatronWorker:
             tok_loss, metrics = loss_fn(logp, mb, **loss_kwargs)
             tok_loss, fixed = correct(tok_loss, mb, **fixes)  # TIS / MIS against the engine's log-probs
             metrics = {**metrics, **fixed}
+            assert head is not None  # a loss is computed on the last stage, which has the head
+            tok_loss = entropy_bonus(tok_loss, head.entropy, entropy_coef)
             w = token_weights(lm, mode, n_tokens=n_tokens, n_seqs=n_seqs, max_len=max_len)
             loss = (tok_loss * w).sum()
             out["loss_sum"] = (tok_loss * lm).sum().detach()
-            assert head is not None  # a loss is computed on the last stage, which has the head
-            out["entropy_sum"] = (head.entropy * lm).sum()
+            if head.entropy is not None:
+                out["entropy_sum"] = (head.entropy * lm).sum().detach()
             for k, v in metrics.items():
                 out[k + "_sum"] = (v * lm).sum()
             return loss * scale, out

@@ -109,6 +109,14 @@ def reinforce_loss(logp: Tensor, mb: dict[str, Tensor], **kw: Any) -> LossOut:
     return with_kl(-mb["advantages"] * logp, logp, mb, {}, **kw)
 
 
+def entropy_bonus(loss: Tensor, entropy: Tensor | None, coef: float) -> Tensor:
+    """`- coef * H` per token (the entropy of the policy's distribution at that position, differentiable): a
+    positive coef keeps exploration up; applied by the trainer to whichever loss the recipe names."""
+    if not coef or entropy is None:
+        return loss
+    return loss - coef * entropy
+
+
 LOSSES: Registry[Callable[..., LossOut]] = Registry(
     "loss",
     "algorithm.loss",

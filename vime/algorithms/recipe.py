@@ -69,6 +69,7 @@ class AlgorithmConfig(BaseModel):
         default=False,
         description="KL as a per-token reward penalty (REINFORCE++'s way) instead of a loss term; needs kl_coef",
     )
+    entropy_coef: float = Field(default=0.0, ge=0, description="entropy bonus: - coef x entropy per token")
     ppo_epochs: int = Field(default=1, ge=1, description="passes over each rollout batch (each its own steps)")
     mini_batch_size: int | None = Field(
         default=None, ge=1, description="samples per optimiser step (default: the whole batch, one step per epoch)"
@@ -108,6 +109,8 @@ class AlgorithmConfig(BaseModel):
             "aggregation": self.aggregation,
             "max_len": self.max_len,
         }
+        if self.entropy_coef:
+            out["entropy_coef"] = self.entropy_coef
         if self.dual_clip is not None:
             out["dual_clip"] = self.dual_clip
         if self.tis is not None:
