@@ -139,7 +139,7 @@ def inproc(model_dir: str) -> None:
     from vime.placement import free_port
 
     cfg, samples = config_and_samples(model_dir)
-    rows = [to_rank_dict(x, None, None) for x in samples]
+    rows = [to_rank_dict(x, {}) for x in samples]
     w = MegatronWorker(cfg.model_dump(), model_dir, 0, 1)
     w.setup("127.0.0.1", free_port())
     s = timed(lambda: w.train_step(rows, "sft", {}, 1.0), "inproc")

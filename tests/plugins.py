@@ -106,3 +106,8 @@ def reward_uniform_on_even_rows(sample):
     """Every sample of an even data row scores 1 (a group drop_uniform_reward drops); odd rows score by sample."""
     row = int(sample.group_id.rsplit("-p", 1)[1])
     return 1.0 if row % 2 == 0 else float(sample.index % 2)
+
+
+def length_reward(sample):
+    """Longer answers score more: a reward that varies from the first step, whatever the tiny model has learned."""
+    return len(sample.response_ids) / 6.0

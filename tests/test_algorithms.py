@@ -71,6 +71,13 @@ def test_gae_hand_values_skip_tool_tokens_and_need_a_critic():
     assert close(adv, [[0.8, 0.0, 0.6]])
     with pytest.raises(ValueError, match="needs a critic"):
         est("gae", [1.0], [[1]], [0])
+    # whitened (verl's PPO): zero mean, unit std over the sampled tokens; the critic's targets stay unwhitened
+    adv, ret = est(
+        "gae", [1.0, 0.0], [[1, 0, 1], [1, 1, 0]], [0, 1], [[0.2, 9, 0.4], [0.5, 0.1, 7]], whiten_advantages=True
+    )
+    m = T([[1, 0, 1], [1, 1, 0]]).bool()
+    assert abs(adv[m].mean()) < 1e-6 and abs(adv[m].std(unbiased=False) - 1) < 1e-4 and (adv[~m] == 0).all()
+    assert close(ret, [[0.2 + 0.77, 0.0, 1.0], [0.5 - 0.495, 0.0, 0.0]])  # λ-returns (λ 0.95): V + unwhitened GAE
 
 
 def grad_of(name, logp, adv, old, **kw):
@@ -160,8 +167,16 @@ def test_presets_fill_what_a_recipe_leaves_unset_and_bad_values_name_their_key()
     assert (c.estimator, c.aggregation, c.loss_kwargs()["clip_high"]) == ("grpo", "seq-mean-token-mean", 0.28)
     with pytest.raises(ValidationError, match="algorithm.aggregation='mean'"):
         AlgorithmConfig(aggregation="mean")
-    with pytest.raises(ValidationError, match="gae needs a critic"):
-        AlgorithmConfig(estimator="gae")
+    from vime.config import Config
+
+    with pytest.raises(ValidationError, match="gae .PPO. needs a critic"):
+        Config(model={"path": "m"}, data={"path": "d.jsonl"}, algorithm={"name": "ppo"})
+    with pytest.raises(ValidationError, match="'critic:' is set but algorithm.estimator='grpo' uses no values"):
+        Config(model={"path": "m"}, data={"path": "d.jsonl"}, critic={})
+    with pytest.raises(ValidationError, match="critic.world_size .2. must equal trainer.world_size .1."):
+        Config(model={"path": "m"}, data={"path": "d.jsonl"}, algorithm={"name": "ppo"}, critic={"world_size": 2})
+    c = Config(model={"path": "m"}, data={"path": "d.jsonl"}, algorithm={"name": "ppo"}, critic={"lr": 1e-3})
+    assert (c.algorithm.estimator, c.critic and c.critic.lr) == ("gae", 1e-3)
 
 
 def test_assign_advantages_runs_the_estimator_over_the_batch():
@@ -178,13 +193,18 @@ def test_assign_advantages_runs_the_estimator_over_the_batch():
 
 
 def test_ppo_epochs_and_mini_batches_walk_the_batch_with_the_same_old_logprobs():
-    from vime.loop import updates
+    import random
 
-    batch, old = list("abcde"), [[0.1], [0.2], [0.3], [0.4], [0.5]]
-    steps = updates(len(batch), epochs=2, size=2)
-    assert [batch[s] for s in steps] == [["a", "b"], ["c", "d"], ["e"]] * 2
-    assert old[steps[3]] == [[0.1], [0.2]]  # epoch 2 reuses the log-probs taken before epoch 1
-    assert updates(5, epochs=1, size=None) == [slice(0, 5)]
+    from vime.update import updates
+
+    steps = updates(5, epochs=2, size=2)
+    assert steps == [[0, 1], [2, 3], [4]] * 2  # epoch 2 reuses the log-probs taken before epoch 1, by index
+    assert updates(5, epochs=1, size=None) == [[0, 1, 2, 3, 4]]
+    # shuffled: each epoch covers every sample once, in its own order, and the same seed gives the same order
+    shuffled = updates(8, epochs=3, size=2, rng=random.Random(4))
+    epochs = [[j for step in shuffled[i : i + 4] for j in step] for i in range(0, 12, 4)]
+    assert all(sorted(e) == list(range(8)) for e in epochs) and len({tuple(e) for e in epochs}) == 3
+    assert shuffled == updates(8, epochs=3, size=2, rng=random.Random(4))
 
 
 def mismatch_batch():
@@ -244,12 +264,31 @@ def test_overlong_shaping_ramps_to_minus_one_over_the_buffer():
 
 def test_kl_in_reward_is_taken_off_each_token_and_the_advantages_estimated_again():
     from vime.algorithms.recipe import AlgorithmConfig
-    from vime.data.batch import kl_in_reward
+    from vime.data.batch import kl_penalty, reestimate
     from vime.types import Sample
 
     algo = AlgorithmConfig(name="reinforce_plus_plus", kl_coef=0.5, kl_estimator="k1", kl_in_reward=True)
     assert algo.loss_kwargs()["kl_coef"] == 0.0  # in the reward, not also in the loss
     batch = [Sample(prompt_ids=[1], response_ids=[7, 8], logprobs=[0.0, 0.0], reward=1.0, group_id="g")]
-    kl_in_reward(batch, policy=[[0.0, 0.0]], ref=[[-0.2, -0.4]], algo=algo, max_len=8)
+    returns = reestimate(batch, algo, 8, kl_penalty([[0.0, 0.0]], [[-0.2, -0.4]], algo))
     # token rewards -0.1 and 1 - 0.2 = 0.8 (k1 = 0.2, 0.4 times 0.5); returns 0.7 and 0.8, then whitened
-    assert close(T(batch[0].token_advantages), [-1.0, 1.0], tol=1e-3)
+    assert close(T(batch[0].token_advantages), [-1.0, 1.0], tol=1e-3) and close(T(returns), [[0.7, 0.8]])
+
+
+def test_gae_advantages_from_the_critics_values_come_back_in_batch_order():
+    """The batch interleaves two groups; `reestimate` groups them for the estimator and hands the returns back in
+    the batch's order (a mix-up would give a sample another one's targets)."""
+    from vime.algorithms.recipe import AlgorithmConfig
+    from vime.data.batch import reestimate
+    from vime.types import Sample
+
+    def s(g, reward, n):
+        return Sample(prompt_ids=[1], response_ids=[5] * n, logprobs=[0.0] * n, reward=reward, group_id=g)
+
+    batch = [s("a", 1.0, 2), s("b", 0.0, 1), s("a", 0.0, 3)]
+    algo = AlgorithmConfig(name="ppo", lam=1.0, whiten_advantages=False)
+    values = [[0.5, 0.25], [0.1], [0.0, 0.0, 0.3]]
+    returns = reestimate(batch, algo, 8, values=values)
+    assert returns == [[1.0, 1.0], [0.0], [0.0, 0.0, 0.0]]
+    got = [b.token_advantages for b in batch]
+    assert all(close(T(g), w) for g, w in zip(got, [[0.5, 0.75], [-0.1], [0.0, 0.0, -0.3]])), got

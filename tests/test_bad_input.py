@@ -184,7 +184,7 @@ def test_prompt_too_long_is_skipped_and_names_its_row(recipe, qwen2_engines, tmp
 def test_nonfinite_updates_are_bounded_and_the_first_is_named(caplog):
     from types import SimpleNamespace
 
-    from vime.loop import skipped_nonfinite
+    from vime.update import skipped_nonfinite
 
     run = SimpleNamespace(nonfinite=[], cfg=SimpleNamespace(loop=SimpleNamespace(max_nonfinite_steps=1)))
     skipped_nonfinite(run, {"loss": float("nan"), "tokens": 40.0})  # within the bound: a warning

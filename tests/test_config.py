@@ -38,7 +38,8 @@ def test_ill_typed_value_names_key(tmp_path):
 def test_unknown_top_level_section(tmp_path):
     with pytest.raises(
         ConfigError,
-        match="unknown key 'trainr'.*allowed here: algorithm, data, engine, gateway, loop, model.*trainer, weights",
+        match="unknown key 'trainr'.*allowed here: algorithm, critic, data, engine, gateway, loop, model.*trainer, "
+        "weights",
     ):
         load_config(write(tmp_path, RECIPE + "trainr: {}\n"))
 

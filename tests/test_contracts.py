@@ -212,7 +212,40 @@ def test_specs_contract(qwen2_engines, tmp_path):
     (err,) = tspec.check_args({"num_layerz": 2})
     assert "trainer.args.num_layerz" in err and "TransformerConfig" in err
     assert callable(tspec.make) and inspect.signature(tspec.make).parameters.keys() >= {"cfg", "model_path"}
+    assert inspect.signature(tspec.make_critic).parameters.keys() >= {"cfg", "model_path", "placement"}
     tspec.assert_all_used()
+
+
+def test_critic_contract_value_loss_falls_on_fixed_returns(model_dir, ray_cluster, tmp_path):
+    """PPO's critic through the declared members only: its values start at 0 (zero head), the clipped value loss
+    falls while it learns fixed returns, and a checkpoint restores its values exactly."""
+    from vime.trainer import CriticConfig
+
+    critic = Only(
+        TRAINERS.get("megatron").make_critic(
+            CriticConfig(micro_batch_size=2, lr=1e-2), model_path=str(model_dir("qwen2")), placement=None
+        ),
+        protocols.Critic,
+    )
+    try:
+        samples = [Sample(prompt_ids=PROMPT, response_ids=[70 + i, 71, 72], logprobs=[0.0] * 3) for i in range(4)]
+        returns = [[1.0, 1.0, 1.0] if i % 2 else [-0.5, -0.5, -0.5] for i in range(4)]
+        v0 = critic.values(samples)
+        assert v0 == [[0.0] * 3] * 4, v0
+        losses, old = [], v0
+        for _ in range(8):
+            stats = critic.train_step(samples, returns, old, {"value_clip": 0.5})
+            losses.append(stats["loss"])
+            old = critic.values(samples)
+        assert losses[-1] < 0.5 * losses[0] and "value_clip_frac" in stats, losses
+        critic.save(str(tmp_path / "critic"))
+        critic.train_step(samples, returns, old, {"value_clip": None})
+        assert critic.values(samples) != old
+        critic.load(str(tmp_path / "critic"))
+        assert critic.values(samples) == old
+    finally:
+        critic.shutdown()
+    critic.assert_all_used()
 
 
 def test_engine_group_stops(group):

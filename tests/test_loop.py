@@ -81,17 +81,37 @@ def test_two_steps_consistency_and_cleanup(ray_cluster, repo_root, model_dir, tm
     assert alive_actors(ray_cluster) == []
 
 
-def test_exact_resume(ray_cluster, repo_root, model_dir, tmp_path):
-    extra = ("loop.num_steps=3", "loop.save_every=2", "run.save_samples=true")
+# PPO with a critic in bundles of its own: its first step trains only the critic; then both, over two epochs of
+# shuffled mini-batches (the shuffle is seeded by step, so a resumed run takes the same order)
+PPO = (
+    "algorithm.name=ppo",
+    "algorithm.ppo_epochs=2",
+    "algorithm.mini_batch_size=32",
+    "algorithm.critic_warmup_steps=1",
+    "critic.lr=0.001",
+    "critic.colocate=false",
+    "rollout.reward=plugins:length_reward",  # varies from the first step (the 3-step warm start solves nothing)
+)
+
+
+def test_exact_resume_of_ppo_with_a_critic(ray_cluster, repo_root, model_dir, tmp_path):
+    """Three PPO steps, and the same from the step-2 checkpoint: the resumed step 3 is the same to the last bit
+    (the critic's weights and optimiser come back too, or its values, and with them the advantages, would not)."""
+    extra = ("loop.num_steps=3", "loop.save_every=2", "run.save_samples=true", *PPO)
     full = train(recipe(repo_root, model_dir, tmp_path / "a", *extra), progress=False)
+    steps = {r["step"]: r for r in full["history"] if "rollout/reward" in r}
+    assert "critic/loss" in steps[1] and "train/loss" not in steps[1], steps[1]  # critic warm-up
+    assert steps[3]["critic/loss"] < steps[1]["critic/loss"], (steps[1], steps[3])  # the values learn the returns
+    assert steps[3]["train/clip_frac"] > 0 and steps[3]["train/ratio"] != 1.0, steps[3]  # later mini-batches clip
     ckpt = tmp_path / "a" / "run" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step_000002"
-    assert (ckpt / "step_000002" / "hf" / "model.safetensors").exists()
+    assert (ckpt / "step_000002" / "hf" / "model.safetensors").exists() and (ckpt / "step_000002" / "critic").is_dir()
     assert not list(ckpt.glob(".tmp-*"))
     resumed = train(recipe(repo_root, model_dir, tmp_path / "b", *extra), resume=str(ckpt), progress=False)
     a = next(r for r in full["history"] if r["step"] == 3 and "train/loss" in r)
     b = next(r for r in resumed["history"] if r["step"] == 3 and "train/loss" in r)
-    assert b["train/loss"] == a["train/loss"] and b["train/grad_norm"] == a["train/grad_norm"]
+    for k in ("train/loss", "train/grad_norm", "critic/loss", "critic/grad_norm"):
+        assert b[k] == a[k], (k, a, b)
     sa = [s.response_ids for s in read_jsonl(tmp_path / "a/run/samples/step_000003.jsonl")]
     sb = [s.response_ids for s in read_jsonl(tmp_path / "b/run/samples/step_000003.jsonl")]
     assert sa == sb and len(sa) == 64

@@ -133,6 +133,31 @@ def test_per_token_advantages_reach_the_trainer(ray_cluster, model_dir):
         assert tr.train_step(samples, "reinforce")["grad_norm"] == 0
 
 
+def test_critic_values_and_value_step_are_the_same_over_tp2(ray_cluster, model_dir):
+    """The critic in the policy's layout options: TP=2 gives the TP=1 values before and after a value step (its
+    head is replicated, the backbone sharded as the policy's)."""
+    from trainers.megatron.critic import MegatronCritic
+    from vime.trainer import CriticConfig
+
+    samples = make_samples(4, seed=13)
+    returns = [[float(j % 2)] * len(s.response_ids) for j, s in enumerate(samples)]
+    out = {}
+    for tp in (1, 2):
+        critic = MegatronCritic(
+            CriticConfig(tp=tp, world_size=tp, lr=1e-2, micro_batch_size=2), model_path=str(model_dir("qwen2"))
+        )
+        try:
+            v0 = critic.values(samples)
+            stats = critic.train_step(samples, returns, v0, {"value_clip": 0.2})
+            critic.train_step(samples, returns, v0, {"value_clip": 0.2})
+            out[tp] = (stats["grad_norm"], critic.values(samples))
+        finally:
+            critic.shutdown()
+    assert abs(out[1][0] / out[2][0] - 1) < 1e-4, out
+    worst = max(abs(a - b) for r1, r2 in zip(out[1][1], out[2][1]) for a, b in zip(r1, r2))
+    assert worst < 1e-4 and any(v != 0 for r in out[1][1] for v in r), worst
+
+
 def test_entropy_bonus_alone_raises_the_entropy(ray_cluster, model_dir):
     """With zero advantages the policy loss has no gradient; the entropy bonus alone moves the weights, towards a
     flatter distribution (the sign of a wrong bonus gradient would lower it)."""

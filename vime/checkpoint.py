@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from vime.protocols import Trainer
+from vime.protocols import Critic, Trainer
 
 # Keys a resumed run may change; any other difference would make the resumed run diverge from the original.
 RESUMABLE_CHANGES = (
@@ -54,6 +54,7 @@ def save(
     config: dict[str, Any],
     export_hf: bool = True,
     keep: int | None = None,
+    critic: Critic | None = None,
 ) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -62,6 +63,8 @@ def save(
     tmp.mkdir()
     try:
         trainer.save(str(tmp / "trainer"))
+        if critic is not None:
+            critic.save(str(tmp / "critic"))
         if export_hf:
             trainer.save_hf(str(tmp / "hf"))
         (tmp / "state.json").write_text(json.dumps(state))

@@ -23,7 +23,7 @@ from vime.registry import DEFAULT_ENGINE, PluginError
 from vime.rollout.config import RolloutConfig
 from vime.specs import engine_spec, trainer_spec
 from vime.supervise import ProbeConfig
-from vime.trainer import TrainerConfig
+from vime.trainer import CriticConfig, TrainerConfig
 from vime.weights import WeightsConfig
 
 
@@ -77,6 +77,7 @@ class Config(Strict):
     trainer: TrainerConfig = TrainerConfig()
     weights: WeightsConfig = WeightsConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    critic: CriticConfig | None = Field(default=None, description="PPO's value model (algorithm.estimator=gae)")
     loop: LoopConfig = LoopConfig()
     ray: RayConfig = RayConfig()
     placement: PlacementConfig = PlacementConfig()
@@ -98,9 +99,25 @@ class Config(Strict):
         else:
             errors += spec.validate(self.engine, self.weights, self.placement.colocate)
         errors += trainer_spec(self.trainer.name).check_args(self.trainer.args)
+        errors += self._critic_errors()
         if errors:
             raise ValueError("\n  ".join(errors))
         return self
+
+    def _critic_errors(self) -> list[str]:
+        """A critic exactly when the estimator uses values (a built-in other than gae never does; a plug-in may)."""
+        est, critic = str(self.algorithm.estimator), self.critic
+        if critic is None:
+            return [] if est != "gae" else ["algorithm.estimator=gae (PPO) needs a critic: add a 'critic:' section"]
+        errors = trainer_spec(critic.name).check_args(critic.args)
+        if ":" not in est and est != "gae":
+            errors.append(f"'critic:' is set but algorithm.estimator={est!r} uses no values: remove it or use gae")
+        if critic.colocate and critic.world_size != self.trainer.world_size:
+            errors.append(
+                f"critic.colocate shares the trainer's bundles, so critic.world_size ({critic.world_size}) must "
+                f"equal trainer.world_size ({self.trainer.world_size}); or set critic.colocate: false"
+            )
+        return errors
 
 
 @functools.cache

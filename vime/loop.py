@@ -10,19 +10,17 @@ the same parts.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 from vime import checkpoint, run_state
 from vime.config import Config
-from vime.data.batch import kl_in_reward, sft_samples, training_batch
+from vime.data.batch import sft_samples, training_batch
 from vime.data.source import PromptSource
 from vime.parts import Parts
-from vime.step_metrics import Timer, consistency, rollout_metrics
-from vime.types import Group, Sample
-
-log = logging.getLogger(__name__)
+from vime.step_metrics import Timer, rollout_metrics
+from vime.types import Group
+from vime.update import train_on
 
 
 def warm_start(run: Parts) -> None:
@@ -53,54 +51,11 @@ def open_checkpoint(cfg: Config, resume: str) -> tuple[Path, dict[str, Any]]:
 
 def resume_from(run: Parts, path: Path, state: dict[str, Any]) -> int:
     run.trainer.load(str(path / "trainer"))
+    if run.critic is not None:
+        run.critic.load(str(path / "critic"))
     start = run_state.load_state_dict(run, state)
     run.sync.push(state["version"])
     return start
-
-
-def train_on(run: Parts, batch: list[Sample], T: float) -> dict[str, float]:
-    """The policy updates of one rollout batch: the trainer's own log-probs, taken once before the first update (the
-    old policy of every epoch, and the engine-mismatch metric), then `ppo_epochs` passes over its mini-batches."""
-    algo = run.cfg.algorithm
-    metrics = run.sync.release_engines()  # colocated on a GPU: the engines sleep while we train
-    trainer_lp = run.trainer.logprobs(batch, T)
-    metrics |= consistency(batch, trainer_lp)
-    old = trainer_lp if algo.old_logprobs == "recompute" else [s.logprobs for s in batch]
-    ref = run.trainer.logprobs(batch, T, reference=True) if algo.kl_coef else None
-    if ref is not None and algo.kl_in_reward:
-        kl_in_reward(batch, trainer_lp, ref, algo, run.cfg.rollout.max_tokens)
-    kwargs = algo.loss_kwargs() | {"max_len": algo.max_len or run.cfg.rollout.max_tokens}
-    steps = []
-    for part in updates(len(batch), algo.ppo_epochs, algo.mini_batch_size):
-        stats = run.trainer.train_step(
-            batch[part], algo.loss, kwargs, old_logprobs=old[part], ref_logprobs=ref and ref[part], temperature=T
-        )
-        if stats.get("skipped_nonfinite"):
-            skipped_nonfinite(run, stats)
-        steps.append(stats)
-    keys = sorted({k for s in steps for k in s})
-    return metrics | {f"train/{k}": sum(s.get(k, 0.0) for s in steps) / len(steps) for k in keys}
-
-
-def updates(n: int, epochs: int, size: int | None) -> list[slice]:
-    """The samples of each optimiser step: every epoch walks the batch in order, in mini-batches of `size`."""
-    size = size or n
-    return [slice(i, i + size) for _ in range(epochs) for i in range(0, n, size)]
-
-
-def skipped_nonfinite(run: Parts, stats: dict[str, float]) -> None:
-    """The trainer skipped an update whose loss or gradients were NaN/inf; past the bound the run stops."""
-    run.nonfinite.append(f"loss {stats.get('loss')}, batch of {stats.get('tokens', 0):.0f} tokens")
-    bound = run.cfg.loop.max_nonfinite_steps
-    log.warning(
-        "a NaN/inf loss or gradient: update skipped (%s; loop.max_nonfinite_steps=%d)", run.nonfinite[-1], bound
-    )
-    if len(run.nonfinite) > bound:
-        raise FloatingPointError(
-            f"{len(run.nonfinite)} updates skipped for a NaN/inf loss or gradient, more than "
-            f"loop.max_nonfinite_steps={bound}; the first: {run.nonfinite[0]} (check the loss, learning rate, "
-            "advantages and engine log-probs)"
-        )
 
 
 def eval_due(cfg: Config, step: int) -> bool:
@@ -116,6 +71,7 @@ def save(run: Parts, step: int) -> None:
             run_state.state_dict(run, step),
             run.cfg.model_dump(mode="json"),
             keep=run.cfg.loop.keep,
+            critic=run.critic,
         )
 
 
@@ -139,11 +95,16 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
             metrics = rollout_metrics(groups, timer["time/rollout"]) | run.engine_counters() | run.pool.take_counts()
             metrics |= run.rollout.accounting | run.ctx.faults.take()
             batch = training_batch(
-                run.buffer.pop_groups(), cfg.algorithm, run.sync.version, cfg.loop.max_staleness, cfg.rollout.max_tokens
+                run.buffer.pop_groups(),
+                cfg.algorithm,
+                run.sync.version,
+                cfg.loop.max_staleness,
+                cfg.rollout.max_tokens,
+                values_later=run.critic is not None,
             )
             with timer("train"):
                 if batch:
-                    metrics |= train_on(run, batch, T)
+                    metrics |= train_on(run, batch, T, step)
             with timer("weight_sync"):
                 if batch:
                     metrics |= {f"sync/{k}": v for k, v in run.sync.push(f"step{step + 1}").items()}

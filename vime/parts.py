@@ -18,10 +18,11 @@ from vime.evaluate import Evaluator
 from vime.metrics import MetricsLogger
 from vime.placement import ensure_ray, placement_group, plan, remove_placement_group
 from vime.preflight import preflight
+from vime.protocols import Critic
 from vime.rollout import ROLLOUTS
 from vime.rollout.context import load_tokenizer, make_context
 from vime.rollout.step import RolloutStep, make_buffer
-from vime.specs import engine_spec, make_engine_group, make_trainer
+from vime.specs import engine_spec, make_critic, make_engine_group, make_trainer
 from vime.step_metrics import EngineCounters
 from vime.supervise import SupervisedPool
 from vime.sync import WeightSync
@@ -34,6 +35,7 @@ class Parts(contextlib.ExitStack):
         self.out = Path(cfg.run.out_dir)
         self.progress = progress
         self.nonfinite: list[str] = []  # steps skipped for a NaN/inf loss or gradient, with their loss
+        self.critic: Critic | None = None
 
     def build(self) -> Parts:
         """Start every part; if any part fails to start, stop the ones already running (the caller's `with`
@@ -68,6 +70,14 @@ class Parts(contextlib.ExitStack):
         if sleeps:
             t = t.model_copy(update={"gpus_per_rank": t.gpus_per_rank / 2})
             e = e.model_copy(update={"gpus_per_engine": e.gpus_per_engine / 2})
+        c = cfg.critic
+        critic_idx = trainer_idx
+        if c is not None and c.colocate:  # the critic shares the trainer's bundles: half of each share each
+            share = {"cpus_per_rank": t.cpus_per_rank / 2, "gpus_per_rank": t.gpus_per_rank / 2}
+            t, c = t.model_copy(update=share), c.model_copy(update=share)
+        elif c is not None:  # bundles of its own
+            critic_idx = list(range(len(bundles), len(bundles) + c.world_size))
+            bundles += [{"CPU": c.cpus_per_rank, "GPU": c.gpus_per_rank}] * c.world_size
         pg = placement_group(bundles, name=f"vime-{self.out.name}-{uuid.uuid4().hex[:6]}")
         self.callback(remove_placement_group, pg)
         self.engines = make_engine_group(
@@ -82,6 +92,9 @@ class Parts(contextlib.ExitStack):
         self.engines.start()
         self.trainer = make_trainer(t, cfg.model.path, placement=(pg, trainer_idx))
         self.callback(self.trainer.shutdown)
+        if c is not None:
+            self.critic = make_critic(c, cfg.model.path, placement=(pg, critic_idx))
+            self.callback(self.critic.shutdown)
         self.sync = WeightSync(self.trainer, self.engines, engine_spec(e.name).weight_channel, cfg.weights, sleeps)
         self.sync.connect()
         self.pool = SupervisedPool(

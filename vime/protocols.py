@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from vime.engine import EngineConfig
-from vime.trainer import TrainerConfig
+from vime.trainer import CriticConfig, TrainerConfig
 from vime.types import Completion, Group, Sample, SamplingParams
 from vime.weights import WeightsConfig
 
@@ -160,6 +160,31 @@ class Trainer(Protocol):
     def shutdown(self) -> None: ...
 
 
+class Critic(Protocol):
+    """PPO's value model (one handle over its ranks): it scores states and learns returns; it never generates, and
+    its weights never go to the engines."""
+
+    def values(self, samples: list[Sample]) -> list[list[float]]:
+        """Per response token, V of the state that token was sampled in."""
+        ...
+
+    def train_step(
+        self,
+        samples: list[Sample],
+        returns: list[list[float]],
+        old_values: list[list[float]],
+        loss_kwargs: Mapping[str, Any] | None = None,
+    ) -> dict[str, float]:
+        """One optimiser step of the clipped value loss (`vime.algorithms.value`) towards `returns`."""
+        ...
+
+    def save(self, path: str) -> None: ...
+
+    def load(self, path: str) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
 class EngineSpec(Protocol):
     """Everything vime needs to know about one engine, registered by name in `vime.registry.ENGINES`."""
 
@@ -206,6 +231,10 @@ class TrainerSpec(Protocol):
 
     def make(self, cfg: TrainerConfig, *, model_path: str, placement: tuple[Any, list[int]] | None) -> Trainer:
         """Build and start the ranks (`placement` = Ray placement group, bundle index per rank)."""
+        ...
+
+    def make_critic(self, cfg: CriticConfig, *, model_path: str, placement: tuple[Any, list[int]] | None) -> Critic:
+        """The value model on the same backend: the policy's architecture with a scalar head."""
         ...
 
 

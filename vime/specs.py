@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any, cast
 
 from vime.engine import EngineConfig
-from vime.protocols import EngineGroup, EngineSpec, Trainer, TrainerSpec
+from vime.protocols import Critic, EngineGroup, EngineSpec, Trainer, TrainerSpec
 from vime.registry import ENGINES, TRAINERS
-from vime.trainer import TrainerConfig
+from vime.trainer import CriticConfig, TrainerConfig
 
 
 def engine_spec(name: str) -> EngineSpec:
@@ -41,3 +41,8 @@ def make_engine_group(
 def make_trainer(cfg: TrainerConfig, model_path: str, placement: tuple[Any, list[int]] | None = None) -> Trainer:
     """Build and start the trainer named by `cfg.name` (its ranks are Ray actors)."""
     return trainer_spec(cfg.name).make(cfg, model_path=model_path, placement=placement)
+
+
+def make_critic(cfg: CriticConfig, model_path: str, placement: tuple[Any, list[int]] | None = None) -> Critic:
+    """Build and start PPO's value model on the backend `cfg.name` names."""
+    return trainer_spec(cfg.name).make_critic(cfg, model_path=cfg.model_path or model_path, placement=placement)

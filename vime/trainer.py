@@ -52,3 +52,15 @@ class TrainerConfig(BaseModel):
     @property
     def dp(self) -> int:
         return self.world_size // (self.tp * self.pp)
+
+
+class CriticConfig(TrainerConfig):
+    """PPO's value model: a trainer of its own (layout, optimiser and `args` as the policy's), whose weights never
+    go to the engines. Its network is the policy's architecture with a scalar value head in place of the LM head."""
+
+    model_path: str | None = Field(default=None, description="HF directory it starts from (default: model.path)")
+    colocate: bool = Field(
+        default=True,
+        description="share the trainer's bundles (same world_size; on GPUs each rank gets half the trainer's GPU "
+        "share) instead of bundles of its own",
+    )

@@ -12,8 +12,15 @@ from typing import Any
 
 import torch
 
-# micro-batch field <- sample field, one value per response token (`logprobs` are the engine's, as sampled)
-PER_TOKEN = {"old_logprobs": "old_logprobs", "ref_logprobs": "ref_logprobs", "rollout_logprobs": "logprobs"}
+# micro-batch field <- sample field, one value per response token (`logprobs` are the engine's, as sampled;
+# `returns` and `old_values` are the critic's targets and the values its advantages were computed with)
+PER_TOKEN = {
+    "old_logprobs": "old_logprobs",
+    "ref_logprobs": "ref_logprobs",
+    "rollout_logprobs": "logprobs",
+    "returns": "returns",
+    "old_values": "old_values",
+}
 
 
 def seq_len(s: dict[str, Any]) -> int:

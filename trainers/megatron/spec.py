@@ -91,7 +91,9 @@ def transformer_config(hf_cfg: Any, *, tp: int, pp: int, dtype: torch.dtype, on_
     )
 
 
-def build_model(hf_cfg: Any, config: Any, *, pre_process: bool, post_process: bool):
+def build_model(hf_cfg: Any, config: Any, *, pre_process: bool, post_process: bool, tied: bool = True):
+    """`tied=False` unties the output layer from the embedding even where the family ties them (the critic
+    replaces that layer by its value head)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -104,7 +106,7 @@ def build_model(hf_cfg: Any, config: Any, *, pre_process: bool, post_process: bo
         max_sequence_length=hf_cfg.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=hf_cfg.tie_word_embeddings,
+        share_embeddings_and_output_weights=bool(hf_cfg.tie_word_embeddings) and tied,
         position_embedding_type="rope",
         rotary_base=rope_theta(hf_cfg, spec),
         rotary_percent=1.0,

@@ -32,7 +32,7 @@ def token_means(outs: list[dict[str, Any]], world_size: int, on_cpu: bool, pp: i
                 sums[k] = sums.get(k, 0.0) + float(v)
     keys: list[list[str]] = [[] for _ in range(world_size)]
     dist.all_gather_object(keys, sorted(sums))  # earlier pipeline stages return none
-    names = sorted({"loss_sum", "entropy_sum", "mask_sum", *(k for ks in keys for k in ks)})
+    names = sorted({"loss_sum", "mask_sum", *(k for ks in keys for k in ks)})
     total = last_stage_dp_sum({k: sums.get(k, 0.0) for k in names}, on_cpu, pp)
     n = max(1.0, total.pop("mask_sum"))
     return {k[:-4]: v / n for k, v in total.items()}, n

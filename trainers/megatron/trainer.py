@@ -17,20 +17,18 @@ from vime.types import Sample
 log = logging.getLogger(__name__)
 
 
-def to_rank_dict(s: Sample, old: list[float] | None, ref: list[float] | None) -> dict[str, Any]:
-    d: dict[str, Any] = {
+def to_rank_dict(s: Sample, per_token: dict[str, list[float]]) -> dict[str, Any]:
+    """What a rank needs of a sample, plus per-token fields computed after the rollout (old and reference
+    log-probs; the critic's returns and old values), by their micro-batch names (`batching.PER_TOKEN`)."""
+    return {
         "prompt_ids": s.prompt_ids,
         "response_ids": s.response_ids,
         "loss_mask": s.loss_mask,
         "advantage": s.advantage,
         "token_advantages": s.token_advantages,
         "logprobs": s.logprobs,  # the engine's, for TIS / MIS
+        **per_token,
     }
-    if old is not None:
-        d["old_logprobs"] = old
-    if ref is not None:
-        d["ref_logprobs"] = ref
-    return d
 
 
 def split(items: list[Any], parts: int) -> list[list[Any]]:
@@ -44,7 +42,7 @@ def split(items: list[Any], parts: int) -> list[list[Any]]:
 
 
 class MegatronTrainer:
-    def __init__(self, cfg: TrainerConfig, *, model_path: str, placement: Any = None):
+    def __init__(self, cfg: TrainerConfig, *, model_path: str, placement: Any = None, role: str = "policy"):
         import ray
 
         from trainers.megatron.worker import MegatronWorker
@@ -66,7 +64,7 @@ class MegatronTrainer:
                 num_gpus=cfg.gpus_per_rank,
                 scheduling_strategy=bundle_strategy(self.pg, bundles[i]),
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
-            ).remote(cfg.model_dump(), model_path, i, cfg.world_size)
+            ).remote(cfg.model_dump(), model_path, i, cfg.world_size, role)
             for i in range(cfg.world_size)
         ]
         addr, port = ray.get(self.workers[0].address.remote())
@@ -88,12 +86,11 @@ class MegatronTrainer:
                 raise e.cause from e
             raise
 
-    def _chunks(
-        self, samples: list[Sample], old: list[list[float]] | None = None, ref: list[list[float]] | None = None
-    ) -> list[list[dict[str, Any]]]:
+    def _chunks(self, samples: list[Sample], **per_token: list[list[float]] | None) -> list[list[dict[str, Any]]]:
         if len(samples) < self.cfg.dp:
             raise ValueError(f"{len(samples)} samples cannot be split over {self.cfg.dp} data-parallel ranks")
-        rows = [to_rank_dict(s, old[i] if old else None, ref[i] if ref else None) for i, s in enumerate(samples)]
+        given = {k: v for k, v in per_token.items() if v is not None}
+        rows = [to_rank_dict(s, {k: v[i] for k, v in given.items()}) for i, s in enumerate(samples)]
         return split(rows, self.cfg.dp)
 
     def logprobs(self, samples: list[Sample], temperature: float = 1.0, reference: bool = False) -> list[list[float]]:
@@ -119,7 +116,11 @@ class MegatronTrainer:
         temperature: float = 1.0,
     ) -> dict[str, float]:
         outs = self._fan(
-            "train_step", self._chunks(samples, old_logprobs, ref_logprobs), loss, dict(loss_kwargs or {}), temperature
+            "train_step",
+            self._chunks(samples, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs),
+            loss,
+            dict(loss_kwargs or {}),
+            temperature,
         )
         return outs[0]
 

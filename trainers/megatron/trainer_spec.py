@@ -11,8 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from vime.protocols import Trainer, TrainerSpec
-from vime.trainer import TrainerConfig
+from vime.protocols import Critic, Trainer, TrainerSpec
+from vime.trainer import CriticConfig, TrainerConfig
 
 
 def backend_fields() -> dict[str, set[str]]:
@@ -44,6 +44,11 @@ class MegatronSpec:
         from trainers.megatron.trainer import MegatronTrainer
 
         return MegatronTrainer(cfg, model_path=model_path, placement=placement)
+
+    def make_critic(self, cfg: CriticConfig, *, model_path: str, placement: tuple[Any, list[int]] | None) -> Critic:
+        from trainers.megatron.critic import MegatronCritic
+
+        return MegatronCritic(cfg, model_path=model_path, placement=placement)
 
 
 SPEC: TrainerSpec = MegatronSpec()  # annotated: the type checker proves the spec (and its trainer) fit

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainers.megatron import adapter, export, optim, rank_checkpoint
+from trainers.megatron import adapter, export, optim, rank_checkpoint, value_head
 from trainers.megatron.batching import microbatches, response_values
 from trainers.megatron.logprobs import LogProbHead
 from trainers.megatron.spec import build_model, transformer_config
 from trainers.megatron.step_reduce import all_finite, token_means
+from trainers.megatron.value_head import ValueHead
 from vime.algorithms.aggregation import token_weights
 from vime.algorithms.correction import correct
 from vime.algorithms.losses import entropy_bonus, get_loss
@@ -39,8 +40,9 @@ class MegatronWorker:
     head: Any
     channel: WeightChannel | None = None
 
-    def __init__(self, cfg: dict[str, Any], model_path: str, rank: int, world_size: int):
-        self.cfg = TrainerConfig(**cfg)
+    def __init__(self, cfg: dict[str, Any], model_path: str, rank: int, world_size: int, role: str = "policy"):
+        self.cfg = TrainerConfig(**{k: v for k, v in cfg.items() if k in TrainerConfig.model_fields})
+        self.role = role  # "policy", or "critic": the same network with a value head (PPO)
         self.model_path = model_path
         self.rank, self.world_size = rank, world_size
         self.on_cpu = not torch.cuda.is_available()
@@ -98,16 +100,21 @@ class MegatronWorker:
         self.model, self.optimizer, self.scheduler = optim.wrap(self, model, self._apply_args)
         return {"rank": self.rank, "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank}
 
-    def _initial_model(self) -> tuple[torch.nn.Module, LogProbHead | None]:
-        """This rank's stage of the model, with the checkpoint's weights and (last stage) the log-prob head."""
+    def _initial_model(self) -> tuple[torch.nn.Module, Any]:
+        """This rank's stage of the model, with the checkpoint's weights and (last stage) the log-prob head, or
+        the critic's value head (untied: the head replaces the output layer, not the embedding)."""
         from megatron.core import parallel_state as ps
 
+        critic, last = self.role == "critic", ps.is_pipeline_last_stage()
         model = build_model(
-            self.hf_cfg, self.tcfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
+            self.hf_cfg, self.tcfg, pre_process=ps.is_pipeline_first_stage(), post_process=last, tied=not critic
         )
         if not self.on_cpu:
             model = model.cuda()
-        head = LogProbHead.install(model) if ps.is_pipeline_last_stage() else None
+        head: Any = None
+        if last:
+            head = ValueHead.install(model, self.tcfg.hidden_size, self.tcfg.params_dtype) if critic else None
+            head = head or LogProbHead.install(model)
         self._load_hf_into(model)
         return model, head
 
@@ -140,6 +147,8 @@ class MegatronWorker:
             hf.update(load_file(str(f)))
         full = adapter.from_hf(hf, self.hf_cfg)
         names = [n for n in model.state_dict() if not n.endswith("_extra_state")]
+        if self.role == "critic":  # the value head is new: the checkpoint has nothing for it
+            names = [n for n in names if not n.startswith(value_head.PARAM_PREFIX)]
         local = adapter.local_state_dict(
             full,
             names,
@@ -149,7 +158,7 @@ class MegatronWorker:
             layers_per_stage=self.layers_per_stage,
         )
         missing, unexpected = model.load_state_dict(local, strict=False)
-        missing = [m for m in missing if not m.endswith("_extra_state")]
+        missing = [m for m in missing if m in names]
         if missing or unexpected:
             raise RuntimeError(f"HF → Megatron load mismatch: missing {missing}, unexpected {unexpected}")
 

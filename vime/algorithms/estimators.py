@@ -157,12 +157,14 @@ def gae(
     *,
     gamma: float = 1.0,
     lam: float = 0.95,
+    whiten_advantages: bool = False,
     **_: Any,
 ) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation over the sampled tokens (PPO with a critic); returns = advantages + values.
-    Tokens with mask 0 inside a response (tool output) are skipped: the next sampled token's value bootstraps."""
+    """Generalised advantage estimation over the sampled tokens (PPO with a critic); returns = advantages + values
+    (before whitening: the critic's targets). Tokens with mask 0 inside a response (tool output) are skipped: the
+    next sampled token's value bootstraps. `whiten_advantages`: over the batch's tokens, as verl's PPO does."""
     if values is None:
-        raise ValueError("algorithm.estimator=gae needs a critic's values (algorithm.critic)")
+        raise ValueError("algorithm.estimator=gae needs a critic's values (a 'critic:' section)")
     tok = token_rewards(rewards, mask)
     adv = torch.zeros_like(tok, dtype=torch.float32)
     next_value = torch.zeros(tok.shape[0])
@@ -175,7 +177,8 @@ def gae(
         next_value = m * values[:, t] + (1 - m) * next_value
         adv[:, t] = running
     adv = adv * mask
-    return adv, (adv + values) * mask
+    returns = (adv + values) * mask
+    return (whiten(adv, mask) if whiten_advantages else adv), returns
 
 
 ESTIMATORS: Registry[Estimator] = Registry(

@@ -25,6 +25,7 @@ PRESETS: dict[str, dict[str, str]] = {
     "reinforce_plus_plus": {"estimator": "reinforce_plus_plus", "aggregation": "token-mean"},
     "reinforce_plus_plus_baseline": {"estimator": "reinforce_plus_plus_baseline", "aggregation": "token-mean"},
     "gspo": {"estimator": "grpo", "aggregation": "seq-mean-token-mean"},
+    "ppo": {"estimator": "gae", "aggregation": "token-mean"},
 }
 
 
@@ -46,15 +47,16 @@ class MISConfig(BaseModel):
 class AlgorithmConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["grpo", "dr_grpo", "dapo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gspo"] = (
-        "grpo"
-    )
+    name: Literal[
+        "grpo", "dr_grpo", "dapo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gspo", "ppo"
+    ] = "grpo"
     estimator: str | None = Field(default=None, description="advantage estimator name or 'pkg.module:fn'")
     std: Literal["unbiased", "population", "none"] = Field(
         default="unbiased", description="grpo's group std: unbiased (n-1, as verl and slime) or population (n)"
     )
     gamma: float = Field(default=1.0, ge=0, le=1, description="discount (reinforce_plus_plus*, gae)")
     lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda")
+    whiten_advantages: bool = Field(default=True, description="gae: whiten advantages over the batch (as verl)")
     aggregation: str | None = Field(default=None, description=f"one of {', '.join(MODES)}")
     max_len: int | None = Field(
         default=None, ge=1, description="seq-mean-token-sum-norm's constant length (default: rollout.max_tokens)"
@@ -74,6 +76,7 @@ class AlgorithmConfig(BaseModel):
     mini_batch_size: int | None = Field(
         default=None, ge=1, description="samples per optimiser step (default: the whole batch, one step per epoch)"
     )
+    shuffle: bool = Field(default=True, description="each epoch walks the batch's mini-batches in a fresh order")
     old_logprobs: Literal["recompute", "rollout"] = Field(
         default="recompute", description="importance-ratio denominator: trainer's recomputed or engine's"
     )
@@ -85,6 +88,12 @@ class AlgorithmConfig(BaseModel):
     tis: TISConfig | None = Field(default=None, description="truncated importance weights vs the engine's log-probs")
     mis: MISConfig | None = Field(default=None, description="masked importance sampling (IcePop) vs the engine's")
     temperature: float | None = Field(default=None, description="defaults to rollout.temperature")
+    value_clip: float | None = Field(
+        default=0.2, gt=0, description="critic: a new value may move this far from the old one before the loss clips"
+    )
+    critic_warmup_steps: int = Field(
+        default=0, ge=0, description="RL steps that train only the critic (the policy waits for useful values)"
+    )
 
     @model_validator(mode="after")
     def _preset(self) -> AlgorithmConfig:
@@ -95,8 +104,6 @@ class AlgorithmConfig(BaseModel):
             raise ValueError(f"algorithm.aggregation={self.aggregation!r}: use one of {', '.join(MODES)}")
         if self.kl_in_reward and not self.kl_coef:
             raise ValueError("algorithm.kl_in_reward needs algorithm.kl_coef > 0 (the penalty's weight)")
-        if self.estimator == "gae":
-            raise ValueError("algorithm.estimator=gae needs a critic, which vime does not build yet (issue 20)")
         return self  # an unknown estimator or loss name fails in preflight, naming its key
 
     def loss_kwargs(self) -> dict[str, Any]:
@@ -119,6 +126,10 @@ class AlgorithmConfig(BaseModel):
             out["mis"] = self.mis.model_dump()
         return out
 
+    def value_kwargs(self) -> dict[str, Any]:
+        """The critic's loss parameters (its aggregation is the policy's)."""
+        return {"value_clip": self.value_clip, "aggregation": self.aggregation, "max_len": self.max_len}
+
 
 def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
     """DAPO: 0 up to max_len - buffer tokens, then falling linearly to -1 at max_len (and -1 beyond)."""
@@ -130,38 +141,53 @@ def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
 def assign_advantages(
     groups: list[Group], cfg: AlgorithmConfig, max_len: int | None = None, penalty: list[list[float]] | None = None
 ) -> list[Sample]:
-    """Runs the estimator over the whole batch at once (REINFORCE++ whitens over the batch's tokens); each sample
-    gets its per-token advantages, and their mean as `advantage` for logs. With `overlong_buffer`, long responses
-    lose reward first (`max_len`: the response budget, rollout.max_tokens unless algorithm.max_len says);
-    `penalty` (per response token, e.g. kl_coef x KL to the reference) is taken off each token's reward."""
+    """Each sample gets its per-token advantages (see `estimate`), and their mean as `advantage` for logs."""
+    return estimate(groups, cfg, max_len, penalty)[0]
+
+
+def estimate(
+    groups: list[Group],
+    cfg: AlgorithmConfig,
+    max_len: int | None = None,
+    penalty: list[list[float]] | None = None,
+    values: list[list[float]] | None = None,
+) -> tuple[list[Sample], list[list[float]]]:
+    """Runs the estimator over the whole batch at once (REINFORCE++ whitens over the batch's tokens), sets each
+    sample's advantages and returns (samples, per-token returns). With `overlong_buffer`, long responses lose
+    reward first (`max_len`: the response budget, rollout.max_tokens unless algorithm.max_len says); `penalty`
+    (per response token, e.g. kl_coef x KL to the reference) is taken off each token's reward; `values` (per
+    response token) are the critic's, for GAE."""
     import torch
 
-    from vime.algorithms.estimators import ESTIMATORS
+    from vime.algorithms.estimators import ESTIMATORS, token_rewards
 
     samples = [s for g in groups for s in g]
     if not samples:
-        return []
+        return [], []
     width = max(1, *(len(s.response_ids) for s in samples))
     mask = torch.zeros(len(samples), width)
     for i, s in enumerate(samples):
         mask[i, : len(s.response_ids)] = torch.tensor(s.loss_mask[: len(s.response_ids)], dtype=torch.float)
+
+    def padded(rows: list[list[float]]) -> torch.Tensor:
+        out = torch.zeros_like(mask)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.float)
+        return out
+
     rewards = torch.tensor([float(s.reward or 0.0) for s in samples])
     limit = cfg.max_len or max_len
     if cfg.overlong_buffer and limit:
         shaped = [overlong_penalty(len(s.response_ids), limit, cfg.overlong_buffer) for s in samples]
         rewards = rewards + torch.tensor(shaped)
     if penalty is not None:
-        from vime.algorithms.estimators import token_rewards
-
-        per_token = torch.zeros_like(mask)
-        for i, p in enumerate(penalty):
-            per_token[i, : len(p)] = torch.tensor(p, dtype=torch.float)
-        rewards = token_rewards(rewards, mask) - per_token * mask
+        rewards = token_rewards(rewards, mask) - padded(penalty) * mask
     group_ids = torch.tensor([k for k, g in enumerate(groups) for _ in g])
-    params = {"std": cfg.std, "gamma": cfg.gamma, "lam": cfg.lam}
-    adv, _ = ESTIMATORS.get(str(cfg.estimator))(rewards, mask, group_ids, None, **params)
+    params = {"std": cfg.std, "gamma": cfg.gamma, "lam": cfg.lam, "whiten_advantages": cfg.whiten_advantages}
+    v = padded(values) if values is not None else None
+    adv, ret = ESTIMATORS.get(str(cfg.estimator))(rewards, mask, group_ids, v, **params)
     for i, s in enumerate(samples):
         n, m = len(s.response_ids), mask[i]
         s.token_advantages = adv[i, :n].tolist()
         s.advantage = float((adv[i] * m).sum() / m.sum()) if m.sum() > 0 else 0.0
-    return samples
+    return samples, [ret[i, : len(s.response_ids)].tolist() for i, s in enumerate(samples)]

@@ -6,15 +6,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vime.algorithms.recipe import AlgorithmConfig, assign_advantages
+from vime.algorithms.recipe import AlgorithmConfig, assign_advantages, estimate
 from vime.data.source import PromptSource
 from vime.types import Group, Sample
 
 
 def training_batch(
-    groups: list[Group], algo: AlgorithmConfig, version: str, max_staleness: int, max_len: int | None = None
+    groups: list[Group],
+    algo: AlgorithmConfig,
+    version: str,
+    max_staleness: int,
+    max_len: int | None = None,
+    values_later: bool = False,
 ) -> list[Sample]:
-    samples = assign_advantages(groups, algo, max_len)
+    """`values_later`: the estimator needs a critic's values, which the update step gets (`reestimate`)."""
+    samples = [s for g in groups for s in g] if values_later else assign_advantages(groups, algo, max_len)
     sampled = (v for s in samples for v, m in zip(s.weight_versions, s.loss_mask) if m)  # not user/tool tokens
     stale = set(sampled) - {version}
     if stale and max_staleness == 0:
@@ -25,23 +31,41 @@ def training_batch(
     return samples
 
 
-def kl_in_reward(
-    batch: list[Sample], policy: list[list[float]], ref: list[list[float]], algo: AlgorithmConfig, max_len: int
-) -> None:
-    """REINFORCE++'s KL: each sampled token's reward loses kl_coef x KL(policy || reference), and the advantages
-    are estimated again from those token rewards (groups keep their members' order)."""
+def kl_penalty(policy: list[list[float]], ref: list[list[float]], algo: AlgorithmConfig) -> list[list[float]]:
+    """REINFORCE++'s KL in the reward: kl_coef x KL(policy || reference) per sampled token."""
     import torch
 
     from vime.algorithms.kl import kl_term
 
-    penalty = {
-        id(s): (algo.kl_coef * kl_term(torch.tensor(p), torch.tensor(r), algo.kl_estimator)).tolist()
-        for s, p, r in zip(batch, policy, ref)
-    }
-    groups: dict[str, list[Sample]] = {}
-    for s in batch:
-        groups.setdefault(s.group_id, []).append(s)
-    assign_advantages(list(groups.values()), algo, max_len, [penalty[id(s)] for g in groups.values() for s in g])
+    return [
+        (algo.kl_coef * kl_term(torch.tensor(p), torch.tensor(r), algo.kl_estimator)).tolist()
+        for p, r in zip(policy, ref)
+    ]
+
+
+def reestimate(
+    batch: list[Sample],
+    algo: AlgorithmConfig,
+    max_len: int,
+    penalty: list[list[float]] | None = None,
+    values: list[list[float]] | None = None,
+) -> list[list[float]]:
+    """Advantages again, from what only the trainer knows (a KL penalty taken off each token's reward, the
+    critic's values); groups keep their members' order. Returns each sample's per-token returns, in batch order."""
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(batch):
+        groups.setdefault(s.group_id, []).append(i)
+    order = [i for g in groups.values() for i in g]
+
+    def ordered(rows: list[list[float]] | None) -> list[list[float]] | None:
+        return None if rows is None else [rows[i] for i in order]
+
+    members = [[batch[i] for i in g] for g in groups.values()]
+    _, returns = estimate(members, algo, max_len, ordered(penalty), ordered(values))
+    out: list[list[float]] = [[] for _ in batch]
+    for j, i in enumerate(order):
+        out[i] = returns[j]
+    return out
 
 
 def sft_samples(source: PromptSource, n: int, encode: Callable[[Any], list[int]], tokenizer: Any) -> list[Sample]:
