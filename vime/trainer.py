@@ -33,6 +33,9 @@ class TrainerConfig(BaseModel):
         "state (e.g. to benchmark pushes of models too big to train)",
     )
     recompute: bool = False
+    offload_reference: bool = Field(
+        default=True, description="GPU: the frozen KL reference waits in host memory between uses"
+    )
     seed: int = 1234
     rendezvous_timeout_s: float = Field(
         default=300.0, gt=0, description="how long ranks wait for each other to join the process group"

@@ -257,10 +257,16 @@ class MegatronWorker:
 
         if reference and getattr(self, "ref", None) is None:
             self._build_reference()
+        offload = reference and not self.on_cpu and self.cfg.offload_reference
+        if offload:
+            self.ref.cuda()
         self.model.eval()
         with torch.no_grad():
             outs = self._run(samples, True, None, {}, temperature, reference=reference)
         self.model.train()
+        if offload:  # its memory goes back to the policy's activations (and a colocated engine) until next step
+            self.ref.cpu()
+            torch.cuda.empty_cache()
         if not ps.is_pipeline_last_stage():
             return None
         result, i = [], 0
