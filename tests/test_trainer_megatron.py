@@ -119,6 +119,7 @@ def test_second_epoch_moves_the_ratio_and_the_clip_acts(ray_cluster, model_dir):
         second = tr.train_step(samples, "ppo", {"clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0}, old_logprobs=old)
     assert abs(first["ratio"] - 1) < 1e-6 and first.get("clip_frac", 0.0) == 0.0, first
     assert abs(second["ratio"] - 1) > 1e-3 and second["clip_frac"] > 0, second
+    assert first["ratio_max"] == pytest.approx(1.0) and second["ratio_max"] > max(second["ratio"], 1.0), second
     assert "dual_clip_frac" in second  # every metric a loss returns is logged (no whitelist)
 
 

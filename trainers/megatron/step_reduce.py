@@ -3,6 +3,7 @@ them), and the step's metrics (each loss metric's token mean over the whole batc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,32 +24,41 @@ def all_finite(outs: list[dict[str, Any]], params: Iterable[torch.nn.Parameter],
 
 
 def token_means(outs: list[dict[str, Any]], world_size: int, on_cpu: bool, pp: int) -> tuple[dict[str, float], float]:
-    """Every `<name>_sum` a micro-batch returned, summed over the batch and divided by its masked tokens: (metrics
-    by name, token count). All ranks reduce the same keys: those any rank's loss returned."""
+    """Every `<name>_sum` a micro-batch returned, summed over the batch and divided by its masked tokens, and every
+    `<name>_max` as the batch's maximum: (metrics by name, token count). All ranks reduce the same keys: those any
+    rank's loss returned."""
     sums: dict[str, float] = {}
+    maxima: dict[str, float] = {}
     for out in outs:
         for k, v in out.items():
             if k.endswith("_sum"):
                 sums[k] = sums.get(k, 0.0) + float(v)
+            elif k.endswith("_max"):
+                maxima[k] = max(maxima.get(k, -math.inf), float(v))
     keys: list[list[str]] = [[] for _ in range(world_size)]
-    dist.all_gather_object(keys, sorted(sums))  # earlier pipeline stages return none
-    names = sorted({"loss_sum", "mask_sum", *(k for ks in keys for k in ks)})
-    total = last_stage_dp_sum({k: sums.get(k, 0.0) for k in names}, on_cpu, pp)
+    dist.all_gather_object(keys, sorted([*sums, *maxima]))  # earlier pipeline stages return none
+    names = {"loss_sum", "mask_sum", *(k for ks in keys for k in ks)}
+    total = last_stage_reduce({k: sums.get(k, 0.0) for k in names if k.endswith("_sum")}, on_cpu, pp)
     n = max(1.0, total.pop("mask_sum"))
-    return {k[:-4]: v / n for k, v in total.items()}, n
+    peaks = last_stage_reduce({k: maxima.get(k, -math.inf) for k in names if k.endswith("_max")}, on_cpu, pp, True)
+    return {k[:-4]: v / n for k, v in total.items()} | peaks, n
 
 
-def last_stage_dp_sum(values: dict[str, float], on_cpu: bool, pp: int) -> dict[str, float]:
-    """Sum metric sums over the DP ranks of the last pipeline stage and hand them to every rank."""
+def last_stage_reduce(values: dict[str, float], on_cpu: bool, pp: int, peak: bool = False) -> dict[str, float]:
+    """Sum (or, `peak`, take the max of) metrics over the DP ranks of the last pipeline stage, and hand them to
+    every rank."""
     from megatron.core import parallel_state as ps
 
+    if not values:
+        return {}
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     if not on_cpu:
         t = t.cuda()
     if not ps.is_pipeline_last_stage():
-        t.zero_()
-    dist.all_reduce(t, group=ps.get_data_parallel_group())
+        t.fill_(-math.inf if peak else 0.0)
+    op = dist.ReduceOp.MAX if peak else dist.ReduceOp.SUM
+    dist.all_reduce(t, op=op, group=ps.get_data_parallel_group())
     if pp > 1:
-        dist.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(t, op=op, group=ps.get_pipeline_model_parallel_group())
     return dict(zip(keys, t.tolist()))

@@ -227,8 +227,11 @@ class MegatronWorker:
             out["loss_sum"] = (tok_loss * lm).sum().detach()
             if head.entropy is not None:
                 out["entropy_sum"] = (head.entropy * lm).sum().detach()
-            for k, v in metrics.items():
-                out[k + "_sum"] = (v * lm).sum()
+            for k, v in metrics.items():  # `<name>_max`: the batch's maximum; any other: its token mean
+                if k.endswith("_max"):
+                    out[k] = torch.where(lm > 0, v, -torch.inf).max()
+                else:
+                    out[k + "_sum"] = (v * lm).sum()
             return loss * scale, out
 
         def forward_step(data_iter: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):

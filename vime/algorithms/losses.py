@@ -4,7 +4,8 @@ Each takes the current log-probs `logp` [b, s] and the micro-batch tensors `mb` 
 position that predicts each token: `advantages`, `old_logprobs`, `loss_mask`, and `ref_logprobs` when a KL term is
 on) and returns a per-token loss plus per-token metrics. The trainer weights them by the aggregation mode
 (`vime/algorithms/aggregation.py`) over the global batch, so a loss never sees padding, TP or micro-batching.
-Every metric a loss returns is logged as `train/<name>` (the token-weighted mean over the batch).
+Every metric a loss returns is logged as `train/<name>`: the token mean over the batch, or, for a name ending in
+`_max`, the batch's maximum.
 """
 
 from __future__ import annotations
@@ -56,7 +57,11 @@ def ppo_loss(
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     loss = torch.maximum(unclipped, clipped)
-    metrics = {"clip_frac": (clipped > unclipped).float().detach(), "ratio": ratio.detach()}
+    metrics = {
+        "clip_frac": (clipped > unclipped).float().detach(),
+        "ratio": ratio.detach(),
+        "ratio_max": ratio.detach(),
+    }
     if dual_clip is not None:
         bounded = torch.minimum(loss, -adv * dual_clip)
         metrics["dual_clip_frac"] = ((adv < 0) & (bounded < loss)).float().detach()
