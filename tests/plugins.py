@@ -111,3 +111,48 @@ def reward_uniform_on_even_rows(sample):
 def length_reward(sample):
     """Longer answers score more: a reward that varies from the first step, whatever the tiny model has learned."""
     return len(sample.response_ids) / 6.0
+
+
+async def agent_with_a_wrong_model(base_url, api_key, task):
+    """Every model call fails (a model name the gateway does not serve), so the run must stop, not train on
+    nothing."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    try:
+        await client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": task["prompt"]}], max_tokens=4
+        )
+    finally:
+        await client.close()
+
+
+async def agent_recovering_from_an_error(base_url, api_key, task):
+    """Its first call is refused (over the context) and swallowed, as agent loops often do; the second works."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    messages = [{"role": "user", "content": task["prompt"]}]
+    try:
+        try:
+            await client.chat.completions.create(model="vime", messages=messages, max_tokens=100_000)
+        except openai.BadRequestError:
+            pass
+        r = await client.chat.completions.create(model="vime", messages=messages, max_tokens=4)
+        return r.choices[0].message.content
+    finally:
+        await client.close()
+
+
+async def agent_raising_after_a_call(base_url, api_key, task):
+    """Makes one model call, then fails in its own code: the episode is trained on with reward 0, and counted."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    try:
+        await client.chat.completions.create(
+            model="vime", messages=[{"role": "user", "content": task["prompt"]}], max_tokens=4
+        )
+    finally:
+        await client.close()
+    raise ValueError("the agent's tool crashed")

@@ -116,6 +116,28 @@ def test_one_failing_reward_is_skipped_and_counted(recipe, qwen2_engines, caplog
 
 
 @pytest.mark.slow
+def test_agent_errors_are_counted_and_bounded(recipe, qwen2_engines):
+    """Error answers an agent swallowed are counted per step (`gateway/http_4xx`); agents that raise after their
+    model calls are trained on with reward 0, counted (`failed/agent_errors`), and past
+    `rollout.max_failure_rate` stop the run with the first traceback."""
+    agent = ["rollout.function=vime.rollout.agent:agent_rollout", "gateway.model_name=vime", "rollout.group_filters=[]"]
+    small = ["rollout.batch_size=2", "rollout.n_samples=2"]
+    summary = run_rollout(
+        recipe(*agent, *small, "rollout.agent=plugins:agent_recovering_from_an_error"),
+        steps=1,
+        progress=False,
+        engines=qwen2_engines,
+    )
+    assert summary["samples"] == 4 and summary["gateway/http_4xx"] == 4, summary
+    raising = recipe(*agent, *small, "rollout.agent=plugins:agent_raising_after_a_call")
+    summary = run_rollout(raising, steps=1, progress=False, engines=qwen2_engines)
+    assert summary["samples"] == 4 and summary["failed/agent_errors"] == 4 and summary["mean_reward"] == 0, summary
+    raising.rollout.max_failure_rate = 0.5
+    with pytest.raises(RolloutFailure, match=r"(?s)4 of 4 rollout items failed.*max_failure_rate=0.5.*tool crashed"):
+        run_rollout(raising, steps=1, progress=False, engines=qwen2_engines)
+
+
+@pytest.mark.slow
 def test_hanging_reward_times_out_and_async_rewards_are_awaited(recipe, qwen2_engines, caplog):
     overrides = ["rollout.batch_size=4", "rollout.n_samples=4", "rollout.group_filters=[]"]
     plugins.REWARD_CALLS["n"] = 0

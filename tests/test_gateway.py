@@ -196,3 +196,154 @@ def test_no_healthy_engine_is_503(model_dir):
         )
         assert r.status_code == 503 and "no healthy" in r.json()["error"]["message"]
         assert httpx.get(gw.base_url[:-3] + "/health").status_code == 503
+
+
+def branch_is_exact(b):
+    """Every turn on the branch: its prompt is the branch's history so far, its sampled ids follow it, and the
+    loss mask is 1 on exactly those sampled ids (a fork's shared prefix counts on its parent, not here)."""
+    own = 0
+    for t in b.turns:
+        p, r = len(t.prompt_ids), len(t.response_ids)
+        assert b.ids[:p] == t.prompt_ids and b.ids[p : p + r] == t.response_ids
+        assert b.mask[p : p + r] == [1] * r
+        own += r
+    assert sum(b.mask) == own, (sum(b.mask), own)
+
+
+def chat(client, sid, messages, seed):
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, seed=seed, extra_headers={"x-session-id": sid}
+    )
+    return r, {"role": "assistant", "content": r.choices[0].message.content}
+
+
+def test_interleaved_conversations_and_a_rewind_on_one_session_stay_exact(client, gateway):
+    """Two conversations share one session id (as a shared `user` value would make them), turns interleaved; then
+    one rewinds to its first turn with another follow-up. Each lands on a branch of its own with exact tokens."""
+    sid = "shared-user"
+    a = [{"role": "user", "content": "1+2="}]
+    b = [{"role": "user", "content": "7+8="}]
+    ra1, ma = chat(client, sid, a, 1)
+    rb1, mb = chat(client, sid, b, 2)
+    a2 = [*a, ma, {"role": "user", "content": "and 3+3="}]
+    b2 = [*b, mb, {"role": "user", "content": "and 9+9="}]
+    ra2, _ = chat(client, sid, a2, 3)
+    rb2, _ = chat(client, sid, b2, 4)
+    s = gateway.store.sessions[sid]
+    assert len(s.branches) == 2 and [len(x.turns) for x in s.branches] == [2, 2]
+    for br, (r1, r2) in zip(s.branches, [(ra1, ra2), (rb1, rb2)]):
+        branch_is_exact(br)
+        assert br.turns[0].response_ids == r1.choices[0].model_extra["token_ids"]
+        assert br.ids[: len(r2.model_extra["prompt_token_ids"])] == r2.model_extra["prompt_token_ids"]
+    # a rewind: conversation a again from its first turn, with another follow-up: a fork, not a corruption
+    chat(client, sid, [*a, ma, {"role": "user", "content": "and 4+4="}], 5)
+    fork = s.branches[2]
+    assert fork.parent == 0 and len(s.branches[0].turns) == 2 and gateway.store.counts.get("forks") == 1
+    branch_is_exact(fork)
+    shared = s.branches[0].ends[0][1]
+    assert fork.ids[:shared] == s.branches[0].ids[:shared] and fork.mask[:shared] == [0] * shared
+    samples = gateway.store.to_samples(sid)
+    assert [x.metadata["branch"] for x in samples] == [0, 1, 2] and all(x.metadata["exact_prefix"] for x in samples)
+
+
+def test_a_history_rewrite_starts_an_inexact_branch(client, gateway):
+    """A framework that rewrites its own history (reformats our reply, as smolagents' memory does): the new
+    request matches no recorded turn, so it starts a new branch, marked inexact and counted; the first branch's
+    tokens are untouched."""
+    sid = "rewriter"
+    first = [{"role": "user", "content": "2+2="}]
+    _, reply = chat(client, sid, first, 6)
+    rewritten = [
+        *first,
+        {"role": "assistant", "content": f"Thought: {reply['content']}"},
+        {"role": "user", "content": "ok?"},
+    ]
+    chat(client, sid, rewritten, 7)
+    s = gateway.store.sessions[sid]
+    assert len(s.branches) == 2 and not s.branches[1].exact and s.branches[0].exact
+    for br in s.branches:
+        branch_is_exact(br)
+    assert gateway.take_counts().get("gateway/history_rewrites", 0) >= 1
+    # what `vime serve` recorded, read back over HTTP behind the key
+    auth = {"Authorization": "Bearer test-key"}
+    root = gateway.base_url[: -len("/v1")]
+    got = httpx.get(f"{root}/sessions/{sid}", headers=auth).json()
+    assert [b["metadata"]["exact_prefix"] for b in got["branches"]] == [True, False], got
+    assert httpx.get(f"{root}/sessions/{sid}").status_code == 401
+    assert any(r["id"] == sid for r in httpx.get(f"{root}/sessions", headers=auth).json()["data"])
+    assert httpx.get(f"{root}/sessions/nope", headers=auth).json()["error"]["code"] == "session_not_found"
+
+
+def test_content_part_lists_record_the_same_exact_tokens(client, gateway):
+    sid = "parts"
+    parts = [{"type": "text", "text": "5+"}, {"type": "text", "text": "5="}]
+    _, m = chat(client, sid, [{"role": "user", "content": parts}], 8)
+    follow = [{"role": "user", "content": parts}, m, {"role": "user", "content": [{"type": "text", "text": "more"}]}]
+    chat(client, sid, follow, 9)
+    s = gateway.store.sessions[sid]
+    assert len(s.branches) == 1 and len(s.turns) == 2  # the list-form history matched the recorded turn
+    branch_is_exact(s.branches[0])
+
+
+def test_sessions_expire_and_are_capped(model_dir):
+    import time
+
+    from vime.gateway.sessions import SessionStore
+
+    store = SessionStore(AutoTokenizer.from_pretrained(model_dir("qwen2")), ttl_s=60, max_sessions=3)
+    now = time.time()
+    for k in range(5):  # all within the TTL: the cap keeps the 3 used last
+        store.get(f"s{k}").updated = now - 10 + k
+    assert sorted(store.sessions) == ["s2", "s3", "s4"]
+    store.get("s2")  # an existing session at the cap evicts nothing
+    assert sorted(store.sessions) == ["s2", "s3", "s4"]
+    store.sessions["s4"].updated = now - 1000  # idle far past the TTL
+    store.get("new")
+    assert sorted(store.sessions) == ["new", "s2", "s3"]
+    assert store.take_counts() == {"gateway/sessions_evicted": 3.0}
+
+
+class ScriptedEngine:
+    """Stands in for a model that has learned to call tools (the tiny random model never samples a well-formed
+    call): it answers every request with the same token ids, the way an engine answers."""
+
+    base_url = "http://scripted"
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    async def healthy(self):
+        return True
+
+    async def generate(self, prompts, params, session=None):
+        from vime.types import Completion
+
+        return [[Completion(list(self.ids), [-0.5] * len(self.ids), "stop") for _ in range(params.n)] for _ in prompts]
+
+
+def test_tool_call_markers_reach_the_parser_though_the_tokenizer_marks_them_special(model_dir):
+    tok = AutoTokenizer.from_pretrained(model_dir("qwen2"))
+    call = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    ids = [*tok.encode(call, add_special_tokens=False), tok.convert_tokens_to_ids("<|im_end|>")]
+    assert tok.convert_tokens_to_ids("<tool_call>") in tok.all_special_ids  # what used to hide the call
+
+    class Group:
+        engines = (ScriptedEngine(ids),)
+
+        def pick(self, key=None):
+            return self.engines[0]
+
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    with Gateway(Group(), tok, GatewayConfig(api_key="k", model_name="tiny")) as gw:
+        c = openai.OpenAI(base_url=gw.base_url, api_key="k")
+        msgs = [{"role": "user", "content": "add 1 and 2"}]
+        r = c.chat.completions.create(model="tiny", messages=msgs, tools=tools, extra_headers={"x-session-id": "t"})
+        (tc,) = r.choices[0].message.tool_calls
+        assert (tc.function.name, tc.function.arguments, r.choices[0].finish_reason) == (
+            "add",
+            '{"a": 1, "b": 2}',
+            "tool_calls",
+        )
+        assert gw.store.sessions["t"].turns[0].response_ids == ids  # recorded as sampled, markers included
+        plain = c.chat.completions.create(model="tiny", messages=msgs)  # no tools asked: special tokens skipped
+        assert "<tool_call>" not in plain.choices[0].message.content

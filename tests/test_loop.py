@@ -10,6 +10,7 @@ import pytest
 
 from vime.config import load_config
 from vime.loop import train
+from vime.rollout.faults import RolloutFailure
 from vime.types import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -124,10 +125,26 @@ def test_exact_resume_of_ppo_with_a_critic(ray_cluster, repo_root, model_dir, tm
         )
 
 
-def test_failure_leaves_no_processes(ray_cluster, repo_root, model_dir, tmp_path):
+def test_failing_agent_fails_the_run_with_its_traceback_and_leaves_no_processes(
+    ray_cluster, repo_root, model_dir, tmp_path
+):
+    """An agent whose every model call fails: `vime train` stops at the first step with the agent's own error,
+    instead of "succeeding" with 0 samples per step; nothing it started is left running."""
     before = {p.pid for p in vllm_procs()}
-    cfg = recipe(repo_root, model_dir, tmp_path, "rollout.reward=plugins:exploding_reward")
-    with pytest.raises(RuntimeError, match="reward exploded"):
+    cfg = recipe(
+        repo_root,
+        model_dir,
+        tmp_path,
+        "rollout.function=vime.rollout.agent:agent_rollout",
+        "rollout.agent=plugins:agent_with_a_wrong_model",
+        "rollout.batch_size=2",
+        "rollout.n_samples=2",
+        "loop.sft_steps=0",
+        "gateway.model_name=vime",
+    )
+    with pytest.raises(
+        RolloutFailure, match=r"(?s)step 1: the rollout produced no samples.*NotFoundError.*no-such-model"
+    ):
         train(cfg, progress=False)
     assert {p.pid for p in vllm_procs()} - before == set()
     assert alive_actors(ray_cluster) == []

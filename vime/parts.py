@@ -110,7 +110,14 @@ class Parts(contextlib.ExitStack):
         samples_dir = self.out / "samples" if cfg.run.save_samples else None
         r = cfg.rollout
         self.rollout = RolloutStep(
-            r.function, self.source, self.buffer, self.ctx, r.batch_size, samples_dir, r.dynamic_sampling
+            r.function,
+            self.source,
+            self.buffer,
+            self.ctx,
+            r.batch_size,
+            samples_dir,
+            r.dynamic_sampling,
+            r.max_failure_rate,
         )
         self.evaluate = Evaluator(cfg.data, cfg.loop.eval_size, ROLLOUTS.get(cfg.rollout.function), self.ctx)
         self.engine_counters = EngineCounters(self.engines)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vime.config import Config
+from vime.config import Config, gateway_config
+from vime.data.buffer import DataBuffer
 from vime.data.source import PromptSource
 from vime.protocols import EngineGroup
-from vime.rollout.context import load_tokenizer, make_context
+from vime.rollout.context import RolloutContext, load_tokenizer, make_context
 from vime.rollout.step import RolloutStep, make_buffer
 from vime.specs import engine_spec, make_engine_group
 from vime.supervise import SupervisedPool
@@ -35,8 +36,21 @@ def run_rollout(
     )
     limit = engine_spec(cfg.engine.name).context_limit(cfg.engine)
     ctx = make_context(cfg.rollout, cfg.data, pool, load_tokenizer(cfg.model.tokenizer or cfg.model.path), limit)
+    if cfg.rollout.agent:  # agents reach the engines through the OpenAI gateway, which records their tokens
+        from vime.gateway.server import Gateway
+
+        with Gateway(pool, ctx.tokenizer, gateway_config(cfg)) as ctx.gateway:
+            return rollout_steps(cfg, ctx, buffer, steps, out, progress)
+    return rollout_steps(cfg, ctx, buffer, steps, out, progress)
+
+
+def rollout_steps(
+    cfg: Config, ctx: RolloutContext, buffer: DataBuffer, steps: int, out: str | Path | None, progress: bool
+) -> dict[str, float]:
     r = cfg.rollout
-    rollout = RolloutStep(r.function, PromptSource(cfg.data), buffer, ctx, r.batch_size, dynamic=r.dynamic_sampling)
+    rollout = RolloutStep(
+        r.function, PromptSource(cfg.data), buffer, ctx, r.batch_size, None, r.dynamic_sampling, r.max_failure_rate
+    )
     samples: list[Sample] = []
     tokens, rewards = 0, []
     t0 = time.perf_counter()

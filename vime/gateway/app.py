@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vime.gateway.config import GatewayConfig
 from vime.gateway.schema import APIError, ChatRequest, CompletionRequest, error_response, parse
-from vime.gateway.sessions import SessionStore, Turn
+from vime.gateway.sessions import Cursor, SessionStore, Turn
 from vime.gateway.tools import TOOL_PARSERS
 from vime.protocols import EnginePool
 from vime.types import Completion, SamplingParams
@@ -31,6 +31,13 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
     model_name = cfg.model_name or "vime"
     parse_tools = TOOL_PARSERS.get(cfg.tool_parser)
     vocab = len(tokenizer)
+    markers = {tokenizer.convert_tokens_to_ids(m) for m in getattr(parse_tools, "markers", ())}
+    specials = set(tokenizer.all_special_ids)
+
+    def decode(ids: list[int], tools: bool = False) -> str:
+        """Special tokens skipped, but a tool request keeps its parser's markers."""
+        drop = specials - markers if tools else specials
+        return str(tokenizer.decode([t for t in ids if t not in drop], skip_special_tokens=False))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception) -> JSONResponse:  # OpenAI's shape even for our own bugs
@@ -62,6 +69,21 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
                 )
             )
         return await call_next(request)
+
+    app.state.errors = errors = dict[str, int]()  # status class -> error answers, taken per step by the loop
+
+    @app.middleware("http")  # added last, so outermost: it sees the key check's 401s too
+    async def _count_errors(request: Request, call_next: Any) -> Any:
+        """Agents often swallow an error answer and go on: the run still sees how many they got."""
+        try:
+            response = await call_next(request)
+        except Exception:
+            errors["5xx"] = errors.get("5xx", 0) + 1
+            raise
+        if response.status_code >= 400:
+            key = f"{response.status_code // 100}xx"
+            errors[key] = errors.get(key, 0) + 1
+        return response
 
     async def engine_for(key: str | None) -> Any:
         first = engines.pick(key)
@@ -129,6 +151,22 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
     async def models(sid: str | None = None) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "vime", "created": 0}]}
 
+    @app.get("/sessions")
+    async def list_sessions() -> dict[str, Any]:
+        """What `vime serve` has recorded, for agent developers to inspect (behind the API key)."""
+        with store.lock:
+            rows = [
+                {"id": s.id, "branches": len(s.branches), "turns": sum(len(b.turns) for b in s.branches)}
+                for s in store.sessions.values()
+            ]
+        return {"object": "list", "data": rows}
+
+    @app.get("/sessions/{sid}")
+    async def get_session(sid: str) -> dict[str, Any]:
+        if sid not in store.sessions or not any(b.turns for b in store.sessions[sid].branches):
+            raise APIError(404, f"no recorded session {sid!r}", param="sid", code="session_not_found")
+        return {"id": sid, "object": "session", "branches": [x.to_dict() for x in store.to_samples(sid)]}
+
     @app.post("/v1/chat/completions")
     @app.post("/sessions/{sid}/v1/chat/completions")
     async def chat(request: Request, sid: str | None = None) -> Any:
@@ -138,13 +176,14 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
         asked = req.max_completion_tokens or req.max_tokens
         session = store.get(sid) if sid else None
         try:  # the template and tokenizer run off the event loop: a long body must not stall /health
-            prompt_ids = await asyncio.to_thread(
+            cursor = await asyncio.to_thread(
                 lambda: (
                     store.prompt_for(session, req.messages, req.tools)
                     if session
-                    else store.builder.first_prompt(req.messages, req.tools)
+                    else Cursor(store.builder.first_prompt(req.messages, req.tools))
                 )
             )
+            prompt_ids = cursor.ids
         except Exception as e:  # noqa: BLE001 - a template that cannot render these messages
             raise APIError(400, f"cannot apply the chat template to 'messages': {e}", param="messages") from None
         # like vLLM: an unset max_tokens shrinks to what the context has left; one the client set is checked
@@ -154,7 +193,7 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
         (completions,) = await engine.generate([prompt_ids], params_of(req, max_tokens), session=sid)
         choices = []
         for i, c in enumerate(completions):
-            text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            text = decode(c.token_ids, tools=bool(req.tools))
             content, calls = parse_tools(text) if req.tools else (text, [])
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
@@ -167,8 +206,8 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
             if session is not None and i == 0:  # a session follows its first choice
                 store.record(
                     session,
+                    cursor,
                     req.messages,
-                    prompt_ids,
                     Turn(
                         prompt_ids, c.token_ids, c.logprobs, c.finish_reason, c.weight_versions, text, engine.base_url
                     ),
@@ -212,7 +251,7 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
             for c in group:
                 choice = {
                     "index": len(choices),
-                    "text": tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                    "text": decode(c.token_ids),
                     "finish_reason": "length" if c.finish_reason == "length" else "stop",
                     "token_ids": c.token_ids,
                     "logprobs": None,

@@ -17,4 +17,6 @@ class GatewayConfig(BaseModel):
         default=4096, description="prompt + max_tokens limit per request (default: the engine's)"
     )
     default_max_tokens: int = 256
+    session_ttl_s: float = Field(default=3600.0, gt=0, description="a session idle this long is forgotten")
+    max_sessions: int = Field(default=10_000, ge=1, description="past this, the least recently used go first")
     max_body_bytes: int = Field(default=8 << 20, ge=1024, description="larger request bodies get 413")

@@ -31,7 +31,7 @@ class Gateway:
             with socket.socket() as s:
                 s.bind((self.cfg.host, 0))
                 self.cfg.port = s.getsockname()[1]
-        self.store = SessionStore(tokenizer)
+        self.store = SessionStore(tokenizer, self.cfg.session_ttl_s, self.cfg.max_sessions)
         self.app = make_app(engines, tokenizer, self.cfg, self.store)
         self.server = uvicorn.Server(
             uvicorn.Config(self.app, host=self.cfg.host, port=self.cfg.port, log_level="warning", access_log=False)
@@ -48,6 +48,14 @@ class Gateway:
     @property
     def api_key(self) -> str:
         return str(self.cfg.api_key)
+
+    def take_counts(self) -> dict[str, float]:
+        """Since the last call: error answers by status class (`gateway/http_4xx`, `gateway/http_5xx`), and
+        session forks, history rewrites and evictions."""
+        errors: dict[str, int] = self.app.state.errors
+        out = {f"gateway/http_{k}": float(v) for k, v in errors.items()}
+        errors.clear()
+        return out | self.store.take_counts()
 
     def start(self) -> Self:
         self.thread = threading.Thread(target=self.server.run, name="vime-gateway", daemon=True)

@@ -1,4 +1,8 @@
-"""Tool-call parsers: model text → OpenAI `tool_calls`. Pluggable by import path (`gateway.tool_parser`)."""
+"""Tool-call parsers: model text → OpenAI `tool_calls`. Pluggable by import path (`gateway.tool_parser`).
+
+A parser may name its `markers`: tokens the gateway keeps when it decodes a tool request's sampled ids. Tokenizers
+often mark them special (Qwen's `<tool_call>`), and decoding with special tokens skipped would hand the parser a
+call it can no longer find."""
 
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ def hermes(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     content = _HERMES.sub("", text).strip()
     return content or None, calls
 
+
+hermes.markers = ("<tool_call>", "</tool_call>")  # type: ignore[attr-defined]  # kept when decoding (see app.py)
 
 TOOL_PARSERS: Registry[Callable[[str], tuple[str | None, list[dict[str, Any]]]]] = Registry(
     "tool parser", "gateway.tool_parser", {"hermes": hermes}, n_args=1

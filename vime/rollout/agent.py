@@ -14,7 +14,8 @@ import uuid
 from typing import Any
 
 from vime.registry import Registry
-from vime.types import Group
+from vime.rollout.faults import RolloutFailure
+from vime.types import Group, Sample
 
 # Agents are the user's code: no built-ins, only import paths; each takes (base_url, api_key, task).
 AGENTS: Registry[Any] = Registry("agent", "rollout.agent", {}, n_args=3)
@@ -25,26 +26,52 @@ async def run_agent_group(agent: Any, record: dict[str, Any], ctx: Any, gateway:
     results = await asyncio.gather(
         *(agent(gateway.session_url(sid), gateway.api_key, record) for sid in sids), return_exceptions=True
     )
-    group = []
+    group: Group = []
     for k, (sid, result) in enumerate(zip(sids, results)):
-        if sid not in gateway.store.sessions:  # the agent failed (or returned) before its first model call
-            what = f"agent run {k} of data row {record.get('index')} made no model call"
-            ctx.faults.record("agent_failures", what, result if isinstance(result, BaseException) else None)
+        what = f"agent run {k} of data row {record.get('index')}"
+        session = gateway.store.pop(sid)
+        if session is None or not any(b.turns for b in session.branches):  # failed before a model call answered
+            ctx.faults.record("agent_failures", f"{what} made no model call", _error(result))
             continue
-        s = gateway.store.to_sample(
-            sid,
-            agent_result=None if isinstance(result, BaseException) else result,
-            agent_error=repr(result) if isinstance(result, BaseException) else None,
-        )
-        gateway.store.pop(sid)
-        s.index, s.label, s.group_id = k, record.get("label"), group_id
-        s.metadata["task"] = record
-        if isinstance(result, BaseException):
-            s.reward = 0.0  # a failed episode is a real outcome of the policy: trained on with no reward
-        elif not await ctx.score(s, f"agent run {k} of data row {record.get('index')}"):
+        episode = gateway.store.samples_of(session, agent_result=None if _error(result) else result, agent_error=None)
+        episode = kept_branches(episode, ctx, what)
+        if not episode:
             continue
-        group.append(s)
+        final = episode[-1]  # the branch updated last holds the agent's answer; the episode's reward is its
+        for s in episode:
+            s.index, s.label, s.group_id = k, record.get("label"), group_id
+            s.metadata["task"] = record
+        if _error(result):
+            final.reward = 0.0  # a failed episode is a real outcome of the policy: trained on with no reward
+            final.metadata["agent_error"] = repr(result)
+            ctx.faults.record("agent_errors", f"{what} raised after its model calls", _error(result), skipped=False)
+        elif not await ctx.score(final, what):
+            continue
+        for s in episode[:-1]:
+            s.reward = final.reward
+        group += episode
     return group
+
+
+def _error(result: Any) -> BaseException | None:
+    return result if isinstance(result, BaseException) else None
+
+
+def kept_branches(episode: list[Sample], ctx: Any, what: str) -> list[Sample]:
+    """A branch whose first prompt re-rendered assistant turns the gateway never recorded (the framework rewrote
+    its history) holds sampled text as mask-0 context: trained as is, dropped, or the step fails
+    (`rollout.on_history_rewrite`)."""
+    inexact = [s for s in episode if not s.metadata["exact_prefix"]]
+    if not inexact or ctx.on_history_rewrite == "train":
+        return episode
+    detail = (
+        f"{what}: {len(inexact)} of its {len(episode)} branches start from a history the agent rewrote (its earlier "
+        "turns were re-rendered from text, not the sampled tokens)"
+    )
+    if ctx.on_history_rewrite == "fail":
+        raise RolloutFailure(f"{detail}; rollout.on_history_rewrite=fail")
+    ctx.faults.record("history_rewrites", detail, skipped=False)
+    return [s for s in episode if s.metadata["exact_prefix"]]
 
 
 async def agent_rollout(prompts: list[dict[str, Any]], ctx: Any) -> list[Group]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -48,6 +48,17 @@ class RolloutConfig(BaseModel):
         ge=0,
         description="bad items (a reward that raised, a prompt too long, an agent that failed) "
         "skipped and counted before the run stops with the first one's cause",
+    )
+    on_history_rewrite: Literal["train", "drop", "fail"] = Field(
+        default="train",
+        description="agent rollouts: a recorded branch whose history the agent rewrote (its earlier turns are "
+        "re-rendered text, mask 0) is trained on, dropped (counted as failed/history_rewrites), or fails the step",
+    )
+    max_failure_rate: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="a step whose failed share of rollout items (agent errors included) is above this stops the run",
     )
     sampling_extra: dict[str, Any] = Field(default_factory=dict, description="extra engine sampling params")
 

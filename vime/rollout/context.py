@@ -29,6 +29,7 @@ class RolloutContext:
     counters: dict[str, int] = field(default_factory=lambda: {"prompts": 0})
     gateway: Any = None  # the running OpenAI gateway (agent rollouts)
     agent: str | None = None  # the agent's import path (agent rollouts)
+    on_history_rewrite: str = "train"  # what agent rollouts do with a branch whose history the agent rewrote
     context_limit: int | None = None  # prompt + max_tokens the engine accepts (None: unknown)
     data_source: str = "the prompt data"  # the file prompt records come from, for messages that name a row
     faults: Faults = field(default_factory=Faults)
@@ -116,6 +117,7 @@ def make_context(
         system_prompt=data.system_prompt,
         seed_base=r.seed,
         agent=r.agent,
+        on_history_rewrite=r.on_history_rewrite,
         context_limit=context_limit,
         faults=Faults(bound=r.max_failures),
         reward_timeout_s=r.reward_timeout_s,

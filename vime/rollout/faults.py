@@ -24,7 +24,9 @@ class Faults:
     first: str | None = None
     logged: set[str] = field(default_factory=set)
 
-    def record(self, kind: str, what: str, error: BaseException | None = None) -> None:
+    def record(self, kind: str, what: str, error: BaseException | None = None, skipped: bool = True) -> None:
+        """`skipped=False`: the item is still trained on (an agent that raised after its model calls: a real
+        outcome, reward 0), so it counts in the step's metrics and failure rate, not towards the run's bound."""
         detail = what if error is None else f"{what}: {type(error).__name__}: {error}"
         if kind not in self.logged:
             self.logged.add(kind)
@@ -39,11 +41,28 @@ class Faults:
             cause = "".join(traceback.format_exception(error)) if error is not None else ""
             self.first = f"{detail}\n{cause}".rstrip()
         self.counts[kind] = self.counts.get(kind, 0) + 1
+        if not skipped:
+            return
         self.total += 1
         if self.total > self.bound:
             raise RolloutFailure(
                 f"{self.total} bad items in this run, more than rollout.max_failures={self.bound}; the first was: "
                 f"{self.first}"
+            )
+
+    def check_step(self, step: int, expected: int, generated: int, max_rate: float) -> None:
+        """A step that produced nothing, or failed on more than `max_rate` of its items, stops the run with the
+        first cause: training on nothing (or on the few that survived a broken plug-in) must not look like success."""
+        failed = sum(self.counts.values())
+        if generated == 0:
+            raise RolloutFailure(
+                f"step {step + 1}: the rollout produced no samples ({expected} expected); the first failure: "
+                f"{self.first or 'none recorded (check the rollout function)'}"
+            )
+        if expected and failed / expected > max_rate:
+            raise RolloutFailure(
+                f"step {step + 1}: {failed} of {expected} rollout items failed, more than "
+                f"rollout.max_failure_rate={max_rate}; the first failure: {self.first}"
             )
 
     def take(self) -> dict[str, float]:

@@ -26,10 +26,12 @@ class RolloutStep:
         batch_size: int,
         samples_dir: Path | None = None,
         dynamic: DynamicSamplingConfig | None = None,
+        max_failure_rate: float = 1.0,
     ):
         self.fn: Any = ROLLOUTS.get(fn)
         self.source, self.buffer, self.ctx = source, buffer, ctx
         self.batch_size, self.samples_dir, self.dynamic = batch_size, samples_dir, dynamic
+        self.max_failure_rate = max_failure_rate
         self.accounting: dict[str, float] = {}  # the last step's sample counts
 
     def __call__(self, step: int) -> list[Group]:
@@ -52,13 +54,17 @@ class RolloutStep:
             self.samples_dir.mkdir(parents=True, exist_ok=True)
             write_jsonl([s for g in groups for s in g], self.samples_dir / f"step_{step + 1:06d}.jsonl")
         generated = sum(len(g) for g in groups)
+        expected = drawn * self.ctx.params.n
+        self.ctx.faults.check_step(step, expected, generated, self.max_failure_rate)
         self.accounting = {
-            "samples/expected": float(drawn * self.ctx.params.n),
+            "samples/expected": float(expected),
             "samples/generated": float(generated),
             "samples/dropped_by_filter": float(generated - over - (self.buffer.num_samples() - before)),
             "samples/dropped_over_sampled": float(over),
             "rollout/sampling_rounds": float(rounds),
         }
+        if self.ctx.gateway is not None:  # errors the agents were answered with, by status class
+            self.accounting |= self.ctx.gateway.take_counts()
         return groups
 
     def prompts(self, step: int, n: int) -> list[dict[str, Any]]:
