@@ -31,7 +31,7 @@ def run(recipe: str, out: Path, steps: int, seed: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipes", nargs="+", default=["grpo", "dapo", "dr_grpo", "rloo"])
+    ap.add_argument("--recipes", nargs="+", default=["grpo", "dapo", "ppo", "dr_grpo", "rloo"])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/compare")
