@@ -10,9 +10,11 @@ import pytest
 ENGINE_ARGS = {
     "enforce_eager": True,
     "dtype": "float32",
-    "max_model_len": 512,
+    "max_model_len": 2048,  # the agent frameworks' tool prompts run past 512 tokens
     "kv_cache_memory_bytes": 64 << 20,
     "max_num_seqs": 64,
+    # forced tool calls and JSON answers without free whitespace (a random model fills the budget with it)
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
 }
 
 
@@ -110,3 +112,15 @@ def hf_response_logprobs(model, sample):
         logp = torch.log_softmax(model(ids).logits[0].double(), -1)
     p = len(sample.prompt_ids)
     return logp[torch.arange(p - 1, ids.shape[1] - 1), ids[0, p:]].tolist()
+
+
+def branch_is_exact(b):
+    """Every turn on the branch: its prompt is the branch's history so far, its sampled ids follow it, and the
+    loss mask is 1 on exactly those sampled ids (a fork's shared prefix counts on its parent, not here)."""
+    own = 0
+    for t in b.turns:
+        p, r = len(t.prompt_ids), len(t.response_ids)
+        assert b.ids[:p] == t.prompt_ids and b.ids[p : p + r] == t.response_ids
+        assert b.mask[p : p + r] == [1] * r
+        own += r
+    assert sum(b.mask) == own, (sum(b.mask), own)

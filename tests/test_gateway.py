@@ -7,6 +7,7 @@ import asyncio
 import httpx
 import openai
 import pytest
+from conftest import branch_is_exact
 from transformers import AutoTokenizer
 
 from vime.gateway.config import GatewayConfig
@@ -146,7 +147,8 @@ def test_64_concurrent_sessions_over_2_engines(gateway):
         assert len(s.turns) == 2 and s.turns[0].engine_url == s.turns[1].engine_url
         assert s.turns[1].prompt_ids[: len(s.turns[0].prompt_ids)] == s.turns[0].prompt_ids
         engines_used.add(s.turns[0].engine_url)
-        assert len(s.ids) == len(s.mask) == len(s.logprobs)
+        assert len(s.branches) == 1
+        branch_is_exact(s.branches[0])
     assert len(engines_used) == 2
 
 
@@ -196,18 +198,6 @@ def test_no_healthy_engine_is_503(model_dir):
         )
         assert r.status_code == 503 and "no healthy" in r.json()["error"]["message"]
         assert httpx.get(gw.base_url[:-3] + "/health").status_code == 503
-
-
-def branch_is_exact(b):
-    """Every turn on the branch: its prompt is the branch's history so far, its sampled ids follow it, and the
-    loss mask is 1 on exactly those sampled ids (a fork's shared prefix counts on its parent, not here)."""
-    own = 0
-    for t in b.turns:
-        p, r = len(t.prompt_ids), len(t.response_ids)
-        assert b.ids[:p] == t.prompt_ids and b.ids[p : p + r] == t.response_ids
-        assert b.mask[p : p + r] == [1] * r
-        own += r
-    assert sum(b.mask) == own, (sum(b.mask), own)
 
 
 def chat(client, sid, messages, seed):
@@ -347,3 +337,39 @@ def test_tool_call_markers_reach_the_parser_though_the_tokenizer_marks_them_spec
         assert gw.store.sessions["t"].turns[0].response_ids == ids  # recorded as sampled, markers included
         plain = c.chat.completions.create(model="tiny", messages=msgs)  # no tools asked: special tokens skipped
         assert "<tool_call>" not in plain.choices[0].message.content
+
+
+def test_responses_api_chains_exact_tokens_and_streams(client, gateway):
+    """`/v1/responses` (what the OpenAI Agents SDK and pydantic-ai send by default): a chain through
+    previous_response_id is one session whose second prompt extends the first turn's exact ids; the event stream
+    ends in `response.completed` and its deltas spell the output."""
+    r1 = client.responses.create(model="tiny", input="3+4=", instructions="be brief", max_output_tokens=6)
+    r2 = client.responses.create(model="tiny", input="and 1+1=", previous_response_id=r1.id, max_output_tokens=6)
+    p1, o1 = r1.model_extra["prompt_token_ids"], r1.model_extra["output_token_ids"]
+    assert r2.model_extra["prompt_token_ids"][: len(p1) + len(o1)] == p1 + o1
+    s = gateway.store.sessions[f"chain-{r1.id}"]
+    assert len(s.branches) == 1 and len(s.turns) == 2
+    branch_is_exact(s.branches[0])
+    events = list(client.responses.create(model="tiny", input="hi", max_output_tokens=6, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete"), kinds
+    final = events[-1].response
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == final.output_text
+    r = httpx.post(
+        gateway.base_url + "/responses",
+        headers={"Authorization": "Bearer test-key"},
+        json={"model": "tiny", "input": "x", "previous_response_id": "resp_nope"},
+    )
+    assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id", r.text
+
+
+def test_unhonourable_requests_are_refused_not_ignored(gateway):
+    auth = {"Authorization": "Bearer test-key"}
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for extra, param in [
+        ({"top_logprobs": 3, "logprobs": True}, "top_logprobs"),
+        ({"response_format": {"type": "xml"}}, None),
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": []}, "tool_choice"),
+    ]:
+        r = httpx.post(gateway.base_url + "/chat/completions", headers=auth, json={**base, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -87,7 +87,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
             start = 0
             run.metrics.log(0, {"eval/reward": run.evaluate()})
 
-        bar = run.progress_bar(range(start, cfg.loop.num_steps), "grpo")
+        bar = run.progress_bar(range(start, cfg.loop.num_steps), cfg.algorithm.name)
         for step in bar:
             timer = Timer()
             with timer("rollout"):

@@ -32,6 +32,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    json_schema: dict[str, Any] | None = None  # decode under this JSON schema (the engine's structured output)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

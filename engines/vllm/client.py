@@ -36,6 +36,9 @@ def sampling_payload(p: SamplingParams) -> dict[str, Any]:
         sp["stop"] = list(p.stop)
     if p.stop_token_ids:
         sp["stop_token_ids"] = list(p.stop_token_ids)
+    if p.json_schema is not None:
+        # whitespace inside the JSON is the server's choice in vLLM 0.32 (--structured-outputs-config)
+        sp["structured_outputs"] = {"json": p.json_schema}
     sp.update(p.extra)
     return sp
 

@@ -14,12 +14,16 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vime.gateway.config import GatewayConfig
+from vime.gateway.constrain import forced_calls, output_schema
+from vime.gateway.responses import install_responses
 from vime.gateway.schema import APIError, ChatRequest, CompletionRequest, error_response, parse
+from vime.gateway.session_routes import install_session_routes
 from vime.gateway.sessions import Cursor, SessionStore, Turn
+from vime.gateway.stream import stream_chat, stream_completion
 from vime.gateway.tools import TOOL_PARSERS
 from vime.protocols import EnginePool
 from vime.types import Completion, SamplingParams
@@ -128,10 +132,16 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
                 code="context_length_exceeded",
             )
 
-    def params_of(req: Any, max_tokens: int) -> SamplingParams:
+    def params_of(req: Any, max_tokens: int, schema: dict[str, Any] | None = None) -> SamplingParams:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return SamplingParams(
-            n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop
+            n=req.n,
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=stop,
+            json_schema=schema,
         )
 
     def logprobs_content(c: Completion) -> list[dict[str, Any]]:
@@ -151,28 +161,20 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
     async def models(sid: str | None = None) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "vime", "created": 0}]}
 
-    @app.get("/sessions")
-    async def list_sessions() -> dict[str, Any]:
-        """What `vime serve` has recorded, for agent developers to inspect (behind the API key)."""
-        with store.lock:
-            rows = [
-                {"id": s.id, "branches": len(s.branches), "turns": sum(len(b.turns) for b in s.branches)}
-                for s in store.sessions.values()
-            ]
-        return {"object": "list", "data": rows}
-
-    @app.get("/sessions/{sid}")
-    async def get_session(sid: str) -> dict[str, Any]:
-        if sid not in store.sessions or not any(b.turns for b in store.sessions[sid].branches):
-            raise APIError(404, f"no recorded session {sid!r}", param="sid", code="session_not_found")
-        return {"id": sid, "object": "session", "branches": [x.to_dict() for x in store.to_samples(sid)]}
+    install_session_routes(app, store)
 
     @app.post("/v1/chat/completions")
     @app.post("/sessions/{sid}/v1/chat/completions")
     async def chat(request: Request, sid: str | None = None) -> Any:
         req = parse(ChatRequest, await body_of(request))
         check_model(req.model)
-        sid = sid or request.headers.get("x-session-id") or req.user
+        resp = await run_chat(req, sid or request.headers.get("x-session-id") or req.user)
+        return stream_chat(resp) if req.stream else resp
+
+    async def run_chat(req: ChatRequest, sid: str | None) -> dict[str, Any]:
+        """One chat turn: the prompt (continuing the session's exact tokens), the engine call, the reply parsed
+        for tool calls, the turn recorded; the answer as a Chat Completions body (Responses converts it)."""
+        mode, schema = output_schema(req)
         asked = req.max_completion_tokens or req.max_tokens
         session = store.get(sid) if sid else None
         try:  # the template and tokenizer run off the event loop: a long body must not stall /health
@@ -190,11 +192,14 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
         max_tokens = asked or max(1, min(cfg.default_max_tokens, cfg.context_length - len(prompt_ids)))
         check_length(prompt_ids, max_tokens, "messages")
         engine = await engine_for(sid)
-        (completions,) = await engine.generate([prompt_ids], params_of(req, max_tokens), session=sid)
+        (completions,) = await engine.generate([prompt_ids], params_of(req, max_tokens, schema), session=sid)
         choices = []
         for i, c in enumerate(completions):
-            text = decode(c.token_ids, tools=bool(req.tools))
-            content, calls = parse_tools(text) if req.tools else (text, [])
+            text = decode(c.token_ids, tools=mode == "tools")
+            content, calls = parse_tools(text) if mode == "tools" else (text, [])
+            if mode == "forced":
+                calls = forced_calls(text)
+                content = None if calls else text
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
                 message["tool_calls"] = calls
@@ -227,7 +232,9 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
             "usage": usage,
             "prompt_token_ids": prompt_ids,
         }
-        return stream_chat(resp) if req.stream else resp
+        return resp
+
+    install_responses(app, run_chat, body_of, check_model, cfg.max_sessions)  # Chat Completions underneath
 
     @app.post("/v1/completions")
     @app.post("/sessions/{sid}/v1/completions")
@@ -280,56 +287,3 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
         return stream_completion(resp) if req.stream else resp
 
     return app
-
-
-def _sse(chunks: list[dict[str, Any]]) -> StreamingResponse:
-    async def gen() -> Any:
-        for c in chunks:
-            yield f"data: {json.dumps(c)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(gen(), media_type="text/event-stream")
-
-
-def stream_chat(resp: dict[str, Any]) -> StreamingResponse:
-    """OpenAI chunk protocol over a finished completion: role, content, tool calls, then the finish reason."""
-    base = {"id": resp["id"], "object": "chat.completion.chunk", "created": resp["created"], "model": resp["model"]}
-    chunks = []
-    for ch in resp["choices"]:
-        i, msg = ch["index"], ch["message"]
-        chunks.append(
-            {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-        )
-        if msg.get("content"):
-            chunks.append(
-                {
-                    **base,
-                    "choices": [
-                        {
-                            "index": i,
-                            "delta": {"content": msg["content"]},
-                            "logprobs": ch.get("logprobs"),
-                            "finish_reason": None,
-                        }
-                    ],
-                }
-            )
-        if msg.get("tool_calls"):
-            calls = [{"index": k, **tc} for k, tc in enumerate(msg["tool_calls"])]
-            chunks.append({**base, "choices": [{"index": i, "delta": {"tool_calls": calls}, "finish_reason": None}]})
-        chunks.append({**base, "choices": [{"index": i, "delta": {}, "finish_reason": ch["finish_reason"]}]})
-    chunks.append({**base, "choices": [], "usage": resp["usage"]})
-    return _sse(chunks)
-
-
-def stream_completion(resp: dict[str, Any]) -> StreamingResponse:
-    chunks = [
-        {
-            **{k: resp[k] for k in ("id", "object", "created", "model")},
-            "choices": [
-                {"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": c["logprobs"]}
-            ],
-        }
-        for c in resp["choices"]
-    ]
-    return _sse(chunks)
