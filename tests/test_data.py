@@ -72,3 +72,31 @@ def test_buffer_filters_and_state(tmp_path):
     other = DataBuffer()
     other.load_state_dict(buf.state_dict())
     assert other.pop_groups() == [mixed] and len(other) == 0
+
+
+def test_sft_conversations_are_tokenised_as_the_gateway_builds_agent_prompts(repo_root, model_dir):
+    """A tool-call trace for the warm start: mask 1 on exactly the assistant turns (through their end-of-turn
+    token), and the tokens around them are the ones the gateway puts around sampled tokens at rollout time
+    (first prompt, then each continuation encoded on its own), so what SFT teaches is what RL will see."""
+    from transformers import AutoTokenizer
+
+    from vime.data.sft import ConversationSource, conversation_sample, read_conversations
+    from vime.gateway.sessions import PromptBuilder
+
+    tok = AutoTokenizer.from_pretrained(model_dir("qwen2"))
+    row = read_conversations(repo_root / "examples" / "tool_calc" / "sft.jsonl")[0]
+    msgs, tools = row["messages"], row["tools"]
+    s = conversation_sample(msgs, tools, tok)
+    b = PromptBuilder(tok)
+    call = b.encode(b.render(msgs[:2], tools, generation_prompt=False)[len(b.render(msgs[:1], tools)) :])
+    call = call[: call.index(tok.eos_token_id) + 1]
+    answer = [*b.encode(msgs[3]["content"]), tok.eos_token_id]
+    middle = b.encode(b.continuation(msgs[:2], msgs[2:3], tools))
+    assert s.prompt_ids == b.first_prompt(msgs[:1], tools)
+    assert s.response_ids == call + middle + answer
+    assert s.loss_mask == [1] * len(call) + [0] * len(middle) + [1] * len(answer)
+    assert "<tool_call>" in tok.decode(call, skip_special_tokens=False)
+    batch = ConversationSource(repo_root / "examples" / "tool_calc" / "sft.jsonl", tok, seed=1).next_batch(3)
+    assert len(batch) == 3 and all(1 in x.loss_mask for x in batch)
+    with pytest.raises(FileNotFoundError, match="loop.sft_path"):
+        read_conversations(repo_root / "nope.jsonl")

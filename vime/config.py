@@ -48,6 +48,11 @@ class LoopConfig(Strict):
     sft_steps: int = Field(default=0, ge=0, description="supervised warm-start steps before RL")
     sft_batch_size: int = Field(default=64, ge=1)
     sft_lr: float | None = Field(default=None, description="warm-start learning rate (default: trainer.lr)")
+    sft_path: str | None = Field(
+        default=None,
+        description="JSONL of conversations {messages, tools} to warm-start on (agent traces); default: the prompt "
+        "data's labels as one-turn answers",
+    )
     eval_every: int = Field(default=5, ge=0, description="0 = only before and after")
     eval_size: int = Field(default=64, ge=1)
     save_every: int = Field(default=0, ge=0, description="0 = no checkpoints")

@@ -16,6 +16,7 @@ from typing import Any
 from vime import checkpoint, run_state
 from vime.config import Config
 from vime.data.batch import sft_samples, training_batch
+from vime.data.sft import ConversationSource
 from vime.data.source import PromptSource
 from vime.parts import Parts
 from vime.step_metrics import Timer, rollout_metrics
@@ -28,10 +29,12 @@ def warm_start(run: Parts) -> None:
     cfg = run.cfg
     if cfg.loop.sft_steps:
         source = PromptSource(cfg.data.model_copy(update={"seed": cfg.data.seed + 1}))
+        talks = ConversationSource(cfg.loop.sft_path, run.tokenizer, cfg.data.seed + 1) if cfg.loop.sft_path else None
         run.trainer.set_lr(cfg.loop.sft_lr or cfg.trainer.lr)
         run.sync.release_engines()
         for i in run.progress_bar(range(cfg.loop.sft_steps), "sft"):
-            batch = sft_samples(source, cfg.loop.sft_batch_size, run.ctx.encode, run.tokenizer)
+            n = cfg.loop.sft_batch_size
+            batch = talks.next_batch(n) if talks else sft_samples(source, n, run.ctx.encode, run.tokenizer)
             stats = run.trainer.train_step(batch, "sft")
             run.metrics.log(-cfg.loop.sft_steps + i, {"sft/loss": stats["loss"]})
         run.trainer.set_lr(cfg.trainer.lr)

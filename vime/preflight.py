@@ -55,6 +55,8 @@ def check_plugins(cfg: Config) -> None:
 def check_data(cfg: Config, source: PromptSource) -> None:
     if cfg.data.eval_path and not Path(cfg.data.eval_path).is_file():
         raise PreflightError(f"data.eval_path={cfg.data.eval_path!r} does not exist")
+    if cfg.loop.sft_path and not Path(cfg.loop.sft_path).is_file():
+        raise PreflightError(f"loop.sft_path={cfg.loop.sft_path!r} does not exist")
     need, have = cfg.loop.num_steps * cfg.rollout.batch_size, source.capacity()
     if have is not None and have < need:
         raise PreflightError(
