@@ -8,25 +8,18 @@ baseline in the same run is GRPO: every other recipe's final eval reward and wal
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(recipe: str, out: Path, steps: int, seed: int) -> dict:
-    cmd = [sys.executable, "-m", "vime.cli", "train", "-c", f"configs/{recipe}_tiny_cpu.yaml"]
-    for s in (f"run.out_dir={out}", f"loop.num_steps={steps}", f"run.seed={seed}", f"rollout.seed={seed}"):
-        cmd += ["--set", s]
-    t = time.perf_counter()
-    with open(out.parent / f"{recipe}.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
-    evals = [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r and r["step"] >= 0]
-    return {"recipe": recipe, "rc": rc, "seconds": time.perf_counter() - t, "eval": evals}
+    from benchmarks.common import train_run
+
+    sets = [f"loop.num_steps={steps}", f"run.seed={seed}", f"rollout.seed={seed}"]
+    r = train_run(f"configs/{recipe}_tiny_cpu.yaml", out, sets, out.parent / f"{recipe}.log")
+    return {"recipe": recipe, "rc": r["rc"], "seconds": r["seconds"], "eval": r["eval"]}
 
 
 def main() -> int:

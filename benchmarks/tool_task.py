@@ -9,10 +9,7 @@ and writes benchmarks/results/tool_task_cpu.json + .png (success vs RL step, one
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,19 +17,13 @@ RECIPE = "configs/tool_calc_cpu.yaml"
 
 
 def run(seed: int, out: Path, steps: int | None) -> dict:
-    sets = [f"run.out_dir={out}", f"run.seed={seed}", f"rollout.seed={seed}", f"data.seed={seed}"]
-    if steps is not None:
-        sets.append(f"loop.num_steps={steps}")
-    cmd = [sys.executable, "-m", "vime.cli", "train", "-c", RECIPE]
-    for s in sets:
-        cmd += ["--set", s]
-    t = time.perf_counter()
-    with open(out.parent / f"seed{seed}.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
-    evals = [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r and r["step"] >= 0]
-    calls = [r.get("gateway/http_4xx", 0.0) for r in rows]
-    return {"seed": seed, "rc": rc, "seconds": time.perf_counter() - t, "eval": evals, "http_4xx": sum(calls)}
+    from benchmarks.common import train_run
+
+    sets = [f"run.seed={seed}", f"rollout.seed={seed}", f"data.seed={seed}"]
+    sets += [f"loop.num_steps={steps}"] if steps is not None else []
+    r = train_run(RECIPE, out, sets, out.parent / f"seed{seed}.log")
+    errors = sum(x.get("gateway/http_4xx", 0.0) for x in r["rows"])
+    return {"seed": seed, "rc": r["rc"], "seconds": r["seconds"], "eval": r["eval"], "http_4xx": errors}
 
 
 def main() -> int:
