@@ -54,8 +54,14 @@ def pick(rows: list[Any], idx: list[int]) -> list[Any]:
 
 
 def mean_of(steps: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    """The batch's metrics over its optimiser steps: the mean, or for `<name>_max` the maximum."""
     keys = sorted({k for s in steps for k in s})
-    return {prefix + k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in keys}
+    return {
+        prefix + k: max(s.get(k, float("-inf")) for s in steps)
+        if k.endswith("_max")
+        else sum(s.get(k, 0.0) for s in steps) / len(steps)
+        for k in keys
+    }
 
 
 def updates(n: int, epochs: int, size: int | None, rng: random.Random | None = None) -> list[list[int]]:
