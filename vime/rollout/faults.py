@@ -50,10 +50,14 @@ class Faults:
                 f"{self.first}"
             )
 
-    def check_step(self, step: int, expected: int, generated: int, max_rate: float) -> None:
-        """A step that produced nothing, or failed on more than `max_rate` of its items, stops the run with the
-        first cause: training on nothing (or on the few that survived a broken plug-in) must not look like success."""
-        failed = sum(self.counts.values())
+    def failed(self) -> int:
+        """Bad items counted since the last `take` (a step reads it before and after itself)."""
+        return sum(self.counts.values())
+
+    def check_step(self, step: int, expected: int, generated: int, failed: int, max_rate: float) -> None:
+        """A step that produced nothing, or whose `failed` items are more than `max_rate` of them, stops the run with
+        the first cause: training on nothing (or on the few that survived a broken plug-in) must not look like
+        success."""
         if generated == 0:
             raise RolloutFailure(
                 f"step {step + 1}: the rollout produced no samples ({expected} expected); the first failure: "

@@ -38,7 +38,7 @@ class RolloutStep:
         """Sample `batch_size` prompts; with dynamic sampling, sample more while the filters left fewer than
         `batch_size` groups (at most `max_rounds` rounds), and keep only `batch_size` of them."""
         self.ctx.step = step
-        before = self.buffer.num_samples()
+        before, failed_before = self.buffer.num_samples(), self.ctx.faults.failed()
         groups: list[Group] = []
         drawn, rounds, missing = 0, 0, self.batch_size
         while missing > 0 and (rounds == 0 or (self.dynamic is not None and rounds < self.dynamic.max_rounds)):
@@ -55,7 +55,8 @@ class RolloutStep:
             write_jsonl([s for g in groups for s in g], self.samples_dir / f"step_{step + 1:06d}.jsonl")
         generated = sum(len(g) for g in groups)
         expected = drawn * self.ctx.params.n
-        self.ctx.faults.check_step(step, expected, generated, self.max_failure_rate)
+        failed = self.ctx.faults.failed() - failed_before
+        self.ctx.faults.check_step(step, expected, generated, failed, self.max_failure_rate)
         self.accounting = {
             "samples/expected": float(expected),
             "samples/generated": float(generated),
