@@ -81,6 +81,7 @@ def reward_failing_once(sample):
 
 
 RELEASE = threading.Event()
+HUNG_DONE = threading.Event()  # set when the hung call finally returns
 
 
 def reward_hanging_once(sample):
@@ -88,6 +89,7 @@ def reward_hanging_once(sample):
     REWARD_CALLS["n"] += 1
     if REWARD_CALLS["n"] == 1:
         RELEASE.wait(120)
+        HUNG_DONE.set()
     return 1.0
 
 

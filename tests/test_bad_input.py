@@ -142,6 +142,7 @@ def test_hanging_reward_times_out_and_async_rewards_are_awaited(recipe, qwen2_en
     overrides = ["rollout.batch_size=4", "rollout.n_samples=4", "rollout.group_filters=[]"]
     plugins.REWARD_CALLS["n"] = 0
     plugins.RELEASE.clear()
+    plugins.HUNG_DONE.clear()
     try:
         with caplog.at_level(logging.WARNING, logger="vime.rollout.faults"):
             summary = run_rollout(
@@ -150,6 +151,8 @@ def test_hanging_reward_times_out_and_async_rewards_are_awaited(recipe, qwen2_en
                 progress=False,
                 engines=qwen2_engines,
             )
+        # the step ended with the verifier still hung: abandoned, not waited for (asyncio.run joins its executor)
+        assert not plugins.HUNG_DONE.is_set()
     finally:
         plugins.RELEASE.set()  # let the abandoned thread end
     assert summary["samples"] == 4 * 4 - 1 and summary["failed/reward_timeouts"] == 1.0, summary

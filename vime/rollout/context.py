@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,30 @@ from vime.rewards import get_reward_fn
 from vime.rollout.config import RolloutConfig
 from vime.rollout.faults import Faults
 from vime.types import Sample, SamplingParams
+
+
+def in_daemon_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """`fn(*args)` in a thread of its own that nothing joins. `asyncio.to_thread` uses the loop's executor, which
+    `asyncio.run` waits for when the step ends: a verifier hung past its timeout would still hang the run."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():  # a timed-out wait has cancelled it
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+    def work() -> None:
+        try:
+            ok, value = True, fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine as is
+            ok, value = False, e
+        try:
+            loop.call_soon_threadsafe(settle, ok, value)
+        except RuntimeError:  # the step's loop is gone: nobody waits for this any more
+            pass
+
+    threading.Thread(target=work, daemon=True, name="vime-reward").start()
+    return fut
 
 
 @dataclass
@@ -38,10 +63,10 @@ class RolloutContext:
     async def score(self, sample: Sample, what: str) -> bool:
         """Set the sample's reward; False (and counted) when the reward function raised or ran past
         `rollout.reward_timeout_s`. It runs off the event loop (a slow verifier must not stall generation); an
-        async reward function is awaited. A timed-out thread cannot be stopped, only abandoned: the bound on
-        failures bounds them too."""
+        async reward function is awaited. A timed-out thread cannot be stopped, only abandoned (a daemon thread:
+        neither the step's event loop nor the process waits for it); the bound on failures bounds them too."""
         fn = self.reward_fn
-        call = fn(sample) if inspect.iscoroutinefunction(fn) else asyncio.to_thread(fn, sample)
+        call = fn(sample) if inspect.iscoroutinefunction(fn) else in_daemon_thread(fn, sample)
         try:
             sample.reward = float(await asyncio.wait_for(call, self.reward_timeout_s))
         except TimeoutError:
