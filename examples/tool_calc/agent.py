@@ -50,7 +50,7 @@ async def calculator_agent(base_url: str, api_key: str, task: dict[str, Any], ma
             api_key=api_key,
             messages=messages,
             tools=TOOLS,
-            max_tokens=48,
+            max_tokens=64,
             temperature=1.0,
         )
         msg = r.choices[0].message
