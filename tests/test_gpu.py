@@ -68,6 +68,43 @@ def test_one_grpo_step(gpu_run):
         assert h["time/rollout"] > 0 and h["time/train"] > 0 and h["time/weight_sync"] > 0
 
 
+def test_ppo_with_a_critic_and_an_offloaded_kl_reference_on_one_gpu(tmp_path, repo_root):
+    """PPO on the colocated GPU recipe: the critic shares the trainer's GPU (a quarter each to Ray, the engine
+    asleep while they train), GAE over its values, and the KL reference is built, used and moved back to host
+    memory each step (trainer.offload_reference). Two steps run with finite value loss and KL, the clip acts, and
+    the engine still matches the trainer after the pushes."""
+    from vime.config import load_config
+    from vime.loop import train
+    from vime.models import make_model
+
+    if not (MODEL / "config.json").exists():
+        make_model("qwen2", "0.5b", MODEL, dtype="bfloat16", device="cuda")
+    cfg = load_config(
+        repo_root / "configs" / "grpo_gpu.yaml",
+        [
+            f"model.path={MODEL}",
+            f"run.out_dir={tmp_path}",
+            "loop.sft_steps=5",
+            "loop.num_steps=2",
+            "loop.eval_every=0",
+            "loop.eval_size=16",
+            "algorithm.name=ppo",
+            "algorithm.kl_coef=0.001",
+            "algorithm.ppo_epochs=2",
+            "algorithm.mini_batch_size=128",
+            "critic.lr=0.00001",
+            "critic.dtype=bfloat16",
+            "critic.micro_batch_size=64",
+        ],
+    )
+    hs = steps(train(cfg, progress=False))
+    assert len(hs) == 2
+    for h in hs:
+        assert math.isfinite(h["critic/loss"]) and math.isfinite(h["train/kl_ref"]) and h["train/kl_ref"] >= 0, h
+        assert h["consistency/mean_abs_diff"] < 0.05, h
+    assert hs[-1]["train/clip_frac"] >= 0 and hs[-1]["train/ratio_max"] > 0, hs[-1]
+
+
 def test_split_placement_nccl_step(tmp_path, repo_root):
     """Two GPUs: trainer on one, engine on the other, weights through vLLM's NCCL engine (configs/
     grpo_2gpu_nccl.yaml); engine log-probs after the push equal the trainer's."""
