@@ -2,7 +2,7 @@
 # The GPU recipe, run on the device machine from the repo root after the staged wheels are installed
 # (see README "GPU"): bash scripts/device_run.sh PHASE
 #   smoke    imports, the 0.5b model, one vLLM start (fills the kernel caches)
-#   loop     one GPU: pytest -m gpu, configs/grpo_gpu.yaml (+ report), trainer vs bare Megatron-core
+#   loop     one GPU: pytest -m gpu (SKIP_PYTEST=1: not), configs/grpo_gpu.yaml (+ report), trainer vs bare Megatron-core
 #   bench    one GPU: rollout vs bare vLLM, colocated weight update vs vLLM's IPC push ($SIZES, default 0.5b 1.5b 7b)
 #   single   loop then bench on GPU 0 (a one-GPU machine)
 #   pair     loop on GPU 0 and bench on GPU 1 at the same time (a two-GPU machine: half the wall time)
@@ -46,7 +46,7 @@ step() {  # step NAME TIMEOUT CMD...: run one part, keep going on failure, log i
 model05() { [ -f $VIME_MODELS/qwen2-0.5b/config.json ] || $py -m vime.cli make-model --size 0.5b --dtype bfloat16 \
   --device cuda --out $VIME_MODELS/qwen2-0.5b; }
 loop() {
-  step pytest_gpu 240 $py -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+  [ -n "${SKIP_PYTEST:-}" ] || step pytest_gpu 240 $py -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
   step grpo_gpu 220 $py -m vime.cli train -c configs/grpo_gpu.yaml --set model.path=$VIME_MODELS/qwen2-0.5b \
     --set run.out_dir=/tmp/runs/grpo_gpu
   cp /tmp/runs/grpo_gpu/metrics.jsonl "$VIME_BENCH_OUT/grpo_gpu_metrics.jsonl"
@@ -71,7 +71,8 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
     'gpu_memory_utilization': 0.3, 'worker_extension_cls': 'engines.vllm.worker_ext.VimeWorkerExtension',
     'weight_transfer_config': {'backend': 'vime_ipc'}}, env={'VLLM_ALLOW_INSECURE_SERIALIZATION': '1'},
     log_path='$VIME_BENCH_OUT/vllm_smoke.log', startup_timeout_s=400) as s:
-    import httpx; print('started in', round(time.time() - t), 's;', httpx.get(s.base_url + '/v1/models').json()['data'][0]['id'])
+    import httpx; from vime.secret import auth_headers
+    print('started in', round(time.time() - t), 's;', httpx.get(s.base_url + '/v1/models', headers=auth_headers()).json()['data'][0]['id'])
 " ;;
   loop) export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; model05; loop ;;
   bench) export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; model05; bench ;;

@@ -143,3 +143,52 @@ def test_logprobs_match_log_softmax_at_qwen_vocab():
             assert (got["entropy"] - ref["entropy"]).abs().max() < 1e-3
             assert got["grad"].dtype == torch.bfloat16
             assert torch.allclose(got["grad"].float(), ref["grad"].float(), atol=1e-3, rtol=2e-2)  # bf16: 1/128 steps
+
+
+def test_gateway_structured_output_and_responses_on_the_gpu_vllm(tmp_path):
+    """The gateway on the GPU line's vLLM: a named tool_choice is decoded under the engine's structured output and
+    comes back as a parsed call; a Responses chain is one session whose second prompt extends the first's exact
+    ids."""
+    import json
+
+    import openai
+    from transformers import AutoTokenizer
+
+    from engines.vllm.config import VLLMEngineConfig
+    from vime.gateway.config import GatewayConfig
+    from vime.gateway.server import Gateway
+    from vime.models import make_model
+    from vime.specs import make_engine_group
+
+    if not (MODEL / "config.json").exists():
+        make_model("qwen2", "0.5b", MODEL, dtype="bfloat16", device="cuda")
+    args = {
+        "enforce_eager": True,
+        "dtype": "bfloat16",
+        "max_model_len": 2048,
+        "gpu_memory_utilization": 0.3,
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+    }
+    group = make_engine_group(VLLMEngineConfig(args=args, startup_timeout_s=400), str(MODEL), str(tmp_path)).start()
+    try:
+        tok = AutoTokenizer.from_pretrained(MODEL)
+        with Gateway(group, tok, GatewayConfig(api_key="k", model_name="q", context_length=2048)) as gw:
+            c = openai.OpenAI(base_url=gw.session_url("s"), api_key="k", max_retries=0)
+            params = {"type": "object", "properties": {"country": {"type": "string", "enum": ["france", "italy"]}}}
+            tool = {"type": "function", "function": {"name": "capital", "parameters": params}}
+            r = c.chat.completions.create(
+                model="q",
+                messages=[{"role": "user", "content": "The capital of France?"}],
+                tools=[tool],
+                tool_choice={"type": "function", "function": {"name": "capital"}},
+                max_tokens=64,
+            )
+            (call,) = r.choices[0].message.tool_calls
+            assert call.function.name == "capital", r
+            assert json.loads(call.function.arguments)["country"] in ("france", "italy"), r
+            r1 = c.responses.create(model="q", input="2+2=", max_output_tokens=8)
+            r2 = c.responses.create(model="q", input="and 3+3=", previous_response_id=r1.id, max_output_tokens=8)
+            p1, o1 = r1.model_extra["prompt_token_ids"], r1.model_extra["output_token_ids"]
+            assert r2.model_extra["prompt_token_ids"][: len(p1) + len(o1)] == p1 + o1
+    finally:
+        group.stop()
