@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/tool_calc_cpu.yaml"
 
 
-def run(seed: int, out: Path, steps: int | None) -> dict:
+def run(seed: int, out: Path, steps: int | None, extra: list[str]) -> dict:
     from benchmarks.common import train_run
 
-    sets = [f"run.seed={seed}", f"rollout.seed={seed}", f"data.seed={seed}"]
+    sets = [f"run.seed={seed}", f"rollout.seed={seed}", f"data.seed={seed}", *extra]
     sets += [f"loop.num_steps={steps}"] if steps is not None else []
     r = train_run(RECIPE, out, sets, out.parent / f"seed{seed}.log")
     errors = sum(x.get("gateway/http_4xx", 0.0) for x in r["rows"])
@@ -31,6 +31,8 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=None, help="RL steps (default: the recipe's)")
     ap.add_argument("--out", default="runs/tool_task")
+    ap.add_argument("--set", action="append", default=[], help="recipe override, as vime train --set")
+    ap.add_argument("--name", default="tool_task_cpu", help="results file name under benchmarks/results/")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     import matplotlib
@@ -44,7 +46,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in a.seeds:
-        r = run(seed, out / f"seed{seed}", a.steps)
+        r = run(seed, out / f"seed{seed}", a.steps, a.set)
         if r["eval"]:
             r["before_rl"], r["after_rl"] = r["eval"][0][1], r["eval"][-1][1]
             r["after_vs_before"] = r["after_rl"] / max(1e-9, r["before_rl"])
@@ -57,8 +59,14 @@ def main() -> int:
             print(f"seed {seed}: rc {r['rc']} (see {out / f'seed{seed}.log'})", flush=True)
         rows.append(r)
     results = ROOT / "benchmarks" / "results"
-    payload = {"card": "CPU (no accelerator)", "recipe": RECIPE, "baseline": "step-0 eval (after SFT)", "runs": rows}
-    print("wrote", write("tool_task_cpu", payload, results))
+    payload = {
+        "card": "CPU (no accelerator)",
+        "recipe": RECIPE,
+        "overrides": a.set,
+        "baseline": "step-0 eval (after SFT)",
+        "runs": rows,
+    }
+    print("wrote", write(a.name, payload, results))
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
         if r["eval"]:
@@ -66,7 +74,7 @@ def main() -> int:
     ax.set(xlabel="RL step", ylabel="held-out success", title="tool task through the gateway (litellm agent, CPU)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(results / "tool_task_cpu.png", dpi=120)
+    fig.savefig(results / f"{a.name}.png", dpi=120)
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 
 

@@ -186,10 +186,14 @@ def test_kl_to_the_frozen_reference_is_zero_then_grows(ray_cluster, model_dir):
     assert fixed["mis_masked_frac"] == 0.0 and fixed["mismatch_abs_log_ratio"] > 1, fixed
 
 
-def test_sft_step_lowers_cross_entropy(ray_cluster, model_dir):
+def test_sft_step_lowers_cross_entropy_and_set_lr_applies(ray_cluster, model_dir):
     samples = make_samples(4, seed=4)
     with trainer(model_dir("llama"), lr=3e-3) as tr:
         losses = [tr.train_step(samples, "sft")["loss"] for _ in range(4)]
+        tr.set_lr(1e-5)  # the warm start's rate, then back: the optimiser must step at it (it once kept trainer.lr)
+        assert tr.train_step(samples, "sft")["lr"] == pytest.approx(1e-5)
+        tr.set_lr(3e-3)
+        assert tr.train_step(samples, "sft")["lr"] == pytest.approx(3e-3)
     assert losses[-1] < losses[0] - 0.1
 
 

@@ -297,10 +297,15 @@ class MegatronWorker:
         return captured[0][: len(tokens)] if ps.is_pipeline_last_stage() else None
 
     def set_lr(self, lr: float) -> None:
-        """Change the peak learning rate (e.g. SFT warm start vs RL) without touching optimiser state."""
+        """Change the peak learning rate (e.g. SFT warm start vs RL) without touching optimiser state. Megatron's
+        scheduler reads each param group's own `max_lr` / `min_lr` before its own (set from the config when the
+        optimiser was built): setting only the scheduler's changed nothing, and the warm start ran at trainer.lr."""
         self.scheduler.max_lr = lr
         self.scheduler.init_lr = min(self.scheduler.init_lr, lr)
         self.scheduler.min_lr = min(self.scheduler.min_lr, lr)
+        for group in self.optimizer.param_groups:
+            group["max_lr"] = lr
+            group["min_lr"] = min(group.get("min_lr", lr), lr)
         self.scheduler.step(increment=0)
 
     def train_step(
