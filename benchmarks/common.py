@@ -94,3 +94,23 @@ def bar_png(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def lines_png(name: str, series: dict[str, list[tuple[float, float]]], ylabel: str, title: str, out_dir: Path) -> Path:
+    """One line per label of (RL step, value) points, e.g. eval reward by step for each recipe or seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in series.items():
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set(xlabel="RL step", ylabel=ylabel, title=title)
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -30,12 +30,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/compare")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from benchmarks.common import write
+    from benchmarks.common import lines_png, write
 
     out = (ROOT / a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -65,14 +60,13 @@ def main() -> int:
         "runs": rows,
     }
     print("wrote", write("compare_recipes_cpu", payload, results))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        if r["eval"]:
-            ax.plot(*zip(*r["eval"]), marker="o", label=r["recipe"])
-    ax.set(xlabel="RL step", ylabel="eval reward", title=f"recipes on the CPU arithmetic task (seed {a.seed})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(results / "compare_recipes_cpu.png", dpi=120)
+    lines_png(
+        "compare_recipes_cpu",
+        {r["recipe"]: r["eval"] for r in rows},
+        "eval reward",
+        f"recipes on the CPU arithmetic task (seed {a.seed})",
+        results,
+    )
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 
 

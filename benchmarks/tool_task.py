@@ -35,12 +35,7 @@ def main() -> int:
     ap.add_argument("--name", default="tool_task_cpu", help="results file name under benchmarks/results/")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from benchmarks.common import write
+    from benchmarks.common import lines_png, write
 
     out = (ROOT / a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -67,14 +62,13 @@ def main() -> int:
         "runs": rows,
     }
     print("wrote", write(a.name, payload, results))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        if r["eval"]:
-            ax.plot(*zip(*r["eval"]), marker="o", label=f"seed {r['seed']}")
-    ax.set(xlabel="RL step", ylabel="held-out success", title="tool task through the gateway (litellm agent, CPU)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(results / f"{a.name}.png", dpi=120)
+    lines_png(
+        a.name,
+        {f"seed {r['seed']}": r["eval"] for r in rows},
+        "held-out success",
+        "tool task through the gateway (litellm agent, CPU)",
+        results,
+    )
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 
 
