@@ -158,3 +158,17 @@ async def agent_raising_after_a_call(base_url, api_key, task):
     finally:
         await client.close()
     raise ValueError("the agent's tool crashed")
+
+
+async def agent_at_its_own_temperature(base_url, api_key, task):
+    """Samples at 0.5 while the recipe's rollout.temperature is 1.0: trained tokens scored at the wrong T."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    try:
+        r = await client.chat.completions.create(
+            model="vime", messages=[{"role": "user", "content": task["prompt"]}], max_tokens=4, temperature=0.5
+        )
+        return r.choices[0].message.content
+    finally:
+        await client.close()

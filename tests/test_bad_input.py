@@ -117,9 +117,10 @@ def test_one_failing_reward_is_skipped_and_counted(recipe, qwen2_engines, caplog
 
 @pytest.mark.slow
 def test_agent_errors_are_counted_and_bounded(recipe, qwen2_engines):
-    """Error answers an agent swallowed are counted per step (`gateway/http_4xx`); agents that raise after their
-    model calls are trained on with reward 0, counted (`failed/agent_errors`), and past
-    `rollout.max_failure_rate` stop the run with the first traceback."""
+    """Error answers an agent swallowed are counted per step (`gateway/http_4xx`); an agent sampling at its own
+    temperature is counted (`failed/sampling_mismatch`); agents that raise after their model calls are trained on
+    with reward 0, counted (`failed/agent_errors`), and past `rollout.max_failure_rate` stop the run with the first
+    traceback."""
     agent = ["rollout.function=vime.rollout.agent:agent_rollout", "gateway.model_name=vime", "rollout.group_filters=[]"]
     small = ["rollout.batch_size=2", "rollout.n_samples=2"]
     summary = run_rollout(
@@ -132,6 +133,13 @@ def test_agent_errors_are_counted_and_bounded(recipe, qwen2_engines):
     raising = recipe(*agent, *small, "rollout.agent=plugins:agent_raising_after_a_call")
     summary = run_rollout(raising, steps=1, progress=False, engines=qwen2_engines)
     assert summary["samples"] == 4 and summary["failed/agent_errors"] == 4 and summary["mean_reward"] == 0, summary
+    summary = run_rollout(
+        recipe(*agent, *small, "rollout.agent=plugins:agent_at_its_own_temperature"),
+        steps=1,
+        progress=False,
+        engines=qwen2_engines,
+    )
+    assert summary["samples"] == 4 and summary["failed/sampling_mismatch"] == 4, summary  # counted, never silent
     raising.rollout.max_failure_rate = 0.5
     with pytest.raises(RolloutFailure, match=r"(?s)4 of 4 rollout items failed.*max_failure_rate=0.5.*tool crashed"):
         run_rollout(raising, steps=1, progress=False, engines=qwen2_engines)

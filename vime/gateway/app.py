@@ -214,7 +214,14 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
                     cursor,
                     req.messages,
                     Turn(
-                        prompt_ids, c.token_ids, c.logprobs, c.finish_reason, c.weight_versions, text, engine.base_url
+                        prompt_ids,
+                        c.token_ids,
+                        c.logprobs,
+                        c.finish_reason,
+                        c.weight_versions,
+                        text,
+                        engine.base_url,
+                        req.temperature,
                     ),
                     message,
                 )

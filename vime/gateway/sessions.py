@@ -24,6 +24,7 @@ class Turn:
     weight_versions: list[str]
     text: str
     engine_url: str = ""
+    temperature: float = 1.0  # what the client sampled at: the trainer must score at the same (agent rollouts check)
 
 
 @dataclass
@@ -243,6 +244,7 @@ class SessionStore:
                 "branch": index,
                 "forked_from": b.parent,
                 "exact_prefix": b.exact,
+                "temperatures": [t.temperature for t in b.turns],
                 "messages": b.messages,
                 **kw,
             },

@@ -35,6 +35,7 @@ async def run_agent_group(agent: Any, record: dict[str, Any], ctx: Any, gateway:
             continue
         episode = gateway.store.samples_of(session, agent_result=None if _error(result) else result, agent_error=None)
         episode = kept_branches(episode, ctx, what)
+        check_temperature(episode, ctx, what)
         if not episode:
             continue
         final = episode[-1]  # the branch updated last holds the agent's answer; the episode's reward is its
@@ -72,6 +73,21 @@ def kept_branches(episode: list[Sample], ctx: Any, what: str) -> list[Sample]:
         raise RolloutFailure(f"{detail}; rollout.on_history_rewrite=fail")
     ctx.faults.record("history_rewrites", detail, skipped=False)
     return [s for s in episode if s.metadata["exact_prefix"]]
+
+
+def check_temperature(episode: list[Sample], ctx: Any, what: str) -> None:
+    """The agent picks its own sampling temperature, but the trainer scores every token at rollout.temperature:
+    turns sampled at another one are trained as if drawn from a distribution they were not. Counted
+    (`failed/sampling_mismatch`) and logged with both values, so it is never silent (greedy eval contexts, which
+    train nothing, are not checked)."""
+    want = ctx.params.temperature
+    used = {t for s in episode for t in s.metadata.get("temperatures", [])}
+    if want > 0 and used - {want}:
+        detail = (
+            f"{what} sampled at temperature {sorted(used)}, but the trainer scores its tokens at "
+            f"rollout.temperature={want}: set the agent's temperature to it (or the recipe's to the agent's)"
+        )
+        ctx.faults.record("sampling_mismatch", detail, skipped=False)
 
 
 async def agent_rollout(prompts: list[dict[str, Any]], ctx: Any) -> list[Group]:
