@@ -68,7 +68,8 @@ def test_gateway_routes_around_a_killed_engine_and_back(model_dir, tmp_path):
             assert [ask(sid) for sid in on_first]
             assert served(group.urls()[0]) - before == len(on_first), "requests did not come back to the server"
     finally:
-        trees = [psutil.Process(s.proc.pid) for s in group.servers]
+        # a server already gone must not hide the failure that brought us here behind a NoSuchProcess
+        trees = [psutil.Process(s.proc.pid) for s in group.servers if psutil.pid_exists(s.proc.pid)]
         pids = [p.pid for t in trees for p in [t, *t.children(recursive=True)]]
         group.stop()
     left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
