@@ -40,7 +40,7 @@ def response_schema(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
     if kind == "json_object":
         return {"type": "object"}
     if kind == "json_schema":
-        spec = fmt.get("json_schema") or {} if fmt else {}
+        spec = (fmt or {}).get("json_schema") or {}
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if isinstance(schema, dict):
             return schema

@@ -2,7 +2,7 @@
 
 A Responses request is translated into a Chat Completions turn and run by the same code (`run_chat`), so it gets
 the same exact-token session recording; the answer is translated back into output items. `previous_response_id`
-continues a stored conversation: the gateway keeps each response's messages (bounded, least recently used out)
+continues a stored conversation: the gateway keeps each response's messages (bounded: past the cap the oldest go first)
 and its session, so a chain of responses is one session whose tokens are never re-rendered.
 """
 

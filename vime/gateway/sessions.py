@@ -173,14 +173,15 @@ class SessionStore:
         self, s: Session, cursor: Cursor, messages: list[dict[str, Any]], turn: Turn, assistant_message: dict[str, Any]
     ) -> None:
         with self.lock:
-            b = self._branch_for(s, cursor, [_as_dict(m) for m in messages])
+            messages = [_as_dict(m) for m in messages]
+            b = self._branch_for(s, cursor, messages)
             new = cursor.ids[len(b.ids) :]
             b.ids = list(cursor.ids) + list(turn.response_ids)
             b.mask += [0] * len(new) + [1] * len(turn.response_ids)
             b.logprobs += [0.0] * len(new) + list(turn.logprobs)
             b.versions += [""] * len(new) + list(turn.weight_versions or [""] * len(turn.response_ids))
             b.turns.append(turn)
-            b.messages = [_as_dict(m) for m in messages] + [assistant_message]
+            b.messages = [*messages, assistant_message]
             b.ends.append((len(b.messages), len(b.ids)))
             b.updated = s.updated = time.time()
 
@@ -218,10 +219,10 @@ class SessionStore:
         """Each branch with a turn as one Sample, the branch updated last at the end: its first prompt, then
         everything after it with a loss mask (tokens sampled on this branch 1; user/tool tokens, and a fork's
         shared prefix, 0)."""
-        branches = sorted((b for b in s.branches if b.turns), key=lambda b: b.updated)
+        branches = sorted(((i, b) for i, b in enumerate(s.branches) if b.turns), key=lambda ib: ib[1].updated)
         if not branches:
             raise KeyError(f"session {s.id!r} has no completed turn")
-        return [self._sample(s.id, s.branches.index(b), b, kw) for b in branches]
+        return [self._sample(s.id, i, b, kw) for i, b in branches]
 
     def to_sample(self, sid: str, **kw: Any) -> Sample:
         """The branch updated last (a linear conversation's only one)."""

@@ -28,12 +28,12 @@ async def run_agent_group(agent: Any, record: dict[str, Any], ctx: Any, gateway:
     )
     group: Group = []
     for k, (sid, result) in enumerate(zip(sids, results)):
-        what = f"agent run {k} of data row {record.get('index')}"
+        what, error = f"agent run {k} of data row {record.get('index')}", _error(result)
         session = gateway.store.pop(sid)
         if session is None or not any(b.turns for b in session.branches):  # failed before a model call answered
-            ctx.faults.record("agent_failures", f"{what} made no model call", _error(result))
+            ctx.faults.record("agent_failures", f"{what} made no model call", error)
             continue
-        episode = gateway.store.samples_of(session, agent_result=None if _error(result) else result, agent_error=None)
+        episode = gateway.store.samples_of(session, agent_result=None if error else result, agent_error=None)
         episode = kept_branches(episode, ctx, what)
         check_temperature(episode, ctx, what)
         if not episode:
@@ -42,10 +42,10 @@ async def run_agent_group(agent: Any, record: dict[str, Any], ctx: Any, gateway:
         for s in episode:
             s.index, s.label, s.group_id = k, record.get("label"), group_id
             s.metadata["task"] = record
-        if _error(result):
+        if error:
             final.reward = 0.0  # a failed episode is a real outcome of the policy: trained on with no reward
             final.metadata["agent_error"] = repr(result)
-            ctx.faults.record("agent_errors", f"{what} raised after its model calls", _error(result), skipped=False)
+            ctx.faults.record("agent_errors", f"{what} raised after its model calls", error, skipped=False)
         elif not await ctx.score(final, what):
             continue
         for s in episode[:-1]:
