@@ -162,6 +162,12 @@ class SupervisedPool:
 
     async def _heal(self, epoch: int) -> None:
         try:
+            # a server that just stopped answering may not have exited yet (seen under load: the only heal ran before
+            # the killed process was gone, and nothing asked again): look a few times before deciding it is alive
+            for _ in range(20):
+                if self.epoch != epoch or len(await asyncio.to_thread(self.group.dead)) > 0:
+                    break
+                await asyncio.sleep(0.1)
             async with self.lock():
                 dead = [] if self.epoch != epoch else await asyncio.to_thread(self.group.dead)
                 if not dead:
