@@ -123,6 +123,18 @@ def test_engine_group_and_engine_contract(group, model_dir):
     group.note_weight_version("contract-v1")  # engines that cannot report a version tag tokens with this one
     assert all(c.weight_versions == ["contract-v1"] * len(c.token_ids) for c in generate(engine))
 
+    async def streamed() -> list[Any]:
+        return [c async for c in engine.stream(PROMPT, SamplingParams(max_tokens=6, seed=3))]
+
+    grown = asyncio.run(streamed())
+    ((whole,),) = asyncio.run(engine.generate([PROMPT], SamplingParams(max_tokens=6, seed=3)))
+    sizes = [len(c.token_ids) for c in grown]
+    assert len(grown) > 1 and sizes == sorted(set(sizes)), grown  # it grows as sampled, never one lump at the end
+    assert [c.finish_reason for c in grown] == [""] * (len(grown) - 1) + [whole.finish_reason], grown
+    last = grown[-1]
+    assert (last.token_ids, last.logprobs) == (whole.token_ids, whole.logprobs), (last, whole)
+    assert last.weight_versions == ["contract-v1"] * len(last.token_ids)
+
     group.sleep(level=1)  # on CPU vLLM pauses scheduling but frees nothing
     assert httpx.get(url + "/is_sleeping", timeout=10, headers=auth_headers()).json()["is_sleeping"] is True
     group.wake_up(None)

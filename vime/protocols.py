@@ -8,7 +8,7 @@ drives the real implementations through exactly the declared members.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from vime.engine import EngineConfig
@@ -32,6 +32,13 @@ class Engine(Protocol):
     ) -> list[list[Completion]]:
         """For each prompt, `params.n` completions; child k of a seeded request uses seed + k. `session` lets a
         router behind the engine keep a conversation on one server (its prefix cache stays warm)."""
+        ...
+
+    def stream(
+        self, prompt: list[int], params: SamplingParams, session: str | None = None
+    ) -> AsyncIterator[Completion]:
+        """One completion (`params.n` is 1) as it grows: each item is the whole completion so far, the last one
+        has its finish reason and weight versions. What a streaming client reads as the tokens are sampled."""
         ...
 
     async def healthy(self) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,6 +71,28 @@ class SupervisedEngine:
                     return await self.current().generate(prompts, params, session)
                 except Exception as e:
                     if not await self.pool.recover(epoch, e):
+                        raise
+                    self.pool.counts["reissued_requests"] += 1
+        finally:
+            self.pool.inflight -= 1
+
+    async def stream(
+        self, prompt: list[int], params: SamplingParams, session: str | None = None
+    ) -> AsyncIterator[Completion]:
+        """Re-issued like `generate` while nothing has reached the caller; once tokens have gone out, a failure
+        is the caller's (a client cannot take back what it was streamed)."""
+        self.pool.inflight += 1
+        self.pool.watch()
+        try:
+            while True:
+                epoch, sent = self.pool.epoch, False
+                try:
+                    async for c in self.current().stream(prompt, params, session):
+                        sent = True
+                        yield c
+                    return
+                except Exception as e:
+                    if sent or not await self.pool.recover(epoch, e):
                         raise
                     self.pool.counts["reissued_requests"] += 1
         finally:

@@ -9,6 +9,8 @@ finished itself.
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -173,6 +175,54 @@ class VLLMClient:
         self, prompts: list[list[int]], params: SamplingParams, session: str | None = None
     ) -> list[list[Completion]]:
         return list(await asyncio.gather(*(self.generate_one(p, params, session) for p in prompts)))
+
+    def stream_request(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, dict[str, Any]]:
+        if params.n != 1:
+            raise ValueError(f"a streamed request samples one completion (n=1), not n={params.n}")
+        sp = sampling_payload(params)
+        if self.route == "completions":
+            body = {"model": self.model, "prompt": list(prompt_ids), "return_token_ids": True, **sp}
+            return "/v1/completions", {**body, "return_tokens_as_token_ids": True, "stream": True}
+        if self.vllm_version < (0, 27, 0):
+            sp.setdefault("output_kind", 1)  # DELTA: each chunk holds the new tokens only, as 0.32 sends them
+        return "/inference/v1/generate", {"token_ids": list(prompt_ids), "sampling_params": sp, "stream": True}
+
+    async def stream(
+        self, prompt_ids: list[int], params: SamplingParams, session: str | None = None
+    ) -> AsyncIterator[Completion]:
+        """The server's event stream, each chunk's new tokens appended: yields the completion so far."""
+        path, body = self.stream_request(prompt_ids, params)
+        ids: list[int] = []
+        lps: list[float] = []
+        finish, spans = "", None
+        headers = {"x-session-id": session} if session else None
+        try:
+            async with self.http.stream("POST", path, json=body, headers=headers) as r:
+                if r.status_code >= 400:
+                    text = (await r.aread()).decode(errors="replace")
+                    raise EngineRequestError(f"{self.base_url}{path} -> {r.status_code}: {text[:500]}")
+                async for line in r.aiter_lines():
+                    data = line.removeprefix("data:").strip()
+                    if not line.startswith("data:") or data == "[DONE]":
+                        continue
+                    chunk = json.loads(data)
+                    if chunk.get("error"):
+                        raise EngineRequestError(f"{self.base_url}{path} stream: {str(chunk['error'])[:500]}")
+                    for ch in chunk.get("choices") or []:
+                        ids += ch.get("token_ids") or []
+                        lp = ch.get("logprobs") or {}
+                        lps += [float(c["logprob"]) for c in lp.get("content") or []]
+                        lps += [float(x) for x in lp.get("token_logprobs") or []]
+                        finish = ch.get("finish_reason") or finish
+                        spans = ch.get("weight_versions") or spans
+                    if len(lps) != len(ids):
+                        raise EngineRequestError(f"engine streamed {len(ids)} tokens but {len(lps)} log-probs")
+                    if not finish:
+                        yield Completion(list(ids), list(lps), "")
+        except httpx.HTTPError as e:
+            raise EngineRequestError(f"{self.base_url}{path}: {type(e).__name__}: {e}") from e
+        versions = expand_versions(spans, len(ids)) or [self.local_version or ""] * len(ids)
+        yield Completion(ids, lps, finish or "stop", weight_versions=versions)
 
     async def pause(self, mode: str = "keep") -> None:
         await self._post("/pause", params={"mode": mode})

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -68,6 +69,16 @@ class VLLMEngine:
             return await self.client.generate(prompts, params, session)
         finally:
             self.inflight -= len(prompts)
+
+    async def stream(
+        self, prompt: list[int], params: SamplingParams, session: str | None = None
+    ) -> AsyncIterator[Completion]:
+        self.inflight += 1
+        try:
+            async for c in self.client.stream(prompt, params, session):
+                yield c
+        finally:
+            self.inflight -= 1
 
     async def pause(self, mode: str = "keep") -> None:
         await self.client.pause(mode)

@@ -16,14 +16,18 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
+from vime.gateway.chat import ChatTurns
 from vime.gateway.schema import APIError, ChatRequest, parse
-from vime.gateway.stream import stream_response
-
-RunChat = Callable[[ChatRequest, str | None], Awaitable[dict[str, Any]]]
+from vime.gateway.stream import live, response_events
 
 
 def install_responses(
-    app: FastAPI, run_chat: RunChat, body_of: Callable[[Request], Awaitable[Any]], check_model: Any, keep: int
+    app: FastAPI,
+    turns: ChatTurns,
+    body_of: Callable[[Request], Awaitable[Any]],
+    check_model: Any,
+    keep: int,
+    errors: dict[str, int],
 ) -> None:
     chains: OrderedDict[str, tuple[list[dict[str, Any]], str]] = OrderedDict()  # id -> (messages, session)
 
@@ -42,17 +46,29 @@ def install_responses(
                 )
             history, chained = chains[prev]
             sid = sid or chained
-        rid = f"resp_{uuid.uuid4().hex}"
-        sid = sid or request.headers.get("x-session-id") or body.get("user") or f"chain-{rid}"
+        rid, msg_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+        session = sid or request.headers.get("x-session-id") or body.get("user") or f"chain-{rid}"
         req = parse(ChatRequest, chat_body(body, history))
         check_model(req.model)
-        answer = await run_chat(req, sid)
-        reply = answer["choices"][0]["message"]
-        chains[rid] = ([*req.messages, reply], sid)
-        while len(chains) > keep:
-            chains.popitem(last=False)
-        out = response_body(rid, body, answer, prev)
-        return stream_response(out) if body.get("stream") else out
+
+        def finish(answer: dict[str, Any]) -> dict[str, Any]:
+            chains[rid] = ([*req.messages, answer["choices"][0]["message"]], session)
+            while len(chains) > keep:
+                chains.popitem(last=False)
+            return response_body(rid, body, answer, prev, msg_id)
+
+        if not body.get("stream"):
+            return finish(await turns.run(req, session))
+        events = turns.stream(await turns.prepare(req, session))
+        start = {**response_body(rid, body, empty_answer(req.model), prev, msg_id), "status": "in_progress"}
+        return live(response_events(events, {**start, "usage": None}, msg_id, finish), errors, named=True)
+
+
+def empty_answer(model: str) -> dict[str, Any]:
+    """What a response is before anything was sampled (the `response.created` event carries it)."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    choice = {"message": {"content": None}, "finish_reason": "stop", "token_ids": []}
+    return {"model": model, "choices": [choice], "usage": usage, "prompt_token_ids": []}
 
 
 def chat_body(body: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -68,6 +84,7 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, 
         "model": body.get("model"),
         "messages": messages,
         "user": body.get("user"),
+        "seed": body.get("seed"),  # not in OpenAI's Responses; vLLM takes it, and tests want it
         "temperature": body.get("temperature") if body.get("temperature") is not None else 1.0,
         "top_p": body.get("top_p") if body.get("top_p") is not None else 1.0,
     }
@@ -127,7 +144,9 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
     return out
 
 
-def response_body(rid: str, body: dict[str, Any], answer: dict[str, Any], prev: str | None) -> dict[str, Any]:
+def response_body(
+    rid: str, body: dict[str, Any], answer: dict[str, Any], prev: str | None, msg_id: str
+) -> dict[str, Any]:
     choice = answer["choices"][0]
     message = choice["message"]
     output: list[dict[str, Any]] = []
@@ -135,7 +154,7 @@ def response_body(rid: str, body: dict[str, Any], answer: dict[str, Any], prev: 
         output.append(
             {
                 "type": "message",
-                "id": f"msg_{uuid.uuid4().hex}",
+                "id": msg_id,
                 "status": "completed",
                 "role": "assistant",
                 "content": [{"type": "output_text", "text": message["content"], "annotations": []}],

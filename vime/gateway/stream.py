@@ -1,12 +1,20 @@
-"""OpenAI's server-sent-event streams, written from a finished answer (the engine call returns whole
-completions): the chunk protocol of Chat Completions and Completions, and the event protocol of Responses."""
+"""OpenAI's server-sent-event streams: the chunk protocol of Chat Completions and the event protocol of Responses,
+written as the engine samples (`ChatTurns.stream`); Completions, and chat with n > 1, from the finished answer."""
 
 from __future__ import annotations
 
 import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+
+from vime.gateway.chat import Delta
+from vime.gateway.schema import APIError
+
+Chunks = AsyncIterator[dict[str, Any]]
 
 
 def sse(chunks: list[dict[str, Any]]) -> StreamingResponse:
@@ -18,35 +26,70 @@ def sse(chunks: list[dict[str, Any]]) -> StreamingResponse:
     return StreamingResponse(gen(), media_type="text/event-stream")
 
 
+def live(chunks: Chunks, errors: dict[str, int], named: bool = False) -> StreamingResponse:
+    """Events as they are made. A failure after the headers went out can only be an error event (the client
+    libraries raise on one); it is counted as the 5xx it would otherwise have been."""
+
+    def line(e: dict[str, Any]) -> str:
+        return (f"event: {e['type']}\n" if named else "") + f"data: {json.dumps(e)}\n\n"
+
+    async def gen() -> Any:
+        try:
+            async for c in chunks:
+                yield line(c)
+        except Exception as e:  # noqa: BLE001 - whatever failed, the client must hear of it
+            errors["5xx"] = errors.get("5xx", 0) + 1
+            message = e.message if isinstance(e, APIError) else f"{type(e).__name__}: {e}"
+            err = {"message": message, "type": "server_error", "param": None, "code": None}
+            yield line({"type": "error", **err, "error": err})
+        if not named:
+            yield "data: [DONE]\n\n"
+
+    return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+def chunk(
+    base: dict[str, Any], i: int, delta: dict[str, Any], finish: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    return {**base, "choices": [{"index": i, "delta": delta, "finish_reason": finish, **extra}]}
+
+
+def closing(base: dict[str, Any], choice: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tool calls, then the finish reason (with the exact sampled ids, vime's addition as on the whole answer)."""
+    i, calls = choice["index"], choice["message"].get("tool_calls")
+    out = [chunk(base, i, {"tool_calls": [{"index": k, **tc} for k, tc in enumerate(calls)]})] if calls else []
+    return [*out, chunk(base, i, {}, choice["finish_reason"], token_ids=choice["token_ids"])]
+
+
 def stream_chat(resp: dict[str, Any]) -> StreamingResponse:
-    """OpenAI chunk protocol over a finished completion: role, content, tool calls, then the finish reason."""
+    """OpenAI chunk protocol over a finished completion (n > 1): role, content, tool calls, finish reason."""
     base = {"id": resp["id"], "object": "chat.completion.chunk", "created": resp["created"], "model": resp["model"]}
     chunks = []
     for ch in resp["choices"]:
-        i, msg = ch["index"], ch["message"]
-        chunks.append(
-            {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-        )
-        if msg.get("content"):
-            chunks.append(
-                {
-                    **base,
-                    "choices": [
-                        {
-                            "index": i,
-                            "delta": {"content": msg["content"]},
-                            "logprobs": ch.get("logprobs"),
-                            "finish_reason": None,
-                        }
-                    ],
-                }
-            )
-        if msg.get("tool_calls"):
-            calls = [{"index": k, **tc} for k, tc in enumerate(msg["tool_calls"])]
-            chunks.append({**base, "choices": [{"index": i, "delta": {"tool_calls": calls}, "finish_reason": None}]})
-        chunks.append({**base, "choices": [{"index": i, "delta": {}, "finish_reason": ch["finish_reason"]}]})
-    chunks.append({**base, "choices": [], "usage": resp["usage"]})
-    return sse(chunks)
+        i, content = ch["index"], ch["message"].get("content")
+        chunks.append(chunk(base, i, {"role": "assistant", "content": ""}))
+        if content:
+            chunks.append(chunk(base, i, {"content": content}, logprobs=ch.get("logprobs")))
+        chunks += closing(base, ch)
+    return sse([*chunks, {**base, "choices": [], "usage": resp["usage"]}])
+
+
+async def chat_chunks(events: AsyncIterator[Delta | dict[str, Any]], model: str) -> Chunks:
+    """OpenAI chunk protocol as the engine samples: role, a content chunk per delta, then the parsed ending."""
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time())}
+    base["model"] = model
+    yield chunk(base, 0, {"role": "assistant", "content": ""})
+    async for e in events:
+        if isinstance(e, Delta):
+            yield chunk(base, 0, {"content": e.text}, logprobs={"content": e.logprobs} if e.logprobs else None)
+            continue
+        for c in closing(base, e["choices"][0]):
+            yield c
+        yield {**base, "choices": [], "usage": e["usage"], "prompt_token_ids": e["prompt_token_ids"]}
+
+
+def stream_chat_live(events: AsyncIterator[Delta | dict[str, Any]], model: str, errors: dict[str, int]) -> Any:
+    return live(chat_chunks(events, model), errors)
 
 
 def stream_completion(resp: dict[str, Any]) -> StreamingResponse:
@@ -62,35 +105,70 @@ def stream_completion(resp: dict[str, Any]) -> StreamingResponse:
     return sse(chunks)
 
 
-def stream_response(resp: dict[str, Any]) -> StreamingResponse:
-    """The Responses event protocol over a finished response: created, each output item added with its text or
-    arguments as one delta and done, then completed (with the whole response, which clients keep)."""
-    events: list[dict[str, Any]] = []
+async def response_events(
+    events: AsyncIterator[Delta | dict[str, Any]],
+    start: dict[str, Any],
+    msg_id: str,
+    finish: Callable[[dict[str, Any]], dict[str, Any]],
+) -> Chunks:
+    """The Responses event protocol as the engine samples: created; the message item opened at the first text
+    and a delta per piece; at the end each output item done (calls whole, as the parser finds them at the end),
+    then completed with the whole response, which clients keep. `finish` turns the chat answer into it."""
+    seq = iter(range(1 << 30))
 
-    def emit(kind: str, **fields: Any) -> None:
-        events.append({"type": kind, "sequence_number": len(events), **fields})
+    def ev(kind: str, **fields: Any) -> dict[str, Any]:
+        return {"type": kind, "sequence_number": next(seq), **fields}
 
-    start = {**resp, "status": "in_progress", "output": [], "usage": None}
-    emit("response.created", response=start)
-    emit("response.in_progress", response=start)
-    for i, item in enumerate(resp["output"]):
-        ref = {"output_index": i, "item_id": item["id"]}
-        if item["type"] == "message":
-            emit("response.output_item.added", output_index=i, item={**item, "status": "in_progress", "content": []})
-            part = item["content"][0]
-            emit("response.content_part.added", **ref, content_index=0, part={**part, "text": ""})
-            emit("response.output_text.delta", **ref, content_index=0, delta=part["text"], logprobs=[])
-            emit("response.output_text.done", **ref, content_index=0, text=part["text"], logprobs=[])
-            emit("response.content_part.done", **ref, content_index=0, part=part)
-        else:
-            emit("response.output_item.added", output_index=i, item={**item, "status": "in_progress", "arguments": ""})
-            emit("response.function_call_arguments.delta", **ref, delta=item["arguments"])
-            emit("response.function_call_arguments.done", **ref, arguments=item["arguments"])
-        emit("response.output_item.done", output_index=i, item=item)
-    emit("response.completed" if resp["status"] == "completed" else "response.incomplete", response=resp)
+    def opening(i: int, item: dict[str, Any]) -> list[dict[str, Any]]:
+        if item["type"] != "message":
+            added = ev(
+                "response.output_item.added", output_index=i, item={**item, "status": "in_progress", "arguments": ""}
+            )
+            return [
+                added,
+                ev(
+                    "response.function_call_arguments.delta",
+                    output_index=i,
+                    item_id=item["id"],
+                    delta=item["arguments"],
+                ),
+            ]
+        added = ev("response.output_item.added", output_index=i, item={**item, "status": "in_progress", "content": []})
+        part = {"type": "output_text", "text": "", "annotations": []}
+        return [
+            added,
+            ev("response.content_part.added", output_index=i, item_id=item["id"], content_index=0, part=part),
+        ]
 
-    async def gen() -> Any:
-        for e in events:
-            yield f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
-
-    return StreamingResponse(gen(), media_type="text/event-stream")
+    yield ev("response.created", response=start)
+    yield ev("response.in_progress", response=start)
+    sent = ""
+    message = {"type": "message", "id": msg_id, "role": "assistant", "content": []}
+    async for e in events:
+        if isinstance(e, Delta):
+            for x in opening(0, message) if not sent else []:
+                yield x
+            yield ev(
+                "response.output_text.delta", output_index=0, item_id=msg_id, content_index=0, delta=e.text, logprobs=[]
+            )
+            sent += e.text
+            continue
+        resp = finish(e)
+        for i, item in enumerate(resp["output"]):
+            ref = {"output_index": i, "item_id": item["id"]}
+            if item["type"] == "message":
+                part = item["content"][0]
+                for x in opening(i, item) if not sent else []:
+                    yield x
+                rest = part["text"][len(sent) :] if part["text"].startswith(sent) else ""
+                if rest:
+                    yield ev("response.output_text.delta", **ref, content_index=0, delta=rest, logprobs=[])
+                yield ev("response.output_text.done", **ref, content_index=0, text=part["text"], logprobs=[])
+                yield ev("response.content_part.done", **ref, content_index=0, part=part)
+            else:
+                for x in opening(i, item):
+                    yield x
+                yield ev("response.function_call_arguments.done", **ref, arguments=item["arguments"])
+            yield ev("response.output_item.done", output_index=i, item=item)
+        done = "response.completed" if resp["status"] == "completed" else "response.incomplete"
+        yield ev(done, response=resp)
