@@ -197,6 +197,26 @@ def test_sft_step_lowers_cross_entropy_and_set_lr_applies(ray_cluster, model_dir
     assert losses[-1] < losses[0] - 0.1
 
 
+def test_reset_optimizer_starts_the_next_phase_as_a_fresh_run(ray_cluster, model_dir):
+    """Warm-start steps at a negligible rate fill Adam's moments but leave the weights; after the reset, one step
+    must move the weights exactly as a fresh trainer's first step does (with the moments kept it moves them along
+    the warm start's gradients too)."""
+    warm, rl = make_samples(4, seed=6), make_samples(4, seed=7)
+    with trainer(model_dir("llama"), lr=1e-3) as fresh:
+        fresh.train_step(rl, "sft")
+        expected = fresh.logprobs(rl)
+    with trainer(model_dir("llama"), lr=1e-3) as tr:
+        tr.set_lr(1e-12)
+        for _ in range(3):
+            tr.train_step(warm, "sft")
+        tr.set_lr(1e-3)
+        tr.reset_optimizer()
+        tr.train_step(rl, "sft")
+        got = tr.logprobs(rl)
+    gap = max(abs(a - b) for x, y in zip(got, expected, strict=True) for a, b in zip(x, y, strict=True))
+    assert gap < 1e-4, gap
+
+
 def test_nonfinite_loss_skips_the_update_on_every_rank(ray_cluster, model_dir):
     """TP=2: each rank holds other shards, so both must skip together; the weights stay exactly as they were."""
     samples = make_samples(4, seed=5)

@@ -38,6 +38,7 @@ def warm_start(run: Parts) -> None:
             stats = run.trainer.train_step(batch, "sft")
             run.metrics.log(-cfg.loop.sft_steps + i, {"sft/loss": stats["loss"]})
         run.trainer.set_lr(cfg.trainer.lr)
+        run.trainer.reset_optimizer()
     run.sync.push("step0")
 
 

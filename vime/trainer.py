@@ -41,6 +41,12 @@ class TrainerConfig(BaseModel):
         default=300.0, gt=0, description="how long ranks wait for each other to join the process group"
     )
     cpus_per_rank: float = Field(default=1.0, gt=0)
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU: torch threads per rank (default: cpus_per_rank). A synchronous loop's engines idle while "
+        "it trains, so on a small machine the trainer can use more cores than its Ray share",
+    )
     gpus_per_rank: float = Field(default=0.0, ge=0, description="0 on CPU; 1 on GPUs")
     args: dict[str, Any] = Field(default_factory=dict, description="backend config fields, verbatim")
 

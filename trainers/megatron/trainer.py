@@ -56,7 +56,7 @@ class MegatronTrainer:
         else:
             self.pg, bundles = placement
         self._own_pg = placement is None
-        threads = str(max(1, int(cfg.cpus_per_rank)))
+        threads = str(cfg.threads or max(1, int(cfg.cpus_per_rank)))
         actor = ray.remote(MegatronWorker)
         self.workers = [
             actor.options(
@@ -144,6 +144,9 @@ class MegatronTrainer:
 
     def set_lr(self, lr: float) -> None:
         self._fan("set_lr", None, lr)
+
+    def reset_optimizer(self) -> None:
+        self._fan("reset_optimizer", None)
 
     def save_hf(self, out_dir: str) -> str:
         return self._fan("save_hf", None, out_dir)[0]

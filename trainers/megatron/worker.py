@@ -47,7 +47,7 @@ class MegatronWorker:
         self.rank, self.world_size = rank, world_size
         self.on_cpu = not torch.cuda.is_available()
         if self.on_cpu:
-            torch.set_num_threads(max(1, int(self.cfg.cpus_per_rank)))
+            torch.set_num_threads(self.cfg.threads or max(1, int(self.cfg.cpus_per_rank)))
         self.steps = 0
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -295,6 +295,12 @@ class MegatronWorker:
             self._run([sample], True, None, {}, 1.0, on_logits=capture)
         self.model.train()
         return captured[0][: len(tokens)] if ps.is_pipeline_last_stage() else None
+
+    def reset_optimizer(self) -> None:
+        """Adam's moments and step counts are made lazily on the next step once the state is empty (torch's and
+        Transformer Engine's Adam alike), so emptying it is a fresh optimiser over the same parameters."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            opt.optimizer.state.clear()
 
     def set_lr(self, lr: float) -> None:
         """Change the peak learning rate (e.g. SFT warm start vs RL) without touching optimiser state. Megatron's
