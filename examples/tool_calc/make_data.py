@@ -1,8 +1,11 @@
 """Writes the tool task's data: `python -m examples.tool_calc.make_data` (deterministic).
 
 train.jsonl / eval.jsonl: prompts "What is 37*48?" with the product as label (eval pairs never in train);
-sft.jsonl: for a slice of the training pairs, the conversation an agent that uses its tool has, in the format
-`loop.sft_path` takes (messages + tools): call multiply, read the result, answer with it.
+sft.jsonl: for a slice of the training pairs, agent conversations in the format `loop.sft_path` takes (messages +
+tools). Three in four call multiply, read the result and answer with it; one in four answers from the head with
+the estimate a person would make (37*48 -> 40*50 = 2000), as a model that knows the tool but does not always reach
+for it would. The warm-started model so calls its tool about three times in four, and what RL has to learn is
+that the calls pay.
 """
 
 from __future__ import annotations
@@ -29,6 +32,17 @@ def trace(a: int, b: int) -> dict:
     }
 
 
+def guess(a: int, b: int) -> dict:
+    estimate = round(a, -1) * round(b, -1)
+    return {
+        "messages": [
+            {"role": "user", "content": f"What is {a}*{b}?"},
+            {"role": "assistant", "content": str(estimate)},
+        ],
+        "tools": TOOLS,
+    }
+
+
 def main() -> None:
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     random.Random(0).shuffle(pairs)
@@ -39,7 +53,7 @@ def main() -> None:
 
     write("train.jsonl", [{"prompt": f"What is {a}*{b}?", "label": str(a * b)} for a, b in train])
     write("eval.jsonl", [{"prompt": f"What is {a}*{b}?", "label": str(a * b)} for a, b in evals])
-    write("sft.jsonl", [trace(a, b) for a, b in train[:1000]])
+    write("sft.jsonl", [guess(a, b) if i % 4 == 3 else trace(a, b) for i, (a, b) in enumerate(train[:1000])])
 
 
 if __name__ == "__main__":
