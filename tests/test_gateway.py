@@ -410,6 +410,13 @@ def test_streaming_is_incremental_and_records_what_it_streamed(client, gateway):
     )
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert len(deltas) > 1 and "".join(deltas) == events[-1].response.output_text, deltas
+    pieces = list(
+        client.completions.create(model="tiny", prompt="12+7=", max_tokens=12, seed=2, logprobs=0, stream=True)
+    )
+    whole = client.completions.create(model="tiny", prompt="12+7=", max_tokens=12, seed=2)
+    assert len(pieces) > 1 and "".join(p.choices[0].text for p in pieces) == whole.choices[0].text, pieces
+    assert sum(len(p.choices[0].logprobs.token_logprobs) for p in pieces) == whole.usage.completion_tokens
+    assert pieces[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
 def test_a_streamed_tool_call_never_leaks_into_content(model_dir):

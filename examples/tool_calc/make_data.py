@@ -2,10 +2,9 @@
 
 train.jsonl / eval.jsonl: prompts "What is 37*48?" with the product as label (eval pairs never in train);
 sft.jsonl: for a slice of the training pairs, agent conversations in the format `loop.sft_path` takes (messages +
-tools). Three in four call multiply, read the result and answer with it; one in four answers from the head with
-the estimate a person would make (37*48 -> 40*50 = 2000), as a model that knows the tool but does not always reach
-for it would. The warm-started model so calls its tool about three times in four, and what RL has to learn is
-that the calls pay.
+tools). Half call multiply, read the result and answer with it; half answer from the head with the estimate a
+person would make (37*48 -> 40*50 = 2000), as a model that knows the tool but does not always reach for it would.
+The warm-started model so calls its tool about half the time, and what RL has to learn is that the calls pay.
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ def main() -> None:
 
     write("train.jsonl", [{"prompt": f"What is {a}*{b}?", "label": str(a * b)} for a, b in train])
     write("eval.jsonl", [{"prompt": f"What is {a}*{b}?", "label": str(a * b)} for a, b in evals])
-    write("sft.jsonl", [guess(a, b) if i % 4 == 3 else trace(a, b) for i, (a, b) in enumerate(train[:1000])])
+    write("sft.jsonl", [guess(a, b) if i % 2 else trace(a, b) for i, (a, b) in enumerate(train[:1000])])
 
 
 if __name__ == "__main__":

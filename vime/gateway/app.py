@@ -23,7 +23,7 @@ from vime.gateway.responses import install_responses
 from vime.gateway.schema import APIError, ChatRequest, CompletionRequest, error_response, parse
 from vime.gateway.session_routes import install_session_routes
 from vime.gateway.sessions import SessionStore
-from vime.gateway.stream import stream_chat, stream_chat_live, stream_completion
+from vime.gateway.stream import completion_chunks, live, stream_chat, stream_chat_live, stream_completion
 from vime.protocols import EnginePool
 
 
@@ -148,7 +148,11 @@ def make_app(engines: EnginePool, tokenizer: Any, cfg: GatewayConfig, store: Ses
             check_ids(x, "prompt")
             turns.check_length(x, req.max_tokens, "prompt")
         engine = await turns.engine_for(sid or request.headers.get("x-session-id") or req.user)
-        results = await engine.generate(ids, turns.params_of(req, req.max_tokens))
+        params = turns.params_of(req, req.max_tokens)
+        if req.stream and len(ids) == 1 and req.n == 1:
+            pieces = engine.stream(ids[0], params, session=sid)
+            return live(completion_chunks(pieces, turns.decode, req.model, req.logprobs is not None), errors)
+        results = await engine.generate(ids, params)
         choices: list[dict[str, Any]] = []
         for group in results:
             for c in group:

@@ -1,5 +1,6 @@
 """OpenAI's server-sent-event streams: the chunk protocol of Chat Completions and the event protocol of Responses,
-written as the engine samples (`ChatTurns.stream`); Completions, and chat with n > 1, from the finished answer."""
+written as the engine samples (`ChatTurns.stream`, `completion_chunks`); several prompts or choices (n > 1) go out
+from the finished answer."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from vime.gateway.chat import Delta
 from vime.gateway.schema import APIError
+from vime.types import Completion
 
 Chunks = AsyncIterator[dict[str, Any]]
 
@@ -90,6 +92,29 @@ async def chat_chunks(events: AsyncIterator[Delta | dict[str, Any]], model: str)
 
 def stream_chat_live(events: AsyncIterator[Delta | dict[str, Any]], model: str, errors: dict[str, int]) -> Any:
     return live(chat_chunks(events, model), errors)
+
+
+async def completion_chunks(
+    pieces: AsyncIterator[Completion], decode: Callable[[list[int]], str], model: str, logprobs: bool
+) -> Chunks:
+    """Completions' chunks as the engine samples one prompt: new text (never half a character), and on the last
+    the finish reason with the exact sampled ids."""
+    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model}
+    sent, n = "", 0
+    async for c in pieces:
+        text = decode(c.token_ids)
+        safe = text if c.finish_reason else text.rstrip("\ufffd")
+        delta = safe[len(sent) :] if safe.startswith(sent) else ""
+        if not delta and not c.finish_reason:
+            continue
+        choice: dict[str, Any] = {"index": 0, "text": delta, "finish_reason": None, "logprobs": None}
+        if logprobs:
+            toks = [decode([t]) for t in c.token_ids[n:]]
+            choice["logprobs"] = {"tokens": toks, "token_logprobs": c.logprobs[n:], "top_logprobs": None}
+        if c.finish_reason:
+            choice |= {"finish_reason": "length" if c.finish_reason == "length" else "stop", "token_ids": c.token_ids}
+        yield {**base, "choices": [choice]}
+        sent, n = safe, len(c.token_ids)
 
 
 def stream_completion(resp: dict[str, Any]) -> StreamingResponse:
