@@ -50,7 +50,7 @@ def machine() -> dict[str, Any]:
 
 def train_run(recipe: str, out: Path, sets: list[str], log: Path) -> dict[str, Any]:
     """`vime train -c recipe --set ...` in a subprocess (its own Ray, engines and trainer, all stopped with it):
-    exit code, wall seconds, every logged row, and the eval reward by RL step."""
+    exit code, wall seconds, its start (epoch seconds), every logged row, and the eval reward by RL step."""
     import subprocess
     import sys
 
@@ -58,12 +58,12 @@ def train_run(recipe: str, out: Path, sets: list[str], log: Path) -> dict[str, A
     cmd = [sys.executable, "-m", "vime.cli", "train", "-c", recipe, "--set", f"run.out_dir={out}"]
     for s in sets:
         cmd += ["--set", s]
-    t = time.perf_counter()
+    t, started = time.perf_counter(), time.time()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=root, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
     evals = [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r and r["step"] >= 0]
-    return {"rc": rc, "seconds": time.perf_counter() - t, "rows": rows, "eval": evals}
+    return {"rc": rc, "seconds": time.perf_counter() - t, "started": started, "rows": rows, "eval": evals}
 
 
 def write(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:

@@ -23,7 +23,20 @@ def run(seed: int, out: Path, steps: int | None, extra: list[str]) -> dict:
     sets += [f"loop.num_steps={steps}"] if steps is not None else []
     r = train_run(RECIPE, out, sets, out.parent / f"seed{seed}.log")
     errors = sum(x.get("gateway/http_4xx", 0.0) for x in r["rows"])
-    return {"seed": seed, "rc": r["rc"], "seconds": r["seconds"], "eval": r["eval"], "http_4xx": errors}
+    walls = eval_walls(out, r["started"]) if r["rc"] == 0 else []
+    return {
+        "seed": seed, "rc": r["rc"], "seconds": r["seconds"], "eval": r["eval"], "eval_at_s": walls, "http_4xx": errors,
+    }  # fmt: skip
+
+
+def eval_walls(run_dir: Path, started: float) -> list[list[float]]:
+    """[RL step, seconds since the run was launched] of each held-out eval, from tensorboard's event times: the
+    budget ("within 10 minutes") counts the warm start and the start-up too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return [[e.step, round(e.wall_time - started, 1)] for e in acc.Scalars("eval/reward")]
 
 
 def main() -> int:
@@ -47,7 +60,8 @@ def main() -> int:
             r["after_vs_before"] = r["after_rl"] / max(1e-9, r["before_rl"])
             print(
                 f"seed {seed}: rc {r['rc']}, held-out success {r['before_rl']:.3f} -> {r['after_rl']:.3f} "
-                f"({r['after_vs_before']:.2f}x the warm-started baseline), {r['seconds']:.0f} s",
+                f"({r['after_vs_before']:.2f}x the warm-started baseline), {r['seconds']:.0f} s; evals at "
+                + ", ".join(f"step {k}: {t:.0f} s" for k, t in r["eval_at_s"]),
                 flush=True,
             )
         else:
