@@ -1,9 +1,10 @@
 """The tool task, learned on CPU through the OpenAI gateway: `python benchmarks/tool_task.py`.
 
 Runs `vime train -c configs/tool_calc_cpu.yaml` for each seed (a litellm agent, unchanged, calls the gateway; a
-warm start on tool-call traces, then GRPO on the recorded sessions). The baseline in the same run is each seed's
-own step-0 eval: the warm-started model before any RL. Prints held-out success before and after RL and its ratio,
-and writes benchmarks/results/tool_task_cpu.json + .png (success vs RL step, one line per seed).
+warm start on agent traces, half of which guess instead of calling, then GRPO on the recorded sessions). The
+baseline in the same run is each seed's own step-0 eval: the warm-started model before any RL. Prints held-out
+success before and after RL, its ratio and when each eval ran, and writes benchmarks/results/tool_task_cpu.json +
+.png (success vs RL step, one line per seed).
 """
 
 from __future__ import annotations
