@@ -173,6 +173,7 @@ def test_trainer_contract(model_dir, ray_cluster, group, tmp_path):
 
         trainer.save(str(tmp_path / "ckpt"))
         trainer.set_lr(1e-2)
+        trainer.reset_optimizer()  # a fresh optimiser over the same parameters: the next step still moves them
         stats = trainer.train_step(
             samples, "policy", {"clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0}, old_logprobs=lp, temperature=1.0
         )
