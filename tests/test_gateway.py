@@ -388,8 +388,10 @@ def test_unhonourable_requests_are_refused_not_ignored(gateway):
 
 
 def test_streaming_is_incremental_and_records_what_it_streamed(client, gateway):
-    """Text goes out as the engine samples it (a content chunk per engine chunk, not one at the end), spells the
-    same answer as the unstreamed request with the same seed, and the session records the streamed ids exactly."""
+    """On a real engine a stream spells the same answer as the unstreamed request with the same seed, and the
+    session records the streamed ids exactly. How many pieces arrive is not asserted here: vLLM merges the deltas
+    a busy consumer has not taken yet, so under load a short answer can come as one; the scripted tests below pin
+    the piece-by-piece delivery."""
     msgs = [{"role": "user", "content": "tell me"}]
     chunks = list(
         client.chat.completions.create(
@@ -399,7 +401,6 @@ def test_streaming_is_incremental_and_records_what_it_streamed(client, gateway):
     same = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=24, seed=5)
     content = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
     assert "".join(content) == same.choices[0].message.content, (content, same.choices[0].message.content)
-    assert len(content) > 1, f"one content chunk for {same.usage.completion_tokens} tokens: {content}"
     (last,) = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert gateway.store.sessions["live"].turns[0].response_ids == last.choices[0].model_extra["token_ids"]
     branch_is_exact(gateway.store.sessions["live"].branches[0])
@@ -409,12 +410,12 @@ def test_streaming_is_incremental_and_records_what_it_streamed(client, gateway):
         )
     )
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
-    assert len(deltas) > 1 and "".join(deltas) == events[-1].response.output_text, deltas
+    assert "".join(deltas) == events[-1].response.output_text, deltas
     pieces = list(
         client.completions.create(model="tiny", prompt="12+7=", max_tokens=12, seed=2, logprobs=0, stream=True)
     )
     whole = client.completions.create(model="tiny", prompt="12+7=", max_tokens=12, seed=2)
-    assert len(pieces) > 1 and "".join(p.choices[0].text for p in pieces) == whole.choices[0].text, pieces
+    assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].text, (pieces, whole)
     assert sum(len(p.choices[0].logprobs.token_logprobs) for p in pieces) == whole.usage.completion_tokens
     assert pieces[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
@@ -443,6 +444,17 @@ def test_a_streamed_tool_call_never_leaks_into_content(model_dir):
         final = events[-1].response
         assert [o.type for o in final.output] == ["message", "function_call"], final.output
         assert final.output[1].arguments == '{"a": 1, "b": 2}'
+
+
+def test_completions_stream_a_piece_per_engine_chunk(model_dir):
+    tok = AutoTokenizer.from_pretrained(model_dir("qwen2"))
+    ids = tok.encode("one two three four", add_special_tokens=False)
+    with Gateway(One(ScriptedEngine(ids)), tok, GatewayConfig(api_key="k", model_name="tiny")) as gw:
+        c = openai.OpenAI(base_url=gw.base_url, api_key="k")
+        pieces = list(c.completions.create(model="tiny", prompt="x", max_tokens=8, logprobs=0, stream=True))
+        assert [p.choices[0].text for p in pieces] == [tok.decode([t]) for t in ids] + [""], pieces
+        assert sum(len(p.choices[0].logprobs.token_logprobs) for p in pieces) == len(ids)
+        assert (pieces[-1].choices[0].finish_reason, pieces[-1].choices[0].model_extra["token_ids"]) == ("stop", ids)
 
 
 def test_an_engine_failing_mid_stream_is_an_error_event_and_counted(model_dir):
