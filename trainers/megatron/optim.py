@@ -61,3 +61,23 @@ def wrap(w: Any, model: Any, apply_args: Callable[[Any], None]) -> tuple[Any, An
         wd_incr_style="constant",
     )
     return ddp, optimizer, scheduler
+
+
+def reset(optimizer: Any) -> None:
+    """Adam's moments and step counts are made lazily on the next step once the state is empty (torch's and
+    Transformer Engine's Adam alike), so emptying it is a fresh optimiser over the same parameters."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        opt.optimizer.state.clear()
+
+
+def set_peak_lr(optimizer: Any, scheduler: Any, lr: float) -> None:
+    """Change the peak learning rate (e.g. SFT warm start vs RL) without touching optimiser state. Megatron's
+    scheduler reads each param group's own `max_lr` / `min_lr` before its own (set from the config when the
+    optimiser was built): setting only the scheduler's changed nothing, and the warm start ran at trainer.lr."""
+    scheduler.max_lr = lr
+    scheduler.init_lr = min(scheduler.init_lr, lr)
+    scheduler.min_lr = min(scheduler.min_lr, lr)
+    for group in optimizer.param_groups:
+        group["max_lr"] = lr
+        group["min_lr"] = min(group.get("min_lr", lr), lr)
+    scheduler.step(increment=0)

@@ -297,22 +297,10 @@ class MegatronWorker:
         return captured[0][: len(tokens)] if ps.is_pipeline_last_stage() else None
 
     def reset_optimizer(self) -> None:
-        """Adam's moments and step counts are made lazily on the next step once the state is empty (torch's and
-        Transformer Engine's Adam alike), so emptying it is a fresh optimiser over the same parameters."""
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            opt.optimizer.state.clear()
+        optim.reset(self.optimizer)
 
     def set_lr(self, lr: float) -> None:
-        """Change the peak learning rate (e.g. SFT warm start vs RL) without touching optimiser state. Megatron's
-        scheduler reads each param group's own `max_lr` / `min_lr` before its own (set from the config when the
-        optimiser was built): setting only the scheduler's changed nothing, and the warm start ran at trainer.lr."""
-        self.scheduler.max_lr = lr
-        self.scheduler.init_lr = min(self.scheduler.init_lr, lr)
-        self.scheduler.min_lr = min(self.scheduler.min_lr, lr)
-        for group in self.optimizer.param_groups:
-            group["max_lr"] = lr
-            group["min_lr"] = min(group.get("min_lr", lr), lr)
-        self.scheduler.step(increment=0)
+        optim.set_peak_lr(self.optimizer, self.scheduler, lr)
 
     def train_step(
         self, samples: list[dict[str, Any]], loss: str, loss_kwargs: dict[str, Any], temperature: float = 1.0
