@@ -7,7 +7,8 @@
 #   single   loop then bench on GPU 0 (a one-GPU machine)
 #   pair     loop on GPU 0 and bench on GPU 1 at the same time (a two-GPU machine: half the wall time)
 #   multi    two GPUs: $PARTS of tp (Megatron TP=2/DP=2), nccl (split-placement push), grpo_nccl
-#            (configs/grpo_2gpu_nccl.yaml), pd (prefill GPU 0, decode GPU 1), pd_equal (the same in fp32, greedy)
+#            (configs/grpo_2gpu_nccl.yaml), pd (prefill GPU 0, decode GPU 1), pd_equal (the same in fp32, greedy),
+#            async (benchmarks/async_vs_sync.py --gpu: sync vs async on grpo_2gpu_nccl, $STEPS steps each)
 # Results (JSON, PNG, logs) go to /tmp/results/PHASE and are re-packed into $OUT/PHASE.tgz after every part, so a
 # call cut off at its limit still returns what finished.
 set -uo pipefail
@@ -93,6 +94,10 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
           cp /tmp/runs/grpo_nccl/metrics.jsonl "$VIME_BENCH_OUT/grpo_nccl_metrics.jsonl" 2>/dev/null
           step grpo_nccl_report 30 $py benchmarks/gpu_grpo_report.py /tmp/runs/grpo_nccl multigpu_grpo_nccl ;;
         nccl) step nccl 260 $py benchmarks/bench_multigpu.py nccl ;;
+        async) step async_vs_sync ${ASYNC_TIMEOUT:-540} $py benchmarks/async_vs_sync.py --gpu --steps ${STEPS:-30} \
+            --out /tmp/runs/async --set model.path=$VIME_MODELS/qwen2-0.5b
+          for m in sync async; do cp /tmp/runs/async/$m.log "$VIME_BENCH_OUT/async_run_$m.log"
+            cp /tmp/runs/async/$m/metrics.jsonl "$VIME_BENCH_OUT/async_run_${m}_metrics.jsonl"; done 2>/dev/null ;;
         *) step "$part" 200 $py benchmarks/bench_multigpu.py "$part" ;;
       esac
     done ;;

@@ -75,6 +75,40 @@ def test_gloo_push_two_engines_tied(qwen2_engines, model_dir):
             assert before > 1e-2  # the engine really changed
 
 
+def test_generation_spanning_a_push_carries_both_versions(qwen2_engines, model_dir):
+    """weights.pause_mode=keep (the async loop's partial rollouts): a generation in flight freezes during the push
+    and goes on under the new weights; the engine tags each token with the version that sampled it."""
+    eng = qwen2_engines.engines[0]
+    before = asyncio.run(eng.weight_version())
+    _, sd = new_weights(model_dir, "qwen2", seed=7)
+    n = 300
+    params = SamplingParams(max_tokens=n, seed=2, extra={"ignore_eos": True})
+    # connected before the generation starts: the push begins with the pause, so it lands mid-generation
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60, "pause_mode": "keep"}, qwen2_engines.urls())
+    ch.connect()
+
+    async def generate_across_a_push():
+        pushed, seen = None, 0
+        async for c in eng.stream(FRESH, params):
+            seen = len(c.token_ids)
+            if pushed is None and seen >= 4:
+                pushed = asyncio.create_task(asyncio.to_thread(ch.push, buckets(sd), "span"))
+            last = c
+        assert pushed is not None, f"the generation ended after {seen} tokens, before the push began"
+        await pushed
+        return last
+
+    try:
+        c = asyncio.run(generate_across_a_push())
+    finally:
+        ch.close()
+    v = c.weight_versions
+    assert len(v) == len(c.token_ids) == n, (len(v), len(c.token_ids))
+    switch = v.index("span") if "span" in v else None
+    assert switch is not None and switch >= 4, v  # the tokens before the push keep the old version
+    assert v == [before] * switch + ["span"] * (n - switch), v  # one switch, old then new
+
+
 def test_trainer_pushes_through_gloo(qwen2_engines, model_dir, ray_cluster):
     from trainers.megatron.trainer import MegatronTrainer
     from vime.trainer import TrainerConfig

@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> int:
-    from vime.loop import train
+    if cfg.loop.mode == "async":
+        from vime.loop_async import train
+    else:
+        from vime.loop import train
 
     if args.steps is not None:
         cfg.loop.num_steps = args.steps

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -57,7 +57,25 @@ class LoopConfig(Strict):
     eval_size: int = Field(default=64, ge=1)
     save_every: int = Field(default=0, ge=0, description="0 = no checkpoints")
     keep: int = Field(default=2, ge=1, description="checkpoints kept")
-    max_staleness: int = Field(default=0, ge=0, description="weight versions a batch may lag behind (sync: 0)")
+    mode: Literal["sync", "async"] = Field(
+        default="sync",
+        description="async: rollouts of the next batches run while the trainer learns from this one (split placement)",
+    )
+    max_staleness: int = Field(
+        default=0, ge=0, description="no trained token was sampled more than this many weight versions ago (sync: 0)"
+    )
+    stale_policy: Literal["drop", "regenerate"] = Field(
+        default="regenerate",
+        description="async: a group with a token beyond max_staleness is dropped, or its prompt sampled again",
+    )
+    rollout_timeout_s: float = Field(
+        default=1800.0, gt=0, description="async: the longest the trainer waits for a batch of rollouts"
+    )
+    mixed_versions: Literal["keep", "mask_old"] = Field(
+        default="keep",
+        description="async: a generation that spans a push keeps its older tokens (importance-corrected by the "
+        "loss) or masks them out of the loss",
+    )
     max_engine_restarts: int = Field(
         default=8,
         ge=0,
@@ -104,10 +122,34 @@ class Config(Strict):
         else:
             errors += spec.validate(self.engine, self.weights, self.placement.colocate)
         errors += trainer_spec(self.trainer.name).check_args(self.trainer.args)
-        errors += self._critic_errors()
+        errors += self._critic_errors() + self._async_errors()
         if errors:
             raise ValueError("\n  ".join(errors))
         return self
+
+    def _async_errors(self) -> list[str]:
+        """Async is off-policy by design: it needs room for stale tokens, engines that keep generating while the
+        trainer works, and a loss that sees the sampling policy (never a silent ratio of 1)."""
+        loop, algo = self.loop, self.algorithm
+        if loop.mode == "sync":
+            return []
+        errors = []
+        if loop.max_staleness < 1:
+            errors.append("loop.mode=async needs loop.max_staleness >= 1 (rollouts overlap a push)")
+        if self.placement.colocate:
+            errors.append(
+                "loop.mode=async needs split placement (placement.colocate: false): colocated, the engines and the "
+                "trainer take turns on the same devices, so there is nothing to overlap"
+            )
+        if self.weights.pause_mode == "abort":
+            errors.append("loop.mode=async: weights.pause_mode=abort would cut every in-flight rollout; use keep")
+        if algo.old_logprobs == "recompute" and not (algo.tis or algo.mis):
+            errors.append(
+                "loop.mode=async: with algorithm.old_logprobs=recompute and no algorithm.tis/mis the ratio's "
+                "denominator is the trainer's current policy, not the stale one that sampled: set "
+                "algorithm.old_logprobs=rollout, or algorithm.tis / algorithm.mis"
+            )
+        return errors
 
     def _critic_errors(self) -> list[str]:
         """A critic exactly when the estimator uses values (a built-in other than gae never does; a plug-in may)."""

@@ -4,12 +4,13 @@
 
 Each step is one named call on a part built in `parts.py`. Resume restores every piece of state (trainer weights
 and optimiser, data position, buffer, sampling-seed counters) and re-pushes the weights, so the next step is the
-one an uninterrupted run would have taken. An asynchronous loop (not written yet) is to be this file's sibling over
-the same parts.
+one an uninterrupted run would have taken. The asynchronous loop (`loop_async.py`) is this file's sibling over the
+same parts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,14 @@ def eval_due(cfg: Config, step: int) -> bool:
     return bool((cfg.loop.eval_every and (step + 1) % cfg.loop.eval_every == 0) or step + 1 == cfg.loop.num_steps)
 
 
-def save(run: Parts, step: int) -> None:
+def save(run: Parts, step: int, state: Callable[[], dict[str, Any]] | None = None) -> None:
+    """`state`: what else the checkpoint holds besides the trainer (default: `run_state`'s)."""
     if run.cfg.loop.save_every and step % run.cfg.loop.save_every == 0:
         checkpoint.save(
             run.out / "checkpoints",
             step,
             run.trainer,
-            run_state.state_dict(run, step),
+            state() if state else run_state.state_dict(run, step),
             run.cfg.model_dump(mode="json"),
             keep=run.cfg.loop.keep,
             critic=run.critic,
@@ -80,6 +82,8 @@ def save(run: Parts, step: int) -> None:
 
 
 def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+    if cfg.loop.mode != "sync":
+        raise ValueError(f"loop.mode={cfg.loop.mode!r} runs in vime.loop_async.train, not the synchronous loop")
     T = cfg.algorithm.temperature or cfg.rollout.temperature
     groups: list[Group] = []
     saved = open_checkpoint(cfg, resume) if resume else None

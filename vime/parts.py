@@ -100,6 +100,7 @@ class Parts(contextlib.ExitStack):
         self.pool = SupervisedPool(
             self.engines, self.sync.resync, cfg.loop.max_engine_restarts, probe=cfg.loop.engine_probe
         )
+        self.callback(self.pool.close)  # before the engines stop: their going away is no fault to repair
         limit = engine_spec(e.name).context_limit(cfg.engine)
         self.ctx = make_context(cfg.rollout, cfg.data, self.pool, self.tokenizer, limit)
         if cfg.rollout.agent:  # agents reach the engines through the OpenAI gateway, which records their tokens

@@ -1,8 +1,9 @@
-"""The numbers one RL step reports, shared by every loop (sync now, async next): phase timings, rollout
+"""The numbers one RL step reports, shared by the sync and the async loop: phase timings, rollout
 throughput, engine-vs-trainer log-prob agreement, and engine counters as per-step deltas."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,16 +21,21 @@ class Timer(dict[str, float]):
 
 
 def consistency(samples: list[Sample], trainer_logprobs: list[list[float]]) -> dict[str, float]:
-    """Engine vs trainer log-probs of the sampled tokens (loss-mask 1; tool/user tokens were not sampled),
-    under the same weights."""
+    """Engine vs trainer log-probs of the sampled tokens (loss-mask 1; tool/user tokens were not sampled). In the
+    sync loop both hold the same weights, so this is the numerics' mismatch; in the async loop it is also how far
+    the trainer has moved from the weights that sampled: `ratio_*` is the per-token pi_trainer / pi_engine."""
     diffs = [e - t for s, lp in zip(samples, trainer_logprobs) for e, t, m in zip(s.logprobs, lp, s.loss_mask) if m]
     if not diffs:
         return {}
+    ratios = [math.exp(-d) for d in diffs]
     return {
         "consistency/mean_abs_diff": sum(abs(d) for d in diffs) / len(diffs),
         "consistency/max_abs_diff": max(abs(d) for d in diffs),
-        "consistency/kl": sum(diffs) / len(diffs),
-    }  # E_engine[log p_engine - log p_trainer]
+        "consistency/kl": sum(diffs) / len(diffs),  # E_engine[log p_engine - log p_trainer]
+        "consistency/ratio_mean": sum(ratios) / len(ratios),
+        "consistency/ratio_min": min(ratios),
+        "consistency/ratio_max": max(ratios),
+    }
 
 
 def rollout_metrics(groups: list[Group], seconds: float) -> dict[str, float]:

@@ -122,6 +122,10 @@ class SupervisedPool:
         self._lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None  # each rollout step has its loop
         self._watchdog: asyncio.Task[None] | None = None
         self._healing: asyncio.Task[None] | None = None
+        self.closed = False  # the run is stopping: a server that goes away is not restarted
+
+    def close(self) -> None:
+        self.closed = True
 
     @property
     def engines(self) -> Sequence[Engine]:
@@ -225,6 +229,8 @@ class SupervisedPool:
             self.epoch += 1
 
     def _check_budget(self, servers: list[int], error: BaseException) -> None:
+        if self.closed:
+            raise RuntimeError(f"engine servers {servers} went away while the run was stopping") from error
         if self.total_restarts + len(servers) > self.max_restarts:
             raise RuntimeError(
                 f"engine servers {servers} failed and {self.total_restarts} restarts were already spent "

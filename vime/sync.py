@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 
 from vime.protocols import EngineGroup, Trainer
 from vime.weights import WeightPushError, WeightsConfig
@@ -33,6 +34,8 @@ class WeightSync:
         self.asleep = False
         self.version = "default"  # what the engines hold: the model directory's weights until the first push
         self.push_restarts = 0  # servers restarted because a push failed, since the last take_counts()
+        # async: the trainer's thread pushes while the rollout thread may re-sync a restarted server
+        self.lock = threading.RLock()
 
     def connect(self) -> None:
         self.trainer.connect_weights(self.channel, self.weights.model_dump(), self.engines.urls())
@@ -44,9 +47,10 @@ class WeightSync:
     def resync(self) -> None:
         """After servers were restarted mid-rollout: every server (old and new) joins a new channel and gets the
         version the others hold; the model directory's weights need no push."""
-        self.connect()
-        if self.version != "default":
-            self._push_or_restart(self.version)
+        with self.lock:
+            self.connect()
+            if self.version != "default":
+                self._push_or_restart(self.version)
 
     def release_engines(self) -> dict[str, float]:
         """Colocated on GPUs: the engines give their memory to the trainer until the next push."""
@@ -67,7 +71,8 @@ class WeightSync:
             before = gpu_free_gb()
             self.engines.wake_up(["weights"])
         try:
-            stats = self._push_or_restart(version)
+            with self.lock:
+                stats = self._push_or_restart(version)
         finally:
             if self.asleep:
                 self.engines.wake_up(["kv_cache"])

@@ -3,7 +3,8 @@
 Generation uses `/inference/v1/generate` (both vLLM lines serve it; 0.32 needs `--enable-scale-out`, which the
 server launcher adds): token ids in; token ids, sampled log-probs and weight-version spans out. Nothing is
 re-tokenised. vLLM 0.26 has no `/weight_info` and no version spans, so the client tracks the version it last
-finished itself.
+finished itself and tags a request's tokens with the version held when the request started: a push mid-request
+makes later tokens newer than their tag, never older, so a staleness bound on the tags still holds.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ class VLLMClient:
         self, prompt_ids: list[int], params: SamplingParams, session: str | None = None
     ) -> list[Completion]:
         sp = sampling_payload(params)
+        sampled_by = self.local_version  # at the start: a push during the request makes later tokens newer, never older
         body = {
             "model": self.model,
             "prompt": list(prompt_ids),
@@ -144,7 +146,7 @@ class VLLMClient:
                     logprobs=lps,
                     finish_reason=ch.get("finish_reason") or "stop",
                     text=ch.get("text") or "",
-                    weight_versions=[self.local_version or ""] * len(ids),
+                    weight_versions=[sampled_by or ""] * len(ids),
                 )
             )
         return out
@@ -167,9 +169,10 @@ class VLLMClient:
             # holds just the children that finished last (seen on an H100: ~170 of 256 samples per GRPO step).
             # FINAL_ONLY (= 2) makes the engine aggregate all n children into the final output.
             body["sampling_params"].setdefault("output_kind", 2)
+        sampled_by = self.local_version  # see complete_one
         data = await self._post("/inference/v1/generate", body)
         choices = sorted(data["choices"], key=lambda c: c["index"])
-        return [parse_choice(c, self.local_version) for c in choices]
+        return [parse_choice(c, sampled_by) for c in choices]
 
     async def generate(
         self, prompts: list[list[int]], params: SamplingParams, session: str | None = None
@@ -194,7 +197,7 @@ class VLLMClient:
         path, body = self.stream_request(prompt_ids, params)
         ids: list[int] = []
         lps: list[float] = []
-        finish, spans = "", None
+        finish, spans, sampled_by = "", None, self.local_version  # see complete_one
         headers = {"x-session-id": session} if session else None
         try:
             async with self.http.stream("POST", path, json=body, headers=headers) as r:
@@ -221,7 +224,7 @@ class VLLMClient:
                         yield Completion(list(ids), list(lps), "")
         except httpx.HTTPError as e:
             raise EngineRequestError(f"{self.base_url}{path}: {type(e).__name__}: {e}") from e
-        versions = expand_versions(spans, len(ids)) or [self.local_version or ""] * len(ids)
+        versions = expand_versions(spans, len(ids)) or [sampled_by or ""] * len(ids)
         yield Completion(ids, lps, finish or "stop", weight_versions=versions)
 
     async def pause(self, mode: str = "keep") -> None:

@@ -1,4 +1,4 @@
-"""What the trainer gets: a batch of samples with advantages, refused when it is staler than the recipe allows;
+"""What the trainer gets: a batch of samples with advantages, refused when a token is staler than the recipe allows;
 and the prompt + reference-answer samples of the supervised warm start."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from typing import Any
 
 from vime.algorithms.recipe import AlgorithmConfig, assign_advantages, estimate
 from vime.data.source import PromptSource
+from vime.staleness import check_bound, version_number
 from vime.types import Group, Sample
 
 
@@ -19,15 +20,10 @@ def training_batch(
     max_len: int | None = None,
     values_later: bool = False,
 ) -> list[Sample]:
-    """`values_later`: the estimator needs a critic's values, which the update step gets (`reestimate`)."""
+    """`values_later`: the estimator needs a critic's values, which the update step gets (`reestimate`). Refused
+    when any token the trainer would learn from was sampled more than `max_staleness` versions behind `version`."""
     samples = [s for g in groups for s in g] if values_later else assign_advantages(groups, algo, max_len)
-    sampled = (v for s in samples for v, m in zip(s.weight_versions, s.loss_mask) if m)  # not user/tool tokens
-    stale = set(sampled) - {version}
-    if stale and max_staleness == 0:
-        raise RuntimeError(
-            f"batch holds tokens from weight versions {sorted(stale)} but the trainer is at "
-            f"{version!r}; allow it with loop.max_staleness"
-        )
+    check_bound(samples, version_number(version), max_staleness)
     return samples
 
 

@@ -41,7 +41,7 @@ async def run_agent_group(agent: Any, record: dict[str, Any], ctx: Any, gateway:
         final = episode[-1]  # the branch updated last holds the agent's answer; the episode's reward is its
         for s in episode:
             s.index, s.label, s.group_id = k, record.get("label"), group_id
-            s.metadata["task"] = record
+            s.metadata["task"], s.metadata["data_index"] = record, record.get("index")
         if error:
             final.reward = 0.0  # a failed episode is a real outcome of the policy: trained on with no reward
             final.metadata["agent_error"] = repr(result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ class RolloutStep:
         self.batch_size, self.samples_dir, self.dynamic = batch_size, samples_dir, dynamic
         self.max_failure_rate = max_failure_rate
         self.accounting: dict[str, float] = {}  # the last step's sample counts
+        # the async loop's feed re-issues in-flight and stale prompts before new ones
+        self.draw: Callable[[int], list[dict[str, Any]]] = source.next_batch
 
     def __call__(self, step: int) -> list[Group]:
         """Sample `batch_size` prompts; with dynamic sampling, sample more while the filters left fewer than
@@ -45,6 +48,7 @@ class RolloutStep:
             factor = self.dynamic.over_sampling if self.dynamic is not None else 1.0
             prompts = self.prompts(step, self.batch_size if rounds == 0 else math.ceil(missing * factor))
             new: list[Group] = asyncio.run(self.fn(prompts, self.ctx))
+            stamp_data_index(new, prompts)
             self.buffer.add(new)
             groups += new
             drawn, rounds = drawn + len(prompts), rounds + 1
@@ -69,7 +73,7 @@ class RolloutStep:
         return groups
 
     def prompts(self, step: int, n: int) -> list[dict[str, Any]]:
-        prompts = self.source.next_batch(n)
+        prompts = self.draw(n)
         if len(prompts) < n:
             raise RuntimeError(
                 f"the prompt data ran out at step {step + 1}: {len(prompts)} of {n} prompts (rollout.batch_size="
@@ -77,6 +81,17 @@ class RolloutStep:
                 f"{self.source.cfg.path}; raise data.epochs or lower loop.num_steps"
             )
         return prompts
+
+
+def stamp_data_index(groups: list[Group], prompts: list[dict[str, Any]]) -> None:
+    """Each sample names its data row (`metadata["data_index"]`): what a stale group re-issues, and what proves on
+    resume that every prompt was trained once. A rollout function that returns one group per prompt, in order,
+    gets it stamped here; one that drops groups stamps its own."""
+    if len(groups) != len(prompts):
+        return
+    for g, rec in zip(groups, prompts):
+        for s in g:
+            s.metadata.setdefault("data_index", rec.get("index"))
 
 
 def make_buffer(filters: list[str]) -> DataBuffer:
