@@ -43,11 +43,13 @@ def run(mode: str, recipe: str, out: Path, steps: int, seed: int, extra: list[st
     walls = step_walls(out) if r["rc"] == 0 else []
     gaps = [b - a for a, b in itertools.pairwise(walls)]
 
-    def mean(key: str) -> float:
-        vals = [x[key] for x in rows[1:] if key in x]
+    def mean(key: str, missing: float | None = None) -> float:
+        """Over the steps after the first; `missing`: the value of a step that did not log it (a histogram bin)."""
+        vals = [x.get(key, missing) for x in rows[1:]]
+        vals = [v for v in vals if v is not None]
         return sum(vals) / len(vals) if vals else float("nan")
 
-    lags = {k: mean(k) for k in sorted({k for x in rows for k in x if k.startswith("staleness/frac_")})}
+    lags = {k: mean(k, 0.0) for k in sorted({k for x in rows for k in x if k.startswith("staleness/frac_")})}
     return {
         "mode": mode, "rc": r["rc"], "seconds": r["seconds"], "eval": r["eval"],
         "step_s": statistics.median(gaps) if gaps else float("nan"),
@@ -72,8 +74,14 @@ def main() -> int:
     extra = a.set if a.gpu else [*PINNED, *a.set]
     if a.gpu:
         m = machine()
-        card = f"{m.get('gpu_count')}x {m.get('gpu')}: trainer GPU 0, engine GPU 1, NCCL pushes"
-        name = "async_vs_sync_" + f"{m.get('gpu_count')}x{m.get('gpu', 'gpu').split()[-1]}".lower()
+        n, gpu = m.get("gpu_count", 0), m.get("gpu", "?")
+        where = (
+            "trainer GPU 0, engine GPU 1, NCCL pushes"
+            if n > 1
+            else "trainer and engine share the one GPU (split placement, half each; --set overrides)"
+        )
+        card = f"{n}x {gpu}: {where}"
+        name = f"async_vs_sync_{n}x{gpu.split()[-1]}".lower()
     else:
         card, name = "CPU (no accelerator), 2 cores: engine bound to core 1, trainer 1 thread", "async_vs_sync_cpu"
     out = (ROOT / a.out).resolve()

@@ -9,10 +9,11 @@
 #   multi    two GPUs: $PARTS of tp (Megatron TP=2/DP=2), nccl (split-placement push), grpo_nccl
 #            (configs/grpo_2gpu_nccl.yaml), pd (prefill GPU 0, decode GPU 1), pd_equal (the same in fp32, greedy),
 #            async (benchmarks/async_vs_sync.py --gpu: sync vs async on grpo_2gpu_nccl, $STEPS steps each)
+#   async1   one GPU: the same benchmark with the trainer and the engine sharing the GPU, disk pushes
 # Results (JSON, PNG, logs) go to /tmp/results/PHASE and are re-packed into $OUT/PHASE.tgz after every part, so a
 # call cut off at its limit still returns what finished.
 set -uo pipefail
-phase=${1:?usage: device_run.sh smoke|loop|bench|single|pair|multi}
+phase=${1:?usage: device_run.sh smoke|loop|bench|single|pair|multi|async1}
 here=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 RAY_DEDUP_LOGS=0
@@ -101,6 +102,13 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
         *) step "$part" 200 $py benchmarks/bench_multigpu.py "$part" ;;
       esac
     done ;;
+  async1)  # one GPU: sync vs async with the trainer and the engine sharing it (half each), disk pushes
+    model05
+    step async_vs_sync ${ASYNC_TIMEOUT:-540} $py benchmarks/async_vs_sync.py --gpu --steps ${STEPS:-30} \
+      --out /tmp/runs/async --set model.path=$VIME_MODELS/qwen2-0.5b --set engine.gpus_per_engine=0.5 \
+      --set trainer.gpus_per_rank=0.5 --set weights.backend=disk --set engine.args.gpu_memory_utilization=0.35
+    for m in sync async; do cp /tmp/runs/async/$m.log "$VIME_BENCH_OUT/async_run_$m.log"
+      cp /tmp/runs/async/$m/metrics.jsonl "$VIME_BENCH_OUT/async_run_${m}_metrics.jsonl"; done 2>/dev/null ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac
 [ -n "${VIME_SCOPE:-}" ] || cleanup

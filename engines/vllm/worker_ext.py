@@ -94,6 +94,12 @@ class _ReloadingEngine(WeightTransferEngine):
         # synchronous already.
         self.receive_weights(self.parse_update_info(update_info))
 
+    @staticmethod
+    def trainer_send_weights(iterator: Any, trainer_args: Any) -> None:
+        """Abstract on vLLM 0.26 (the class cannot be built without it); vime's channel sends from the trainer
+        itself (`engines/vllm/weight_channel.py`), never through the engine class."""
+        raise NotImplementedError("vime sends weights through engines.vllm.weight_channel.VLLMWeightChannel")
+
 
 class GlooWeightTransferEngine(_ReloadingEngine):
     init_info_cls = GlooInitInfo
