@@ -135,7 +135,7 @@ def take_batch(run: Parts, feed: Feed, producer: Producer) -> tuple[list[Group],
             cfg.rollout_timeout_s,
             f"{missing} rollout groups (loop.rollout_timeout_s)",
         )
-        if producer.error is not None:
+        if len(feed.ready) < missing and producer.error is not None:  # what it landed before failing is used
             raise RuntimeError(f"the rollout thread failed: {producer.error}") from producer.error
         groups = feed.ready.pop_groups(missing)
         if cfg.mixed_versions == "mask_old":
