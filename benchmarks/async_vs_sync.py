@@ -24,23 +24,14 @@ PINNED = ["engine.env={VLLM_CPU_OMP_THREADS_BIND: '1'}", "trainer.threads=1", "p
 ASYNC = ["loop.mode=async", "loop.max_staleness=1", "algorithm.old_logprobs=rollout"]
 
 
-def step_walls(run_dir: Path) -> list[float]:
-    """Wall time of each RL step's metrics row (tensorboard keeps when each scalar was written)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
-    acc.Reload()
-    return [e.wall_time for e in acc.Scalars("train/samples")]
-
-
 def run(mode: str, recipe: str, out: Path, steps: int, seed: int, extra: list[str]) -> dict:
-    from benchmarks.common import train_run
+    from benchmarks.common import scalar_walls, train_run
 
     sets = [f"loop.num_steps={steps}", "loop.eval_every=0", "rollout.group_filters=[]", f"run.seed={seed}"]
     sets += [f"rollout.seed={seed}", f"data.seed={seed}", *extra, *(ASYNC if mode == "async" else [])]
     r = train_run(recipe, out, sets, out.parent / f"{mode}.log")
     rows = [x for x in r["rows"] if "train/samples" in x]
-    walls = step_walls(out) if r["rc"] == 0 else []
+    walls = [w for _, w in scalar_walls(out, "train/samples")] if r["rc"] == 0 else []  # one per RL step
     gaps = [b - a for a, b in itertools.pairwise(walls)]
 
     def mean(key: str, missing: float | None = None) -> float:

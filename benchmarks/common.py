@@ -66,6 +66,16 @@ def train_run(recipe: str, out: Path, sets: list[str], log: Path) -> dict[str, A
     return {"rc": rc, "seconds": time.perf_counter() - t, "started": started, "rows": rows, "eval": evals}
 
 
+def scalar_walls(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, wall time) of each value a run logged under `tag`: tensorboard keeps when each scalar was written, which
+    metrics.jsonl does not."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return [(e.step, e.wall_time) for e in acc.Scalars(tag)]
+
+
 def write(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
     out = out_dir or Path(os.environ.get("VIME_BENCH_OUT", RESULTS))
     out.mkdir(parents=True, exist_ok=True)

@@ -33,11 +33,9 @@ def run(seed: int, out: Path, steps: int | None, extra: list[str]) -> dict:
 def eval_walls(run_dir: Path, started: float) -> list[list[float]]:
     """[RL step, seconds since the run was launched] of each held-out eval, from tensorboard's event times: the
     budget ("within 10 minutes") counts the warm start and the start-up too."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from benchmarks.common import scalar_walls
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
-    acc.Reload()
-    return [[e.step, round(e.wall_time - started, 1)] for e in acc.Scalars("eval/reward")]
+    return [[step, round(wall - started, 1)] for step, wall in scalar_walls(run_dir, "eval/reward")]
 
 
 def main() -> int:

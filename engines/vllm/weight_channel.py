@@ -42,10 +42,6 @@ def bucket_meta(bucket: Bucket) -> dict[str, Any]:
     }
 
 
-def pack(bucket: Bucket) -> torch.Tensor:
-    return torch.cat([t.detach().contiguous().cpu().view(-1).view(torch.uint8) for _, t in bucket])
-
-
 class VLLMWeightChannel:
     def __init__(
         self,
@@ -164,10 +160,11 @@ class VLLMWeightChannel:
                 )
                 for u in self.urls
             ]
+            nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
             if self.cfg.backend == "gloo":
-                buf = pack(bucket)
-                self.pg.broadcast(buf, root=0).wait()
-                nbytes = buf.numel()
+                from engines.vllm.worker_ext import GlooWeightTransferEngine
+
+                GlooWeightTransferEngine.trainer_send_weights(iter(bucket), {"group": self.pg})
             else:
                 from vllm.distributed.weight_transfer.nccl_engine import (
                     NCCLTrainerSendWeightsArgs,
@@ -179,14 +176,13 @@ class VLLMWeightChannel:
                     NCCLTrainerSendWeightsArgs(group=self.pg, packed=True),
                 )
                 torch.cuda.synchronize()
-                nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
             for f in futs:
                 f.result(timeout=self.cfg.timeout_s)
             return nbytes
-        from safetensors.torch import save_file
+        from engines.vllm.worker_ext import DiskWeightTransferEngine
 
         path = os.path.join(self.cfg.disk_dir, f"vime-{uuid.uuid4().hex}.safetensors")
-        save_file({n: t.detach().contiguous().cpu() for n, t in bucket}, path)
+        DiskWeightTransferEngine.trainer_send_weights(iter(bucket), {"path": path})
         try:
             self._all("/update_weights", {"update_info": {**meta, "path": path}})
             return os.path.getsize(path)

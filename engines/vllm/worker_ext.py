@@ -8,7 +8,8 @@ vLLM's standard RL routes (`/init_weight_transfer_engine`, `/start_weight_update
 - `disk`: each bucket as a safetensors file (e.g. on /dev/shm), for any platform;
 - `vime_ipc` (`weights.backend: ipc`, GPU): one CUDA-IPC staging buffer mapped once (`ipc_engine.py`).
 
-vLLM's own `nccl` engine serves `weights.backend: nccl` unchanged.
+vLLM's own `nccl` engine serves `weights.backend: nccl` unchanged. As in vLLM's engines, each class also holds its
+trainer's side (`trainer_send_weights`), which `weight_channel.py` calls in the trainer's process.
 
 Both load through vLLM's layerwise-reload lifecycle and then fix the CPU backend's pre-packed tied lm_head,
 which the reload never rebuilds (without it log-probs are off by nats after a push).
@@ -16,6 +17,7 @@ which the reload never rebuilds (without it log-probs are off by nats after a pu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -41,6 +43,11 @@ def refresh_tied_lm_head(model: torch.nn.Module) -> int:
             method.process_weights_after_loading(module)
             n += 1
     return n
+
+
+def pack(tensors: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """The tensors' bytes end to end in one flat buffer: what `views` cuts up again on the engine side."""
+    return torch.cat([t.detach().contiguous().cpu().view(-1).view(torch.uint8) for _, t in tensors])
 
 
 def views(buf: torch.Tensor, names: list[str], dtype_names: list[str], shapes: list[list[int]]):
@@ -94,12 +101,6 @@ class _ReloadingEngine(WeightTransferEngine):
         # synchronous already.
         self.receive_weights(self.parse_update_info(update_info))
 
-    @staticmethod
-    def trainer_send_weights(iterator: Any, trainer_args: Any) -> None:
-        """Abstract on vLLM 0.26 (the class cannot be built without it); vime's channel sends from the trainer
-        itself (`engines/vllm/weight_channel.py`), never through the engine class."""
-        raise NotImplementedError("vime sends weights through engines.vllm.weight_channel.VLLMWeightChannel")
-
 
 class GlooWeightTransferEngine(_ReloadingEngine):
     init_info_cls = GlooInitInfo
@@ -134,6 +135,11 @@ class GlooWeightTransferEngine(_ReloadingEngine):
         self.pg.broadcast(buf, root=0).wait()
         self.model.load_weights(views(buf, u.names, u.dtype_names, u.shapes))
 
+    @staticmethod
+    def trainer_send_weights(iterator: Iterator[tuple[str, torch.Tensor]], trainer_args: dict[str, Any]) -> None:
+        """The trainer's side (rank 0 of `trainer_args["group"]`): one packed broadcast per bucket."""
+        trainer_args["group"].broadcast(pack(list(iterator)), root=0).wait()
+
     def shutdown(self) -> None:
         self.pg = None
 
@@ -152,6 +158,13 @@ class DiskWeightTransferEngine(_ReloadingEngine):
             raise ValueError("disk weight update needs update_info.path (a safetensors file)")
         tensors = load_file(u.path)
         self.model.load_weights([(n, tensors[n]) for n in u.names])
+
+    @staticmethod
+    def trainer_send_weights(iterator: Iterator[tuple[str, torch.Tensor]], trainer_args: dict[str, Any]) -> None:
+        """The trainer's side: the bucket as one safetensors file at `trainer_args["path"]`."""
+        from safetensors.torch import save_file
+
+        save_file({n: t.detach().contiguous().cpu() for n, t in iterator}, trainer_args["path"])
 
     def shutdown(self) -> None:
         pass
