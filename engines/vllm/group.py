@@ -190,7 +190,7 @@ class VLLMEngineGroup:
             return servers
         import ray
 
-        from engines.vllm.actor import EngineActor, RemoteServer
+        from engines.common.actor import EngineActor, RemoteServer
         from vime.placement import bundle_strategy
 
         pg, bundles = self.placement
@@ -204,7 +204,7 @@ class VLLMEngineGroup:
                 # (a stop queued behind start would time out, and the actor's kill would orphan the workers)
                 max_concurrency=4,
             )
-            .remote(self.model_path, self._server_kwargs(i, p))
+            .remote("engines.vllm.server:VLLMServer", self.model_path, self._server_kwargs(i, p))
             for i, p in zip(indices, ports)
         ]
         try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from engines.vllm.server import EngineStartError, kill_tree, log_tail, spawn
+from engines.common.process import EngineStartError, kill_tree, log_tail, spawn
 from vime.placement import free_port
 from vime.secret import router_key, run_secret
 
@@ -83,7 +83,7 @@ class VLLMRouter:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # in P/D mode the router sends `Bearer $OPENAI_API_KEY` to both servers for any path it is asked
-                # (not the caller's header): a generation-only key, never the secret (engines/vllm/guard.py)
+                # (not the caller's header): a generation-only key, never the secret (engines/common/guard.py)
                 env={**os.environ, "OPENAI_API_KEY": router_key(run_secret())},
             )
         deadline = time.monotonic() + self.startup_timeout_s

@@ -1,22 +1,22 @@
-"""A vLLM server owned by a Ray actor, so engines are placed by Ray like trainer ranks (CPU or GPU bundles;
+"""An engine server owned by a Ray actor, so engines are placed by Ray like trainer ranks (CPU or GPU bundles;
 Ray's CUDA_VISIBLE_DEVICES reaches the server). The server is the actor's child with PR_SET_PDEATHSIG: when
-Ray kills the actor, the server goes too."""
+Ray kills the actor, the server goes too. Any engine's `ServerProcess` class, named by import path."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from engines.vllm.server import VLLMServer
+from vime.registry import load_object
 
 log = logging.getLogger(__name__)
 
 
 class EngineActor:
-    def __init__(self, model_path: str, kwargs: dict[str, Any]):
-        self.server = VLLMServer(model_path, **kwargs)
+    def __init__(self, server_cls: str, model_path: str, kwargs: dict[str, Any]):
+        self.server = load_object(server_cls, what="engine server class")(model_path, **kwargs)
 
-    def start(self) -> tuple[str, int, tuple[int, int, int]]:
+    def start(self) -> tuple[str, int, Any]:
         import ray
 
         self.server.start()
@@ -24,7 +24,7 @@ class EngineActor:
         return (
             self.server.host if self.server.host != "0.0.0.0" else ray.util.get_node_ip_address(),
             self.server.port,
-            self.server.version,
+            getattr(self.server, "version", None),
         )
 
     def alive(self) -> bool:
@@ -35,9 +35,9 @@ class EngineActor:
 
 
 class RemoteServer:
-    """The driver's view of a server running in an EngineActor (same surface as VLLMServer)."""
+    """The driver's view of a server running in an EngineActor (same surface as the server itself)."""
 
-    def __init__(self, actor: Any, host: str, port: int, version: tuple[int, int, int]):
+    def __init__(self, actor: Any, host: str, port: int, version: Any):
         self.actor, self.host, self.port, self.version = actor, host, port, version
 
     @property
