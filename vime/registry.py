@@ -97,5 +97,9 @@ class Registry(Generic[T]):
 
 
 # Engines and trainers: the name maps to the module-level spec object of the implementation's package.
-ENGINES: Registry[Any] = Registry("engine", "engine.name", {DEFAULT_ENGINE: "engines.vllm.engine_spec:SPEC"})
+ENGINES: Registry[Any] = Registry(
+    "engine",
+    "engine.name",
+    {DEFAULT_ENGINE: "engines.vllm.engine_spec:SPEC", "sglang": "engines.sglang.engine_spec:SPEC"},
+)
 TRAINERS: Registry[Any] = Registry("trainer", "trainer.name", {"megatron": "trainers.megatron.trainer_spec:SPEC"})

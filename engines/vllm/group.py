@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import hashlib
 import logging
 import os
 import time
@@ -12,10 +11,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Self
 
+from engines.common.servers import External, launch, launch_retrying, pick
 from engines.vllm.client import VLLMClient
 from engines.vllm.config import VLLMEngineConfig
 from engines.vllm.router import VLLMRouter, pd_args
-from engines.vllm.server import VLLMServer
 from vime.placement import free_port
 from vime.secret import ENV as SECRET_ENV
 from vime.secret import auth_headers, run_secret
@@ -28,20 +27,6 @@ def on_cpu() -> bool:
     import torch
 
     return not torch.cuda.is_available()
-
-
-class ExternalServer:
-    """A server vime did not start (attached by URL): never stopped by vime."""
-
-    def __init__(self, url: str, version: tuple[int, int, int]):
-        self.base_url, self.version = url.rstrip("/"), version
-        self.port = int(self.base_url.rsplit(":", 1)[1])
-
-    def alive(self) -> bool:
-        return True
-
-    def stop(self) -> None:
-        pass
 
 
 class VLLMEngine:
@@ -176,62 +161,19 @@ class VLLMEngineGroup:
 
     def _launch(self, indices: list[int], ports: list[int | None]) -> list[Any]:
         """Start servers (locally, or inside Ray actors on their bundles) and wait until all are healthy."""
-        if self.placement is None:
-            servers = [VLLMServer(self.model_path, **self._server_kwargs(i, p)) for i, p in zip(indices, ports)]
-            try:
-                for s in servers:
-                    s.start()
-                for s in servers:
-                    s.wait_healthy()
-            except BaseException:
-                for s in servers:
-                    s.stop()
-                raise
-            return servers
-        import ray
-
-        from engines.common.actor import EngineActor, RemoteServer
-        from vime.placement import bundle_strategy
-
-        pg, bundles = self.placement
-        actors = [
-            ray.remote(EngineActor)
-            .options(
-                num_cpus=self.cfg.cpus_per_engine,
-                num_gpus=self.cfg.gpus_per_engine,
-                scheduling_strategy=bundle_strategy(pg, bundles[i]),
-                # threaded: stop() must be able to kill a server whose start() is still waiting for health
-                # (a stop queued behind start would time out, and the actor's kill would orphan the workers)
-                max_concurrency=4,
-            )
-            .remote("engines.vllm.server:VLLMServer", self.model_path, self._server_kwargs(i, p))
-            for i, p in zip(indices, ports)
-        ]
-        try:
-            started = ray.get([a.start.remote() for a in actors])
-        except BaseException:
-            for a in actors:
-                ray.kill(a)
-            raise
-        return [RemoteServer(a, *info) for a, info in zip(actors, started)]
+        kwargs = [self._server_kwargs(i, p) for i, p in zip(indices, ports)]
+        return launch(
+            "engines.vllm.server:VLLMServer",
+            self.model_path,
+            kwargs,
+            self.placement,
+            indices,
+            cpus=self.cfg.cpus_per_engine,
+            gpus=self.cfg.gpus_per_engine,
+        )
 
     def _launch_retrying(self, indices: list[int]) -> list[Any]:
-        """`_launch`, again when a server was killed by a signal while starting (the OOM killer, an operator, a
-        chaos test): that is the machine's fault, not the recipe's. A server that exits by itself (a bad flag,
-        a bad model) fails at once."""
-        for attempt in range(self.cfg.start_retries + 1):
-            try:
-                return self._launch(indices, [None] * len(indices))
-            except Exception as e:
-                if attempt == self.cfg.start_retries or "exited with code -" not in str(e):
-                    raise
-                log.warning(
-                    "a vLLM server was killed while starting; starting again (%d of %d, engine.start_retries): %s",
-                    attempt + 1,
-                    self.cfg.start_retries,
-                    str(e).splitlines()[0],
-                )
-        raise AssertionError("unreachable")
+        return launch_retrying(lambda: self._launch(indices, [None] * len(indices)), self.cfg.start_retries, "vLLM")
 
     @classmethod
     def attach(cls, urls: list[str], cfg: VLLMEngineConfig | None = None) -> VLLMEngineGroup:
@@ -239,7 +181,7 @@ class VLLMEngineGroup:
         from engines.vllm.server import vllm_version
 
         group = cls(cfg or VLLMEngineConfig(), model_path="", log_dir=".")
-        group.servers = [ExternalServer(u, vllm_version()) for u in urls]
+        group.servers = [External(u, vllm_version()) for u in urls]
         group.engines = [VLLMEngine(s, group.cfg.request_timeout_s) for s in group.servers]
         return group
 
@@ -358,11 +300,8 @@ class VLLMEngineGroup:
 
     def pick(self, key: str | None = None) -> VLLMEngine:
         """A session key always maps to the same engine (its prefix cache stays warm); otherwise least loaded."""
-        if key is not None:
-            h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-            return self.engines[h % len(self.engines)]
         self._rr += 1
-        return min(self.engines, key=lambda e: (e.inflight, (self.engines.index(e) - self._rr) % len(self.engines)))
+        return pick(self.engines, key, self._rr)
 
     def __enter__(self) -> Self:
         return self.start()

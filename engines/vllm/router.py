@@ -83,7 +83,7 @@ class VLLMRouter:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # in P/D mode the router sends `Bearer $OPENAI_API_KEY` to both servers for any path it is asked
-                # (not the caller's header): a generation-only key, never the secret (engines/common/guard.py)
+                # (not the caller's header): a generation-only key, never the secret (engines/vllm/guard.py)
                 env={**os.environ, "OPENAI_API_KEY": router_key(run_secret())},
             )
         deadline = time.monotonic() + self.startup_timeout_s

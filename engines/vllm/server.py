@@ -53,7 +53,7 @@ class VLLMServer(ServerProcess):
         extra = args.pop("middleware", None) or []
         middleware = [*([extra] if isinstance(extra, str) else extra)]
         if self.guard:
-            middleware.append("engines.common.guard.EngineGuard")
+            middleware.append("engines.vllm.guard.EngineGuard")
         return [
             sys.executable,
             "-m",

@@ -1,5 +1,4 @@
-"""ASGI middleware vime adds to every engine server it starts (vLLM: `--middleware engines.common.guard.EngineGuard`;
-SGLang: added to its app by `engines.sglang.launch`).
+"""ASGI middleware vime adds to every vLLM server it starts (`--middleware engines.vllm.guard.EngineGuard`).
 
 vLLM's own `--api-key` guards only the OpenAI-style prefixes (/v1, /v2, /inference, /cohere); the RL routes vime
 needs (`VLLM_SERVER_DEV_MODE`: /pause, /collective_rpc, /sleep, the weight-transfer routes) stay open to any local
@@ -31,7 +30,7 @@ class EngineGuard:
     def __init__(self, app: Any) -> None:
         secret = os.environ.get(ENV)
         if not secret:  # never serve unguarded by accident: the launcher always sets it
-            raise RuntimeError(f"{ENV} is not set in the engine server's environment; the engine guard needs it")
+            raise RuntimeError(f"{ENV} is not set in the vLLM server's environment; the engine guard needs it")
         self.app = app
         self.admin = self.digest(f"Bearer {secret}".encode())
         self.router = self.digest(f"Bearer {router_key(secret)}".encode())

@@ -1,0 +1,30 @@
+"""`python -m engines.sglang.launch <SGLang flags>`: SGLang's own HTTP server, keyed with the run's secret.
+
+SGLang guards its routes itself (`api_key` for generation, `admin_api_key` for the weight, memory and pause
+routes; /health and /metrics stay open). Given as flags, the keys would show in `ps` to every local user, so this
+launcher reads the secret from the environment (`vime.secret`) and sets both on SGLang's parsed arguments before
+it starts: nothing reaches a server vime started without the run's secret.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from vime.secret import ENV
+
+
+def main(argv: list[str]) -> None:
+    from sglang.srt.entrypoints.http_server import launch_server
+    from sglang.srt.server_args import prepare_server_args
+
+    secret = os.environ.get(ENV)
+    if not secret:  # never serve unguarded by accident: the group always sets it
+        raise SystemExit(f"{ENV} is not set in the SGLang server's environment; its API keys need it")
+    args = prepare_server_args(argv)
+    args.api_key = args.admin_api_key = secret
+    launch_server(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
