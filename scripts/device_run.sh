@@ -10,10 +10,12 @@
 #            (configs/grpo_2gpu_nccl.yaml), pd (prefill GPU 0, decode GPU 1), pd_equal (the same in fp32, greedy),
 #            async (benchmarks/async_vs_sync.py --gpu: sync vs async on grpo_2gpu_nccl, $STEPS steps each)
 #   async1   one GPU: the same benchmark with the trainer and the engine sharing the GPU, disk pushes
+#   sglang   one GPU: the engine contract suite on real SGLang and vLLM, then benchmarks/engines.py ($PARTS of suite,
+#            serve, grpo; then report). SGLang's own site-packages: VIME_SGLANG_PYTHONPATH (default /tmp/site_sgl)
 # Results (JSON, PNG, logs) go to /tmp/results/PHASE and are re-packed into $OUT/PHASE.tgz after every part, so a
 # call cut off at its limit still returns what finished.
 set -uo pipefail
-phase=${1:?usage: device_run.sh smoke|loop|bench|single|pair|multi|async1}
+phase=${1:?usage: device_run.sh smoke|loop|bench|single|pair|multi|async1|sglang}
 here=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 RAY_DEDUP_LOGS=0
@@ -33,6 +35,7 @@ cleanup() {  # nothing of a finished or killed part may keep GPU memory
     done
   else  # patterns bracketed: never match this shell
     pkill -9 -f "[v]llm.entrypoints"; pkill -9 -f "[E]ngineCore"; pkill -9 -f "[v]llm-router"
+    pkill -9 -f "[e]ngines.sglang.launch"; pkill -9 -f "[s]glang::"
     ray stop --force >/dev/null 2>&1
     nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
   fi
@@ -109,6 +112,19 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
       --set trainer.gpus_per_rank=0.5 --set weights.backend=disk --set engine.args.gpu_memory_utilization=0.35
     for m in sync async; do cp /tmp/runs/async/$m.log "$VIME_BENCH_OUT/async_run_$m.log"
       cp /tmp/runs/async/$m/metrics.jsonl "$VIME_BENCH_OUT/async_run_${m}_metrics.jsonl"; done 2>/dev/null ;;
+  sglang)
+    export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} VIME_SGLANG_PYTHONPATH=${VIME_SGLANG_PYTHONPATH:-/tmp/site_sgl}
+    model05
+    for part in ${PARTS:-suite serve grpo}; do
+      case $part in
+        suite) step suite 420 $py -m pytest -q -x -m gpu tests/test_engine_suite.py -k gpu -p no:cacheprovider ;;
+        serve) step serve 420 $py benchmarks/engines.py serve --model $VIME_MODELS/qwen2-0.5b ;;
+        grpo) step grpo 560 $py benchmarks/engines.py grpo --model $VIME_MODELS/qwen2-0.5b --steps ${STEPS:-30}
+          cp /tmp/runs/engines_*/metrics.jsonl "$VIME_BENCH_OUT/" 2>/dev/null ;;
+      esac
+    done
+    [ -f "$VIME_BENCH_OUT/engines_serve.json" ] && [ -f "$VIME_BENCH_OUT/engines_grpo.json" ] &&
+      step report 60 $py benchmarks/engines.py report --src "$VIME_BENCH_OUT" --out "$VIME_BENCH_OUT" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac
 [ -n "${VIME_SCOPE:-}" ] || cleanup
