@@ -134,8 +134,21 @@ def test_engine_section_is_checked_against_the_engines_schema(tmp_path):
 
 
 def test_unknown_engine_name_lists_registered_engines(tmp_path):
-    with pytest.raises(ConfigError, match=r"engine\.name.*unknown engine 'tgi'.*\['vllm'\].*package\.module:name"):
+    with pytest.raises(
+        ConfigError, match=r"engine\.name.*unknown engine 'tgi'.*\['sglang', 'vllm'\].*package\.module:name"
+    ):
         load_config(write(tmp_path, RECIPE), ["engine.name=tgi"])
+
+
+def test_sglang_recipe_errors_name_the_keys(tmp_path):
+    """The SGLang engine's schema and rules: vLLM's topology is not its key, and a pause mode SGLang lacks is
+    refused at load, naming the key."""
+    with pytest.raises(ConfigError, match=r"unknown key 'engine.topology'"):
+        load_config(write(tmp_path, RECIPE + "engine: {name: sglang, topology: pd}\n"))
+    with pytest.raises(ConfigError, match=r"weights.pause_mode=wait: SGLang pauses in place"):
+        load_config(write(tmp_path, RECIPE + "engine: {name: sglang}\n"), ["weights.pause_mode=wait"])
+    cfg = load_config(write(tmp_path, RECIPE + "engine: {name: sglang, args: {mem_fraction_static: 0.3}}\n"))
+    assert type(cfg.engine).__name__ == "SGLangEngineConfig" and cfg.engine.args == {"mem_fraction_static": 0.3}
 
 
 def test_weights_backend_must_be_one_the_engine_offers(tmp_path):

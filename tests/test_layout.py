@@ -32,6 +32,8 @@ ENGINE_WORDS = (
 ALLOWED = {
     ("registry.py", "vllm"),
     ("registry.py", "engines.vllm.engine_spec:SPEC"),
+    ("registry.py", "sglang"),
+    ("registry.py", "engines.sglang.engine_spec:SPEC"),
     ("registry.py", "megatron"),
     ("registry.py", "trainers.megatron.trainer_spec:SPEC"),
     ("trainer.py", "megatron"),

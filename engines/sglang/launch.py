@@ -2,8 +2,8 @@
 
 SGLang guards its routes itself (`api_key` for generation, `admin_api_key` for the weight, memory and pause
 routes; /health and /metrics stay open). Given as flags, the keys would show in `ps` to every local user, so this
-launcher reads the secret from the environment (`vime.secret`) and sets both on SGLang's parsed arguments before
-it starts: nothing reaches a server vime started without the run's secret.
+launcher reads the secret from the environment (`vime.secret`) and adds both to the flags it parses in-process:
+nothing reaches a server vime started without the run's secret.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ def main(argv: list[str]) -> None:
     secret = os.environ.get(ENV)
     if not secret:  # never serve unguarded by accident: the group always sets it
         raise SystemExit(f"{ENV} is not set in the SGLang server's environment; its API keys need it")
-    args = prepare_server_args(argv)
-    args.api_key = args.admin_api_key = secret
-    launch_server(args)
+    # parsed here, in-process: the keys never reach the process's command line
+    launch_server(prepare_server_args([*argv, "--api-key", secret, "--admin-api-key", secret]))
 
 
 if __name__ == "__main__":

@@ -35,4 +35,6 @@ def prepare_server_args(argv: list[str]) -> ServerArgs:
     p.add_argument("--random-seed", type=int, default=0)
     p.add_argument("--context-length", type=int, default=2048)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--api-key")
+    p.add_argument("--admin-api-key")
     return ServerArgs(**vars(p.parse_args(argv)))
