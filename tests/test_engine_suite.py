@@ -250,6 +250,37 @@ def test_generation_survives_a_push_in_flight(under):
     assert stats["bytes"] > 0
 
 
+def test_the_same_agent_through_the_gateway(under):
+    """The OpenAI gateway over this engine, driven by the official client as an agent framework would: two turns
+    of one session, the second streamed; the recorded branch holds exactly the sampled ids and log-probs."""
+    import openai
+    from conftest import branch_is_exact
+    from transformers import AutoTokenizer
+
+    from vime.gateway.config import GatewayConfig
+    from vime.gateway.server import Gateway
+
+    tok = AutoTokenizer.from_pretrained(under.model_path)
+    cfg = GatewayConfig(api_key="suite-key", model_name="tiny", context_length=1024)
+    # the real group: the gateway also accepts the model path as a model name when the pool has one (not a protocol
+    # member, so the protocol-only view would refuse it)
+    with Gateway(under.group._impl, tok, cfg) as gw:
+        client = openai.OpenAI(base_url=gw.session_url("agent"), api_key="suite-key")
+        msgs = [{"role": "user", "content": "3+4="}]
+        first = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, seed=1, logprobs=True)
+        msgs += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "and 5+5="},
+        ]
+        chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, seed=2, stream=True))
+        session = gw.store.sessions["agent"]
+        assert len(session.branches) == 1 and len(session.turns) == 2, session
+        branch_is_exact(session.branches[0])
+        assert session.turns[0].logprobs == [x.logprob for x in first.choices[0].logprobs.content]
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == tok.decode(session.turns[1].response_ids, skip_special_tokens=True), chunks
+
+
 def test_sleep_wake_and_restart(under):
     g = under.group
     g.sleep(level=1)

@@ -163,6 +163,8 @@ async def generate(request: Request) -> Any:
     batch = [ids] if ids and isinstance(ids[0], int) else ids
     sps = body.get("sampling_params") or {}
     sps = sps if isinstance(sps, list) else [sps] * len(batch)
+    if any(sp.get("json_schema") or sp.get("regex") or sp.get("ebnf") for sp in sps):  # never ignored silently
+        return JSONResponse({"error": {"message": "the fake SGLang has no constrained decoding"}}, status_code=400)
     await asyncio.to_thread(f.resumed.wait)  # a paused server holds new requests until continue
     if body.get("stream"):
         return StreamingResponse(stream(batch[0], sps[0]), media_type="text/event-stream")
