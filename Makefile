@@ -46,7 +46,7 @@ contracts: $(STAMP)
 check: lint typecheck contracts
 
 test: check
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=30
 
 clean:
 	rm -rf $(VENV) models runs outputs

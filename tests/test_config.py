@@ -147,6 +147,8 @@ def test_sglang_recipe_errors_name_the_keys(tmp_path):
         load_config(write(tmp_path, RECIPE + "engine: {name: sglang, topology: pd}\n"))
     with pytest.raises(ConfigError, match=r"weights.pause_mode=wait: SGLang pauses in place"):
         load_config(write(tmp_path, RECIPE + "engine: {name: sglang}\n"), ["weights.pause_mode=wait"])
+    with pytest.raises(ConfigError, match=r"engine.args.tp_size=2: vime's SGLang weight channel"):
+        load_config(write(tmp_path, RECIPE + "engine: {name: sglang, args: {tp_size: 2}}\n"))
     cfg = load_config(write(tmp_path, RECIPE + "engine: {name: sglang, args: {mem_fraction_static: 0.3}}\n"))
     assert type(cfg.engine).__name__ == "SGLangEngineConfig" and cfg.engine.args == {"mem_fraction_static": 0.3}
 

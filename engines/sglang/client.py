@@ -12,7 +12,6 @@ started instead (the group sets it after every push), which errs old, never new,
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from vime.secret import auth_headers
+from engines.common.engine import LoopHTTP
 from vime.types import Completion, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -81,27 +80,12 @@ def parse_item(item: dict[str, Any], version: str) -> Completion:
     )
 
 
-class SGLangClient:
+class SGLangClient(LoopHTTP):
     def __init__(self, base_url: str, *, timeout_s: float = 600.0, seeds_honoured: bool = False):
         self.base_url = base_url
         self.timeout_s = timeout_s
         self.local_version = "default"  # SGLang's own initial version (`--weight-version`)
         self._warned_seed = seeds_honoured  # started with --enable-deterministic-inference: nothing to say
-        self._http: httpx.AsyncClient | None = None
-
-    @property
-    def http(self) -> httpx.AsyncClient:
-        # One client per event loop: asyncio.run() in a CLI and pytest's loops must not share connections.
-        loop = asyncio.get_running_loop()
-        if self._http is None or getattr(self, "_loop", None) is not loop:
-            self._http = httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=self.timeout_s,
-                limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
-                headers=auth_headers(),
-            )
-            self._loop = loop
-        return self._http
 
     async def _post(self, path: str, body: Any = None) -> Any:
         try:
@@ -198,8 +182,3 @@ class SGLangClient:
             return (await self.http.get("/model_info", timeout=5.0)).status_code == 200
         except httpx.HTTPError:
             return False
-
-    async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None

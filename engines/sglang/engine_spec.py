@@ -42,6 +42,12 @@ class SGLangSpec:
                 "weights.backend=nccl cannot link two processes on one GPU; with placement.colocate: true use "
                 "weights.backend=ipc"
             )
+        tp = int(engine.args.get("tp_size") or engine.args.get("tp") or 1)
+        if tp > 1:
+            errors.append(
+                f"engine.args.tp_size={tp}: vime's SGLang weight channel sends to one rank per server so far; run "
+                "tensor-parallel SGLang servers once it does (use engine.num_engines for more replicas)"
+            )
         if weights.pause_mode == "wait":
             errors.append(
                 "weights.pause_mode=wait: SGLang pauses in place (keep) or aborts (abort); it has no drain-first mode"

@@ -3,63 +3,26 @@ together with nothing left behind, requests routed by session key."""
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Self
 
 import httpx
 
-from engines.common.servers import launch, launch_retrying, pick
+from engines.common.engine import ServedEngine
+from engines.common.servers import External, launch, launch_retrying, pick
 from engines.sglang.client import SGLangClient
 from engines.sglang.config import SGLangEngineConfig
 from vime.secret import ENV as SECRET_ENV
 from vime.secret import auth_headers, run_secret
-from vime.types import Completion, SamplingParams
 
 
-class SGLangEngine:
+class SGLangEngine(ServedEngine):
     """One server + its client: the `vime.protocols.Engine` for SGLang."""
 
-    HEALTH_TTL_S = 2.0  # a health probe per request would double the HTTP traffic
-
     def __init__(self, server: Any, request_timeout_s: float, seeds_honoured: bool = False):
-        self.server = server
-        self.client = SGLangClient(server.base_url, timeout_s=request_timeout_s, seeds_honoured=seeds_honoured)
-        self.inflight = 0
-        self._health = (0.0, False)
-
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
-
-    async def generate(
-        self, prompts: list[list[int]], params: SamplingParams, session: str | None = None
-    ) -> list[list[Completion]]:
-        self.inflight += len(prompts)
-        try:
-            return await self.client.generate(prompts, params, session)
-        finally:
-            self.inflight -= len(prompts)
-
-    async def stream(
-        self, prompt: list[int], params: SamplingParams, session: str | None = None
-    ) -> AsyncIterator[Completion]:
-        self.inflight += 1
-        try:
-            async for c in self.client.stream(prompt, params, session):
-                yield c
-        finally:
-            self.inflight -= 1
-
-    async def healthy(self) -> bool:
-        checked, ok = self._health
-        if time.monotonic() - checked > self.HEALTH_TTL_S:
-            ok = await asyncio.to_thread(self.server.alive) and await self.client.healthy()
-            self._health = (time.monotonic(), ok)
-        return ok
+        client = SGLangClient(server.base_url, timeout_s=request_timeout_s, seeds_honoured=seeds_honoured)
+        super().__init__(server, client)
 
 
 class SGLangEngineGroup:
@@ -83,7 +46,6 @@ class SGLangEngineGroup:
         self.engines: list[SGLangEngine] = []
         self.version = "default"
         self._rr = 0
-        self._attached = False
 
     @property
     def seeds_honoured(self) -> bool:
@@ -116,12 +78,10 @@ class SGLangEngineGroup:
     @classmethod
     def attach(cls, urls: list[str], cfg: SGLangEngineConfig | None = None) -> SGLangEngineGroup:
         """A group over servers started elsewhere; stop() leaves them running."""
-        from engines.common.servers import External
 
         group = cls(cfg or SGLangEngineConfig(name="sglang"), model_path="", log_dir=".")
         group.servers = [External(u) for u in urls]
         group.engines = [SGLangEngine(s, group.cfg.request_timeout_s) for s in group.servers]
-        group._attached = True
         return group
 
     def start(self) -> Self:

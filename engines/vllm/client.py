@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from vime.secret import auth_headers
+from engines.common.engine import LoopHTTP
 from vime.types import Completion, SamplingParams
 
 
@@ -75,7 +75,7 @@ def parse_choice(ch: dict[str, Any], fallback_version: str | None) -> Completion
     )
 
 
-class VLLMClient:
+class VLLMClient(LoopHTTP):
     def __init__(
         self,
         base_url: str,
@@ -93,21 +93,6 @@ class VLLMClient:
         self.route = route
         self.model = model
         self.local_version: str | None = None if version >= (0, 27, 0) and route == "generate" else "default"
-        self._http: httpx.AsyncClient | None = None
-
-    @property
-    def http(self) -> httpx.AsyncClient:
-        # One client per event loop: asyncio.run() in a CLI and pytest's loops must not share connections.
-        loop = asyncio.get_running_loop()
-        if self._http is None or getattr(self, "_loop", None) is not loop:
-            self._http = httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=self.timeout_s,
-                limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
-                headers=auth_headers(),  # the engines vime starts refuse requests without the run's secret
-            )
-            self._loop = loop
-        return self._http
 
     async def _post(
         self, path: str, json: Any = None, params: dict[str, Any] | None = None, headers: dict[str, str] | None = None
@@ -252,8 +237,3 @@ class VLLMClient:
     async def collective_rpc(self, method: str, **kwargs: Any) -> list[Any]:
         data = await self._post("/collective_rpc", {"method": method, "kwargs": kwargs})
         return data.get("results", [])
-
-    async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import logging
 import os
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Self
 
+from engines.common.engine import ServedEngine
 from engines.common.servers import External, launch, launch_retrying, pick
 from engines.vllm.client import VLLMClient
 from engines.vllm.config import VLLMEngineConfig
@@ -18,7 +16,6 @@ from engines.vllm.router import VLLMRouter, pd_args
 from vime.placement import free_port
 from vime.secret import ENV as SECRET_ENV
 from vime.secret import auth_headers, run_secret
-from vime.types import Completion, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -29,41 +26,14 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-class VLLMEngine:
-    """One server + its client: the `vime.protocols.Engine` for vLLM."""
-
-    HEALTH_TTL_S = 2.0  # a health probe per request would double the HTTP traffic
+class VLLMEngine(ServedEngine):
+    """One server (or the router) + its client: the `vime.protocols.Engine` for vLLM."""
 
     def __init__(self, server: Any, request_timeout_s: float, route: str = "generate", model: str = ""):
-        self.server = server
-        self.client = VLLMClient(
+        client = VLLMClient(
             server.base_url, timeout_s=request_timeout_s, version=server.version, route=route, model=model
         )
-        self.inflight = 0
-        self._health = (0.0, False)
-
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
-
-    async def generate(
-        self, prompts: list[list[int]], params: SamplingParams, session: str | None = None
-    ) -> list[list[Completion]]:
-        self.inflight += len(prompts)
-        try:
-            return await self.client.generate(prompts, params, session)
-        finally:
-            self.inflight -= len(prompts)
-
-    async def stream(
-        self, prompt: list[int], params: SamplingParams, session: str | None = None
-    ) -> AsyncIterator[Completion]:
-        self.inflight += 1
-        try:
-            async for c in self.client.stream(prompt, params, session):
-                yield c
-        finally:
-            self.inflight -= 1
+        super().__init__(server, client)
 
     async def pause(self, mode: str = "keep") -> None:
         await self.client.pause(mode)
@@ -73,14 +43,6 @@ class VLLMEngine:
 
     async def weight_version(self) -> str:
         return await self.client.weight_version()
-
-    async def healthy(self) -> bool:
-        checked, ok = self._health
-        if time.monotonic() - checked > self.HEALTH_TTL_S:
-            # alive() of a server in a Ray actor is a blocking actor call: off the event loop
-            ok = await asyncio.to_thread(self.server.alive) and await self.client.healthy()
-            self._health = (time.monotonic(), ok)
-        return ok
 
 
 class VLLMEngineGroup:
