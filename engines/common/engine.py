@@ -6,6 +6,7 @@ would double the HTTP traffic). The client is the engine's own; the server is a 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,6 +38,24 @@ class LoopHTTP:
             )
             self._loop = loop
         return self._http
+
+    async def events(
+        self, path: str, body: Any, error: type[Exception], headers: dict[str, str] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The JSON chunks of a server-sent event stream (`data: {...}` lines up to `data: [DONE]`); an HTTP error
+        status, or an error chunk mid-stream, raises `error` with the server's answer."""
+        async with self.http.stream("POST", path, json=body, headers=headers) as r:
+            if r.status_code >= 400:
+                text = (await r.aread()).decode(errors="replace")
+                raise error(f"{self.base_url}{path} -> {r.status_code}: {text[:500]}")
+            async for line in r.aiter_lines():
+                data = line.removeprefix("data:").strip()
+                if not line.startswith("data:") or data == "[DONE]":
+                    continue
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    raise error(f"{self.base_url}{path} stream: {str(chunk['error'])[:500]}")
+                yield chunk
 
     async def aclose(self) -> None:
         if self._http is not None:

@@ -142,21 +142,11 @@ class SGLangClient(LoopHTTP):
         }
         version, last = self.local_version, None
         try:
-            async with self.http.stream("POST", "/generate", json=body) as r:
-                if r.status_code >= 400:
-                    text = (await r.aread()).decode(errors="replace")
-                    raise EngineRequestError(f"{self.base_url}/generate -> {r.status_code}: {text[:500]}")
-                async for line in r.aiter_lines():
-                    data = line.removeprefix("data:").strip()
-                    if not line.startswith("data:") or data == "[DONE]":
-                        continue
-                    chunk = json.loads(data)
-                    if chunk.get("error"):
-                        raise EngineRequestError(f"{self.base_url}/generate stream: {str(chunk['error'])[:500]}")
-                    c = parse_item(chunk, version)
-                    last = (c, finish(chunk.get("meta_info") or {}))
-                    if not last[1]:
-                        yield Completion(c.token_ids, c.logprobs, "", c.text)
+            async for chunk in self.events("/generate", body, EngineRequestError):
+                c = parse_item(chunk, version)
+                last = (c, finish(chunk.get("meta_info") or {}))
+                if not last[1]:
+                    yield Completion(c.token_ids, c.logprobs, "", c.text)
         except httpx.HTTPError as e:
             raise EngineRequestError(f"{self.base_url}/generate: {type(e).__name__}: {e}") from e
         if last is None:

@@ -10,7 +10,6 @@ makes later tokens newer than their tag, never older, so a staleness bound on th
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -185,28 +184,18 @@ class VLLMClient(LoopHTTP):
         finish, spans, sampled_by = "", None, self.local_version  # see complete_one
         headers = {"x-session-id": session} if session else None
         try:
-            async with self.http.stream("POST", path, json=body, headers=headers) as r:
-                if r.status_code >= 400:
-                    text = (await r.aread()).decode(errors="replace")
-                    raise EngineRequestError(f"{self.base_url}{path} -> {r.status_code}: {text[:500]}")
-                async for line in r.aiter_lines():
-                    data = line.removeprefix("data:").strip()
-                    if not line.startswith("data:") or data == "[DONE]":
-                        continue
-                    chunk = json.loads(data)
-                    if chunk.get("error"):
-                        raise EngineRequestError(f"{self.base_url}{path} stream: {str(chunk['error'])[:500]}")
-                    for ch in chunk.get("choices") or []:
-                        ids += ch.get("token_ids") or []
-                        lp = ch.get("logprobs") or {}
-                        lps += [float(c["logprob"]) for c in lp.get("content") or []]
-                        lps += [float(x) for x in lp.get("token_logprobs") or []]
-                        finish = ch.get("finish_reason") or finish
-                        spans = ch.get("weight_versions") or spans
-                    if len(lps) != len(ids):
-                        raise EngineRequestError(f"engine streamed {len(ids)} tokens but {len(lps)} log-probs")
-                    if not finish:
-                        yield Completion(list(ids), list(lps), "")
+            async for chunk in self.events(path, body, EngineRequestError, headers):
+                for ch in chunk.get("choices") or []:
+                    ids += ch.get("token_ids") or []
+                    lp = ch.get("logprobs") or {}
+                    lps += [float(c["logprob"]) for c in lp.get("content") or []]
+                    lps += [float(x) for x in lp.get("token_logprobs") or []]
+                    finish = ch.get("finish_reason") or finish
+                    spans = ch.get("weight_versions") or spans
+                if len(lps) != len(ids):
+                    raise EngineRequestError(f"engine streamed {len(ids)} tokens but {len(lps)} log-probs")
+                if not finish:
+                    yield Completion(list(ids), list(lps), "")
         except httpx.HTTPError as e:
             raise EngineRequestError(f"{self.base_url}{path}: {type(e).__name__}: {e}") from e
         versions = expand_versions(spans, len(ids)) or [sampled_by or ""] * len(ids)
