@@ -132,7 +132,9 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def grpo(args: argparse.Namespace) -> None:
-    res = {}
+    """Runs already in this folder's engines_grpo.json are kept (one engine per call fits a device call's limit)."""
+    done = out_dir() / "engines_grpo.json"
+    res = json.loads(done.read_text())["runs"] if done.exists() else {}
     for name in args.engines:
         sets = [f"model.path={args.model}", f"loop.num_steps={args.steps}"]
         if name == "sglang" and sglang_env():

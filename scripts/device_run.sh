@@ -10,12 +10,14 @@
 #            (configs/grpo_2gpu_nccl.yaml), pd (prefill GPU 0, decode GPU 1), pd_equal (the same in fp32, greedy),
 #            async (benchmarks/async_vs_sync.py --gpu: sync vs async on grpo_2gpu_nccl, $STEPS steps each)
 #   async1   one GPU: the same benchmark with the trainer and the engine sharing the GPU, disk pushes
+#   variants one GPU: $RECIPE once per $VARIANTS entry ("name:key=value,key=value name2:..."), metrics kept
 #   sglang   one GPU: the engine contract suite on real SGLang and vLLM, then benchmarks/engines.py ($PARTS of suite,
-#            serve, grpo; then report). SGLang's own site-packages: VIME_SGLANG_PYTHONPATH (default /tmp/site_sgl)
+#            serve, grpo ($ENGINES, default "vllm sglang"); then report). SGLang's own site-packages: VIME_SGLANG_PYTHONPATH
+#            (default /tmp/site_sgl)
 # Results (JSON, PNG, logs) go to /tmp/results/PHASE and are re-packed into $OUT/PHASE.tgz after every part, so a
 # call cut off at its limit still returns what finished.
 set -uo pipefail
-phase=${1:?usage: device_run.sh smoke|loop|bench|single|pair|multi|async1|sglang}
+phase=${1:?usage: device_run.sh smoke|loop|bench|single|pair|multi|async1|variants|sglang}
 here=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 RAY_DEDUP_LOGS=0
@@ -119,12 +121,21 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
       case $part in
         suite) step suite 420 $py -m pytest -q -x -m gpu tests/test_engine_suite.py -k gpu -p no:cacheprovider ;;
         serve) step serve 420 $py benchmarks/engines.py serve --model $VIME_MODELS/qwen2-0.5b ;;
-        grpo) step grpo 560 $py benchmarks/engines.py grpo --model $VIME_MODELS/qwen2-0.5b --steps ${STEPS:-30}
+        grpo) step grpo 560 $py benchmarks/engines.py grpo --model $VIME_MODELS/qwen2-0.5b --steps ${STEPS:-30} \
+            --engines ${ENGINES:-vllm sglang}
           cp /tmp/runs/engines_*/metrics.jsonl "$VIME_BENCH_OUT/" 2>/dev/null ;;
       esac
     done
     [ -f "$VIME_BENCH_OUT/engines_serve.json" ] && [ -f "$VIME_BENCH_OUT/engines_grpo.json" ] &&
       step report 60 $py benchmarks/engines.py report --src "$VIME_BENCH_OUT" --out "$VIME_BENCH_OUT" ;;
+  variants)  # one GPU: $RECIPE (default configs/grpo_gpu.yaml) once per entry of $VARIANTS, "name:key=v,key=v ..."
+    export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; model05
+    for v in ${VARIANTS:?name:key=value,... per variant}; do
+      name=${v%%:*}; sets=(); IFS=, read -ra kv <<< "${v#*:}"; for x in "${kv[@]}"; do sets+=(--set "$x"); done
+      step "variant_$name" ${VARIANT_TIMEOUT:-280} $py -m vime.cli train -c ${RECIPE:-configs/grpo_gpu.yaml} \
+        --set model.path=$VIME_MODELS/qwen2-0.5b --set run.out_dir=/tmp/runs/$name "${sets[@]}"
+      cp /tmp/runs/$name/metrics.jsonl "$VIME_BENCH_OUT/variant_${name}_metrics.jsonl" 2>/dev/null; pack
+    done ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac
 [ -n "${VIME_SCOPE:-}" ] || cleanup

@@ -198,20 +198,21 @@ def test_sft_step_lowers_cross_entropy_and_set_lr_applies(ray_cluster, model_dir
 
 
 def test_reset_optimizer_starts_the_next_phase_as_a_fresh_run(ray_cluster, model_dir):
-    """Warm-start steps at a negligible rate fill Adam's moments but leave the weights; after the reset, one step
-    must move the weights exactly as a fresh trainer's first step does (with the moments kept it moves them along
-    the warm start's gradients too)."""
+    """Warm-start steps at a negligible rate fill Adam's moments but leave the weights; after the reset, two steps
+    must move the weights exactly as a fresh trainer's first two do: with the moments kept they move them along
+    the warm start's gradients too, and with the schedule kept they skip the warm-up (full rate at once)."""
     warm, rl = make_samples(4, seed=6), make_samples(4, seed=7)
-    with trainer(model_dir("llama"), lr=1e-3) as fresh:
-        fresh.train_step(rl, "sft")
+    with trainer(model_dir("llama"), lr=1e-3, warmup_steps=3) as fresh:
+        lrs = [fresh.train_step(rl, "sft")["lr"] for _ in range(2)]
         expected = fresh.logprobs(rl)
-    with trainer(model_dir("llama"), lr=1e-3) as tr:
+    assert lrs[1] < 1e-3, lrs  # the two steps are inside the warm-up
+    with trainer(model_dir("llama"), lr=1e-3, warmup_steps=3) as tr:
         tr.set_lr(1e-12)
-        for _ in range(3):
+        for _ in range(4):
             tr.train_step(warm, "sft")
         tr.set_lr(1e-3)
         tr.reset_optimizer()
-        tr.train_step(rl, "sft")
+        assert [tr.train_step(rl, "sft")["lr"] for _ in range(2)] == pytest.approx(lrs)
         got = tr.logprobs(rl)
     gap = max(abs(a - b) for x, y in zip(got, expected, strict=True) for a, b in zip(x, y, strict=True))
     assert gap < 1e-4, gap

@@ -144,8 +144,9 @@ class Trainer(Protocol):
     def set_lr(self, lr: float) -> None: ...
 
     def reset_optimizer(self) -> None:
-        """Forget the optimiser's moments, so a new phase (RL after the SFT warm start) starts as a separate run
-        would: carried over, the warm start's small late second moments scale RL's first updates up several-fold."""
+        """Forget the optimiser's moments and restart its schedule (warm-up included), so a new phase (RL after the
+        SFT warm start) starts as a separate run would: carried over, the warm start's second moments set the size
+        of RL's first updates."""
         ...
 
     def connect_weights(self, channel: str, cfg: dict[str, Any], urls: list[str]) -> None:

@@ -63,11 +63,16 @@ def wrap(w: Any, model: Any, apply_args: Callable[[Any], None]) -> tuple[Any, An
     return ddp, optimizer, scheduler
 
 
-def reset(optimizer: Any) -> None:
+def reset(optimizer: Any, scheduler: Any) -> None:
     """Adam's moments and step counts are made lazily on the next step once the state is empty (torch's and
-    Transformer Engine's Adam alike), so emptying it is a fresh optimiser over the same parameters."""
+    Transformer Engine's Adam alike), so emptying it is a fresh optimiser over the same parameters. The schedule
+    restarts too: fresh Adam's first steps are sign steps (m/sqrt(v) = ±1 per weight), which moved a 0.5B model by
+    lr on every weight at once and wrecked it in one RL step (H200, lr 1e-5); `trainer.warmup_steps` is what
+    tames that, and it must apply to the new phase, not only to the warm start."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         opt.optimizer.state.clear()
+    scheduler.num_steps = 0
+    scheduler.step(increment=0)
 
 
 def set_peak_lr(optimizer: Any, scheduler: Any, lr: float) -> None:

@@ -297,7 +297,7 @@ class MegatronWorker:
         return captured[0][: len(tokens)] if ps.is_pipeline_last_stage() else None
 
     def reset_optimizer(self) -> None:
-        optim.reset(self.optimizer)
+        optim.reset(self.optimizer, self.scheduler)
 
     def set_lr(self, lr: float) -> None:
         optim.set_peak_lr(self.optimizer, self.scheduler, lr)
