@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from vime.models import ARCHS
 from vime.registry import ENGINES
 
 if TYPE_CHECKING:  # the CLI imports the config (pydantic, torch-free but not tiny) only for commands that need it
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vime", description="RL post-training: rollout, train, serve.")
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make-model", help="write a tiny random HF model + tokenizer")
-    m.add_argument("--arch", default="qwen2", choices=["qwen2", "qwen3", "llama"])
+    m.add_argument("--arch", default="qwen2", choices=list(ARCHS))
     m.add_argument("--size", default="tiny")
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)

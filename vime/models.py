@@ -57,7 +57,9 @@ SIZES = {
     ),
 }
 TOKENIZER_VOCAB = 512
-ARCHS = ("qwen2", "qwen3", "llama")
+ARCHS = ("qwen2", "qwen3", "llama", "qwen3_moe")
+# Mixture-of-Experts shape added to a Size: 8 experts, top-2, each expert a quarter of the dense MLP.
+MOE_EXPERTS, MOE_TOPK, MOE_FFN_DIVISOR = 8, 2, 4
 
 
 def train_tokenizer(vocab_size: int) -> Any:
@@ -113,6 +115,19 @@ def hf_config(arch: str, size: Size, *, tie: bool | None = None) -> Any:
             head_dim=size.hidden // size.heads,
             tie_word_embeddings=True if tie is None else tie,
             rope_theta=1_000_000.0,
+        )
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(
+            **common,
+            head_dim=size.hidden // size.heads,
+            tie_word_embeddings=False if tie is None else tie,
+            rope_theta=1_000_000.0,
+            num_experts=MOE_EXPERTS,
+            num_experts_per_tok=MOE_TOPK,
+            moe_intermediate_size=size.intermediate // MOE_FFN_DIVISOR,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
         )
     if arch == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=False if tie is None else tie, rope_theta=10_000.0)

@@ -15,6 +15,7 @@ class TrainerConfig(BaseModel):
     name: str = Field(default="megatron", description="registered trainer name or 'pkg.module:Class'")
     tp: int = Field(default=1, ge=1, description="tensor-parallel size")
     pp: int = Field(default=1, ge=1, description="pipeline-parallel size")
+    ep: int = Field(default=1, ge=1, description="expert-parallel size (Mixture-of-Experts models)")
     world_size: int = Field(default=1, ge=1, description="ranks in all; dp = world_size / (tp * pp)")
     dtype: Literal["float32", "bfloat16"] = "float32"
     lr: float = Field(default=1e-4, gt=0)
@@ -55,6 +56,10 @@ class TrainerConfig(BaseModel):
         if self.world_size % (self.tp * self.pp):
             raise ValueError(
                 f"trainer.world_size ({self.world_size}) must be a multiple of tp*pp ({self.tp}*{self.pp})"
+            )
+        if self.world_size % (self.ep * self.pp):
+            raise ValueError(
+                f"trainer.world_size ({self.world_size}) must be a multiple of ep*pp ({self.ep}*{self.pp})"
             )
         return self
 

@@ -11,8 +11,8 @@ vLLM's standard RL routes (`/init_weight_transfer_engine`, `/start_weight_update
 vLLM's own `nccl` engine serves `weights.backend: nccl` unchanged. As in vLLM's engines, each class also holds its
 trainer's side (`trainer_send_weights`), which `weight_channel.py` calls in the trainer's process.
 
-Both load through vLLM's layerwise-reload lifecycle and then fix the CPU backend's pre-packed tied lm_head,
-which the reload never rebuilds (without it log-probs are off by nats after a push).
+Both load through vLLM's layerwise-reload lifecycle and then fix what the CPU backend pre-packed at start-up and
+the reload never rebuilds: the tied lm_head and MoE experts (without it log-probs are off by nats after a push).
 """
 
 from __future__ import annotations
@@ -77,6 +77,21 @@ class TensorsUpdateInfo(WeightTransferUpdateInfo):
     path: str | None = None  # disk backend: the safetensors file holding these tensors
 
 
+def refresh_cpu_experts(model: torch.nn.Module) -> int:
+    """Re-pack the CPU backend's MoE experts; returns how many layers were refreshed. On a reload vLLM copies the
+    new expert weights into the parameters in their loaded layout but runs the CPU kernel's pre-packing only at
+    start-up (`_setup_kernel`: first call only), so without this the experts compute with mis-packed weights
+    (log-probs off by nats after a push)."""
+    n = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and "CPU" in type(experts).__name__:
+            experts.process_weights_after_loading(module)
+            n += 1
+    return n
+
+
 @dataclass
 class DiskInitInfo(WeightTransferInitInfo):
     pass
@@ -95,6 +110,7 @@ class _ReloadingEngine(WeightTransferEngine):
 
         finalize_layerwise_reload(self.model, self.model_config)
         refresh_tied_lm_head(self.model)
+        refresh_cpu_experts(self.model)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # The base class ends with torch.accelerator.synchronize(), which raises on CPU; our receives are

@@ -3,7 +3,9 @@
 Three layers of names: HF (`model.layers.3.self_attn.q_proj.weight`), global Megatron
 (`decoder.layers.3.self_attention.linear_qkv.weight`, unsharded) and local Megatron (the names of one rank's
 module: stage-local layer numbers, TP shards). `from_hf`/`to_hf` convert HF ↔ global; `shard`/`unshard` and
-`local_to_global` handle the rank's view.
+`local_to_global` handle the rank's view. MoE experts carry their global index in global names
+(`mlp.experts.local_experts.<e>`, e over all experts) and their index on the expert-parallel rank in local names;
+experts are never TP-sharded (the spec sets expert TP = 1).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from trainers.megatron.spec import head_dim, spec_for
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)\.(.+)$")
 
 # Per-layer global Megatron suffix → HF suffix (1:1 tensors).
 _ONE_TO_ONE = {
@@ -81,7 +84,20 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
             out[m + "self_attention.linear_qkv.bias"] = fuse_qkv(
                 hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"], cfg
             )
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+        if spec.moe:
+            out.update(_experts_from_hf(hf, p, m, cfg))
+        else:
+            out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+    return out
+
+
+def _experts_from_hf(hf: dict[str, torch.Tensor], p: str, m: str, cfg: Any) -> dict[str, torch.Tensor]:
+    """Router ← HF `mlp.gate`; expert e's fc1 = [gate; up], fc2 = down (HF stores experts one by one)."""
+    out = {m + "mlp.router.weight": hf[p + "mlp.gate.weight"]}
+    for e in range(cfg.num_experts):
+        h, me = f"{p}mlp.experts.{e}.", f"{m}mlp.experts.local_experts.{e}."
+        out[me + "linear_fc1.weight"] = torch.cat([hf[h + "gate_proj.weight"], hf[h + "up_proj.weight"]])
+        out[me + "linear_fc2.weight"] = hf[h + "down_proj.weight"]
     return out
 
 
@@ -97,6 +113,16 @@ def to_hf(name: str, t: torch.Tensor, cfg: Any) -> list[tuple[str, torch.Tensor]
     if not m:
         raise KeyError(f"no HF name for Megatron tensor {name!r}")
     p, suffix = f"model.layers.{m.group(1)}.", m.group(2)
+    if suffix == "mlp.router.weight":
+        return [(p + "mlp.gate.weight", t)]
+    e = _EXPERT.match(name)
+    if e:
+        h = f"{p}mlp.experts.{e.group(2)}."
+        if e.group(3) == "linear_fc1.weight":
+            gate, up = t.chunk(2)
+            return [(h + "gate_proj.weight", gate), (h + "up_proj.weight", up)]
+        if e.group(3) == "linear_fc2.weight":
+            return [(h + "down_proj.weight", t)]
     if suffix in _ONE_TO_ONE:
         return [(p + _ONE_TO_ONE[suffix], t)]
     if suffix.startswith("self_attention.linear_qkv."):
@@ -110,6 +136,8 @@ def to_hf(name: str, t: torch.Tensor, cfg: Any) -> list[tuple[str, torch.Tensor]
 
 
 def tp_dim(name: str) -> int | None:
+    if is_expert(name):
+        return None
     for suffix, dim in _TP_DIM.items():
         if name.endswith(suffix):
             return dim
@@ -136,11 +164,24 @@ def unshard(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim)
 
 
-def local_to_global(name: str, pp_rank: int, layers_per_stage: int) -> str:
+def is_expert(name: str) -> bool:
+    return _EXPERT.match(name) is not None
+
+
+def expert_to_global(name: str, ep_rank: int, experts_per_rank: int) -> str:
+    """Local expert j on expert-parallel rank r is global expert r * experts_per_rank + j."""
+    e = _EXPERT.match(name)
+    if not e:
+        return name
+    return f"{e.group(1)}{ep_rank * experts_per_rank + int(e.group(2))}.{e.group(3)}"
+
+
+def local_to_global(name: str, pp_rank: int, layers_per_stage: int, ep_rank: int = 0, experts_per_rank: int = 0) -> str:
     m = _LAYER.match(name)
     if not m:
         return name
-    return f"decoder.layers.{pp_rank * layers_per_stage + int(m.group(1))}.{m.group(2)}"
+    name = f"decoder.layers.{pp_rank * layers_per_stage + int(m.group(1))}.{m.group(2)}"
+    return expert_to_global(name, ep_rank, experts_per_rank)
 
 
 def local_state_dict(
@@ -151,11 +192,13 @@ def local_state_dict(
     tp: int,
     pp_rank: int,
     layers_per_stage: int,
+    ep_rank: int = 0,
+    experts_per_rank: int = 0,
 ) -> dict[str, torch.Tensor]:
     """The shards one rank's module expects, from a global state dict."""
     out = {}
     for name in local_names:
-        g = local_to_global(name, pp_rank, layers_per_stage)
+        g = local_to_global(name, pp_rank, layers_per_stage, ep_rank, experts_per_rank)
         if g not in full:
             raise KeyError(f"HF checkpoint provides no tensor for Megatron parameter {g!r}")
         out[name] = shard(g, full[g], tp_rank, tp).clone()

@@ -6,8 +6,10 @@ Each patch answers one hard-coded CUDA assumption in megatron-core; `apply()` in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from importlib import metadata
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -56,6 +58,59 @@ def patch_default_causal_mask() -> None:
     fs.get_default_causal_mask = functools.lru_cache(32)(lambda sq: torch.triu(torch.ones(sq, sq, dtype=torch.bool), 1))
 
 
+def patch_moe_router_gemm() -> None:
+    """MoE: `router_gating_linear` tests `te_general_gemm is not None`, a name only bound when Transformer Engine
+    imports (a NameError without it): bind it to None, the plain-matmul branch."""
+    import megatron.core.transformer.moe.moe_utils as mu
+
+    mu.te_general_gemm = None
+
+
+class _Event:
+    def synchronize(self) -> None: ...
+
+    def wait(self, *_: Any) -> None: ...
+
+    def query(self) -> bool:
+        return True
+
+
+class _Stream:
+    """CPU work is ordered already; the all-to-all dispatcher only asks a side stream to copy split sizes."""
+
+    def __init__(self, *_: Any, **__: Any) -> None: ...
+
+    def wait_stream(self, _: Any) -> None: ...
+
+    def wait_event(self, _: Any) -> None: ...
+
+    def record_event(self, _: Any = None) -> _Event:
+        return _Event()
+
+    def synchronize(self) -> None: ...
+
+
+def patch_cuda_streams() -> None:
+    """MoE all-to-all dispatcher: `torch.cuda.Stream()` for its device-to-host copies, `current_stream()`,
+    `torch.cuda.stream(s)`."""
+    current = _Stream()
+    torch.cuda.Stream = _Stream  # type: ignore[misc, assignment]
+    torch.cuda.current_stream = lambda *a, **k: current  # type: ignore[assignment]
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
+
+
+def patch_moe_split_sizes() -> None:
+    """MoE all-to-all: split sizes become host lists only for CUDA tensors (`maybe_move_tensor_to_cpu`); gloo's
+    `all_to_all_single` refuses CPU tensors there, so CPU tensors take the same `.numpy()` path."""
+    import megatron.core.transformer.moe.moe_utils as mu
+    import megatron.core.transformer.moe.token_dispatcher as td
+
+    def to_host(t: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        return t.numpy() if as_numpy and torch.is_tensor(t) else t
+
+    mu.maybe_move_tensor_to_cpu = td.maybe_move_tensor_to_cpu = to_host
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """mcore's DDP/optimizer/grad-clip path has literal 'cuda' devices and asserts `.type()` is a cuda type:
     rewrite the devices to CPU and report CPU tensors under their cuda type names."""
@@ -80,6 +135,9 @@ def apply(seed: int) -> None:
     patch_synchronize()
     patch_default_causal_mask()
     patch_rng_tracker(seed)
+    patch_moe_router_gemm()
+    patch_cuda_streams()
+    patch_moe_split_sizes()
     if not _MODE:
         _MODE.append(CudaToCpuMode())
         _MODE[0].__enter__()

@@ -1,7 +1,7 @@
 """One plain spec per model family: how its HF config becomes a Megatron GPTModel (torchtitan's "model spec").
 
-The families differ only in a few switches (qkv bias, q/k norm, tied output), so a spec is data, not a class
-hierarchy; the state-dict adapter (`adapter.py`) reads the same switches.
+The families differ only in a few switches (qkv bias, q/k norm, tied output, experts), so a spec is data, not a
+class hierarchy; the state-dict adapter (`adapter.py`) reads the same switches.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ class ModelSpec:
     qkv_bias: bool
     qk_layernorm: bool
     default_rope_theta: float
+    moe: bool = False
 
 
 SPECS = {
     "qwen2": ModelSpec("qwen2", qkv_bias=True, qk_layernorm=False, default_rope_theta=1_000_000.0),
     "qwen3": ModelSpec("qwen3", qkv_bias=False, qk_layernorm=True, default_rope_theta=1_000_000.0),
     "llama": ModelSpec("llama", qkv_bias=False, qk_layernorm=False, default_rope_theta=10_000.0),
+    "qwen3_moe": ModelSpec("qwen3_moe", qkv_bias=False, qk_layernorm=True, default_rope_theta=1_000_000.0, moe=True),
 }
 
 
@@ -45,7 +47,37 @@ def head_dim(hf_cfg: Any) -> int:
     return int(getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads)
 
 
-def transformer_config(hf_cfg: Any, *, tp: int, pp: int, dtype: torch.dtype, on_cpu: bool, recompute: bool = False):
+def moe_config(hf_cfg: Any, ep: int) -> dict[str, Any]:
+    """Qwen3-MoE routing in Megatron's terms: softmax, top-k, renormalised over the k when HF's `norm_topk_prob`
+    (Megatron's `pre_softmax=False`), no load-balancing loss (RL does not train the balance; `trainer.args` can
+    turn one on). Experts are never TP-sharded (expert TP = 1): the adapter and the push rely on it."""
+    if not spec_for(hf_cfg).moe:
+        if ep > 1:
+            raise ValueError(f"trainer.ep={ep} needs a Mixture-of-Experts model; {hf_cfg.model_type} has no experts")
+        return {}
+    experts = hf_cfg.num_experts
+    if experts % ep:
+        raise ValueError(f"trainer.ep={ep} must divide the model's num_experts ({experts})")
+    if getattr(hf_cfg, "mlp_only_layers", None) or getattr(hf_cfg, "decoder_sparse_step", 1) != 1:
+        raise ValueError("Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step != 1) is not supported")
+    return {
+        "num_moe_experts": experts,
+        "moe_router_topk": hf_cfg.num_experts_per_tok,
+        "moe_ffn_hidden_size": hf_cfg.moe_intermediate_size,
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": not hf_cfg.norm_topk_prob,
+        "moe_router_load_balancing_type": "none",
+        "moe_aux_loss_coeff": 0.0,
+        "moe_token_dispatcher_type": "alltoall",
+        "moe_grouped_gemm": False,
+        "expert_model_parallel_size": ep,
+        "expert_tensor_parallel_size": 1,
+    }
+
+
+def transformer_config(
+    hf_cfg: Any, *, tp: int, pp: int, dtype: torch.dtype, on_cpu: bool, recompute: bool = False, ep: int = 1
+):
     from megatron.core.transformer import TransformerConfig
 
     spec = spec_for(hf_cfg)
@@ -88,6 +120,7 @@ def transformer_config(hf_cfg: Any, *, tp: int, pp: int, dtype: torch.dtype, on_
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
+        **moe_config(hf_cfg, ep),
     )
 
 
@@ -98,7 +131,9 @@ def build_model(hf_cfg: Any, config: Any, *, pre_process: bool, post_process: bo
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = spec_for(hf_cfg)
-    layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_layernorm)
+    layer_spec = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts, normalization="RMSNorm", qk_layernorm=spec.qk_layernorm
+    )
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,

@@ -77,7 +77,12 @@ class MegatronWorker:
         )
         if not self.on_cpu:
             torch.cuda.set_device(0)  # Ray gives each rank one visible GPU
-        ps.initialize_model_parallel(tensor_model_parallel_size=self.cfg.tp, pipeline_model_parallel_size=self.cfg.pp)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=self.cfg.tp,
+            pipeline_model_parallel_size=self.cfg.pp,
+            expert_model_parallel_size=self.cfg.ep,
+            expert_tensor_parallel_size=1,
+        )
         self._seed_everything(self.cfg.seed)
         if self.on_cpu:
             from trainers.megatron import cpu_shim
@@ -90,11 +95,18 @@ class MegatronWorker:
         self.hf_cfg = AutoConfig.from_pretrained(self.model_path)
         dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
         self.tcfg = transformer_config(
-            self.hf_cfg, tp=self.cfg.tp, pp=self.cfg.pp, dtype=dtype, on_cpu=self.on_cpu, recompute=self.cfg.recompute
+            self.hf_cfg,
+            tp=self.cfg.tp,
+            pp=self.cfg.pp,
+            ep=self.cfg.ep,
+            dtype=dtype,
+            on_cpu=self.on_cpu,
+            recompute=self.cfg.recompute,
         )
         self._apply_args(self.tcfg)
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
+        self.ep_rank = ps.get_expert_model_parallel_rank()
         self.layers_per_stage = self.hf_cfg.num_hidden_layers // self.cfg.pp
         model, self.head = self._initial_model()
         self.model, self.optimizer, self.scheduler = optim.wrap(self, model, self._apply_args)
@@ -156,6 +168,8 @@ class MegatronWorker:
             tp=self.cfg.tp,
             pp_rank=self.pp_rank,
             layers_per_stage=self.layers_per_stage,
+            ep_rank=self.ep_rank,
+            experts_per_rank=(self.tcfg.num_moe_experts or 0) // self.cfg.ep,
         )
         missing, unexpected = model.load_state_dict(local, strict=False)
         missing = [m for m in missing if m in names]
