@@ -55,6 +55,7 @@ def nothing_starts(monkeypatch):
         ("algorithm.loss=ppo2", "unknown loss 'ppo2' (algorithm.loss)"),
         ("data.epochs=1", "data.epochs=1 over"),
         ("data.eval_path=/nonexistent/eval.jsonl", "data.eval_path='/nonexistent/eval.jsonl' does not exist"),
+        ("algorithm.routing_replay=true", "algorithm.routing_replay replays expert choices, but model.path="),
     ],
 )
 def test_preflight_names_the_key_before_anything_starts(recipe, nothing_starts, override, needle):

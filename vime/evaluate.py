@@ -24,7 +24,7 @@ class Evaluator:
             self.records = PromptSource(eval_data).records[: self.size]
         ctx = dataclasses.replace(
             self.ctx,
-            params=dataclasses.replace(self.ctx.params, n=1, temperature=0.0),
+            params=dataclasses.replace(self.ctx.params, n=1, temperature=0.0, routed_experts=False),
             seed_base=None,
             data_source=str(self.data.eval_path),
             counters={"prompts": 0},

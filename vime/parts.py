@@ -102,7 +102,9 @@ class Parts(contextlib.ExitStack):
         )
         self.callback(self.pool.close)  # before the engines stop: their going away is no fault to repair
         limit = engine_spec(e.name).context_limit(cfg.engine)
-        self.ctx = make_context(cfg.rollout, cfg.data, self.pool, self.tokenizer, limit)
+        self.ctx = make_context(
+            cfg.rollout, cfg.data, self.pool, self.tokenizer, limit, routed_experts=cfg.algorithm.routing_replay
+        )
         if cfg.rollout.agent:  # agents reach the engines through the OpenAI gateway, which records their tokens
             from vime.gateway.server import Gateway
 

@@ -4,6 +4,7 @@ start, so a typo costs a second, not the minute an engine takes to come up; each
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from vime.algorithms.estimators import ESTIMATORS
@@ -33,6 +34,13 @@ def check_model(cfg: Config) -> None:
     if not any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
         raise PreflightError(f"{key}={str(tok)!r} holds no tokenizer (tokenizer.json / tokenizer_config.json)")
+    if cfg.algorithm.routing_replay:
+        hf = json.loads((model / "config.json").read_text())
+        if not any(hf.get(k) for k in ("num_experts", "n_routed_experts", "num_local_experts")):
+            raise PreflightError(
+                f"algorithm.routing_replay replays expert choices, but model.path={cfg.model.path!r} has no experts "
+                f"(model_type {hf.get('model_type')!r}); turn it off or train a Mixture-of-Experts model"
+            )
 
 
 def check_plugins(cfg: Config) -> None:

@@ -33,6 +33,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     json_schema: dict[str, Any] | None = None  # decode under this JSON schema (the engine's structured output)
+    routed_experts: bool = False  # MoE: return the experts the engine routed every token to (routing replay, R3)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -45,6 +46,10 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "abort"
     text: str = ""
     weight_versions: list[str] = field(default_factory=list)  # one per token; empty if the engine has none
+    # MoE, when asked for: the experts of every position the engine computed, prompt and response, all but the
+    # last token (nothing reads its routing): [position][layer][k], every layer as the engines report them (a
+    # dense layer's rows mean nothing)
+    routed_experts: list[list[list[int]]] | None = None
 
     @property
     def status(self) -> Status:
@@ -74,6 +79,7 @@ class Sample:
     label: Any = None  # the ground truth the reward function checks against
     response: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    routed_experts: list[list[list[int]]] | None = None  # the engine's, as `Completion.routed_experts`
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)
@@ -88,6 +94,9 @@ class Sample:
                 raise ValueError(f"Sample.{name} has {len(getattr(self, name))} entries for {n} response tokens")
         if self.weight_versions and len(self.weight_versions) != n:
             raise ValueError(f"Sample.weight_versions has {len(self.weight_versions)} entries for {n} tokens")
+        positions = len(self.prompt_ids) + n - 1
+        if self.routed_experts is not None and len(self.routed_experts) != positions:
+            raise ValueError(f"Sample.routed_experts covers {len(self.routed_experts)} positions, not {positions}")
 
     @classmethod
     def from_completion(cls, prompt_ids: list[int], c: Completion, **kw: Any) -> Sample:
@@ -98,6 +107,7 @@ class Sample:
             status=c.status,
             weight_versions=list(c.weight_versions),
             response=c.text,
+            routed_experts=c.routed_experts,
             **kw,
         )
 

@@ -53,6 +53,7 @@ def make_microbatch(samples: list[dict[str, Any]], length: int) -> dict[str, tor
         for k, t in extra.items():
             if r:
                 t[i, span] = torch.tensor(s[PER_TOKEN[k]], dtype=torch.float)
+    routes = engine_routes(samples, length)
     return {
         "tokens": tokens,
         "targets": targets,
@@ -60,7 +61,24 @@ def make_microbatch(samples: list[dict[str, Any]], length: int) -> dict[str, tor
         "advantages": adv,
         "position_ids": torch.arange(length).unsqueeze(0).expand(b, -1).contiguous(),
         **extra,
+        **({"routes": routes} if routes is not None else {}),
     }
+
+
+def engine_routes(samples: list[dict[str, Any]], length: int) -> torch.Tensor | None:
+    """The experts the engine routed each position to, [b, s, layers, k] (int16; -1 where the engine gave
+    none: padding, the last token, samples without routes, which the router then routes live), or None when no
+    sample of the micro-batch has routes."""
+    given = [s.get("routed_experts") for s in samples]
+    first = next((g for g in given if g), None)
+    if first is None:
+        return None
+    layers, k = len(first[0]), len(first[0][0])
+    out = torch.full((len(samples), length, layers, k), -1, dtype=torch.int16)
+    for i, g in enumerate(given):
+        if g:
+            out[i, : len(g)] = torch.tensor(g, dtype=torch.int16)
+    return out
 
 
 def microbatches(

@@ -72,6 +72,7 @@ def moe_config(hf_cfg: Any, ep: int) -> dict[str, Any]:
         "moe_grouped_gemm": False,
         "expert_model_parallel_size": ep,
         "expert_tensor_parallel_size": 1,
+        "moe_enable_routing_replay": True,  # the hook R3 sets per micro-batch; idle (live routing) without routes
     }
 
 

@@ -27,6 +27,7 @@ def to_rank_dict(s: Sample, per_token: dict[str, list[float]]) -> dict[str, Any]
         "advantage": s.advantage,
         "token_advantages": s.token_advantages,
         "logprobs": s.logprobs,  # the engine's, for TIS / MIS
+        "routed_experts": s.routed_experts,  # the engine's expert choices, for routing replay (R3)
         **per_token,
     }
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainers.megatron import adapter, export, optim, rank_checkpoint, value_head
+from trainers.megatron import adapter, export, optim, rank_checkpoint, routing, value_head
 from trainers.megatron.batching import microbatches, response_values
 from trainers.megatron.logprobs import LogProbHead
 from trainers.megatron.spec import build_model, transformer_config
@@ -222,6 +222,7 @@ class MegatronWorker:
         mask = torch.triu(torch.ones(length, length, dtype=torch.bool, device=dev), 1)[None, None]
 
         model, head = (self.ref, self.ref_head) if reference else (self.model, self.head)
+        replay = routing.replay_if_routed(self, model, mbs)
         if head is not None:  # the model's last stage returns per-token log-probs (see LogProbHead)
             h = head
             h.temperature, h.with_entropy, h.on_logits = temperature, not forward_only, on_logits
@@ -250,20 +251,26 @@ class MegatronWorker:
 
         def forward_step(data_iter: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
             mb = next(data_iter)
+            if replay is not None:
+                replay.load(mb.get("routes"))
             out = model(
                 input_ids=mb["tokens"], position_ids=mb["position_ids"], attention_mask=mask, labels=mb["targets"]
             )
             return out, partial(loss_func, mb)
 
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(mbs),
-            model=[model],
-            num_microbatches=len(mbs),
-            seq_length=length,
-            micro_batch_size=self.cfg.micro_batch_size,
-            forward_only=forward_only,
-        )
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(mbs),
+                model=[model],
+                num_microbatches=len(mbs),
+                seq_length=length,
+                micro_batch_size=self.cfg.micro_batch_size,
+                forward_only=forward_only,
+            )
+        finally:
+            if replay is not None:
+                replay.load(None)
 
     def logprobs(
         self, samples: list[dict[str, Any]], temperature: float = 1.0, reference: bool = False
@@ -310,6 +317,9 @@ class MegatronWorker:
         self.model.train()
         return captured[0][: len(tokens)] if ps.is_pipeline_last_stage() else None
 
+    def routing_counts(self) -> dict[str, float]:
+        return routing.counts(self)
+
     def reset_optimizer(self) -> None:
         optim.reset(self.optimizer, self.scheduler)
 
@@ -333,6 +343,8 @@ class MegatronWorker:
             ok, grad_norm = False, None
             self.optimizer.zero_grad()
         metrics, n = token_means(outs, self.world_size, self.on_cpu, self.cfg.pp)  # every metric the loss returned
+        if self.tcfg.num_moe_experts:
+            metrics.update(self.routing_counts())
         metrics.update(
             grad_norm=float(grad_norm or 0.0),
             update_ok=float(bool(ok)),

@@ -88,6 +88,10 @@ class AlgorithmConfig(BaseModel):
     tis: TISConfig | None = Field(default=None, description="truncated importance weights vs the engine's log-probs")
     mis: MISConfig | None = Field(default=None, description="masked importance sampling (IcePop) vs the engine's")
     temperature: float | None = Field(default=None, description="defaults to rollout.temperature")
+    routing_replay: bool = Field(
+        default=False,
+        description="MoE (R3): the engine returns the experts it routed every token to, the trainer replays them",
+    )
     value_clip: float | None = Field(
         default=0.2, gt=0, description="critic: a new value may move this far from the old one before the loss clips"
     )

@@ -122,7 +122,12 @@ def load_tokenizer(path: str) -> Any:
 
 
 def make_context(
-    r: RolloutConfig, data: DataConfig, engines: EnginePool, tokenizer: Any, context_limit: int | None = None
+    r: RolloutConfig,
+    data: DataConfig,
+    engines: EnginePool,
+    tokenizer: Any,
+    context_limit: int | None = None,
+    routed_experts: bool = False,
 ) -> RolloutContext:
     params = SamplingParams(
         n=r.n_samples,
@@ -132,6 +137,7 @@ def make_context(
         top_k=r.top_k,
         stop=list(r.stop),
         extra=dict(r.sampling_extra),
+        routed_experts=routed_experts,
     )
     return RolloutContext(
         engines=engines,
