@@ -10,12 +10,14 @@ makes later tokens newer than their tag, never older, so a staleness bound on th
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
 from engines.common.engine import LoopHTTP
+from engines.vllm.routes import RoutesError, from_npy_b64, merge
 from vime.types import Completion, SamplingParams
 
 
@@ -83,6 +85,8 @@ class VLLMClient(LoopHTTP):
         version: tuple[int, int, int] = (0, 32, 0),
         route: str = "generate",
         model: str = "",
+        route_sources: list[str] | None = None,
+        native_routes: bool = False,
     ):
         self.base_url = base_url
         self.timeout_s = timeout_s
@@ -91,6 +95,9 @@ class VLLMClient(LoopHTTP):
         # which only forwards the OpenAI routes). Without version spans the client tracks the version itself.
         self.route = route
         self.model = model
+        self.route_sources = route_sources  # behind a router: the servers whose recorded routes R3 merges
+        # R3 from vLLM's own output (`enable_return_routed_experts`, vLLM 0.26 GPU); else vime's capture hook
+        self.native_routes = native_routes
         self.local_version: str | None = None if version >= (0, 27, 0) and route == "generate" else "default"
 
     async def _post(
@@ -116,6 +123,10 @@ class VLLMClient(LoopHTTP):
             "return_tokens_as_token_ids": True,
             **sp,
         }
+        if params.routed_experts and self.native_routes:
+            raise EngineRequestError("routing replay through a router needs vime's capture hook, not vLLM's own")
+        if params.routed_experts:
+            body["request_id"] = await self._routes_on()
         # a router in front (consistent_hash) keeps a session on one server by this header
         data = await self._post("/v1/completions", body, headers={"x-session-id": session} if session else None)
         out = []
@@ -133,6 +144,8 @@ class VLLMClient(LoopHTTP):
                     weight_versions=[sampled_by or ""] * len(ids),
                 )
             )
+        if params.routed_experts:
+            await self._attach_routes(body["request_id"], prompt_ids, out)
         return out
 
     async def generate_one(
@@ -154,9 +167,58 @@ class VLLMClient(LoopHTTP):
             # FINAL_ONLY (= 2) makes the engine aggregate all n children into the final output.
             body["sampling_params"].setdefault("output_kind", 2)
         sampled_by = self.local_version  # see complete_one
+        capture = params.routed_experts and not self.native_routes
+        if capture:
+            body["request_id"] = await self._routes_on()
         data = await self._post("/inference/v1/generate", body)
         choices = sorted(data["choices"], key=lambda c: c["index"])
-        return [parse_choice(c, sampled_by) for c in choices]
+        out = [parse_choice(c, sampled_by) for c in choices]
+        if capture:
+            await self._attach_routes(body["request_id"], prompt_ids, out)
+        elif params.routed_experts:
+            self._native_routes(choices, prompt_ids, out)
+        return out
+
+    def _native_routes(self, choices: list[dict[str, Any]], prompt_ids: list[int], out: list[Completion]) -> None:
+        for ch, c in zip(choices, out):
+            blob = ch.get("routed_experts")
+            if not blob:
+                raise EngineRequestError(
+                    f"{self.base_url}: no routed_experts in the answer: start the engine with "
+                    "engine.args.enable_return_routed_experts: true (or leave it off for vime's capture hook)"
+                )
+            try:
+                c.routed_experts = from_npy_b64(blob, len(prompt_ids) + len(c.token_ids) - 1)
+            except RoutesError as e:
+                raise EngineRequestError(f"{self.base_url}: {e}") from e
+
+    async def _attach_routes(self, request_id: str, prompt_ids: list[int], out: list[Completion]) -> None:
+        """Each child's routes, from every server that computed part of the request (behind a router: all of
+        them; their admin routes are reached directly, never through the router)."""
+        found = []
+        for url in self.route_sources or [""]:
+            data = await self._post(
+                url + "/collective_rpc", {"method": "vime_routes_take", "kwargs": {"request_id": request_id}}
+            )
+            results = (data or {}).get("results") or [None]
+            if results[0] is None:  # TP workers route alike: the first one answers
+                raise EngineRequestError(
+                    f"{url or self.base_url}: routing capture is off (the server restarted mid-request?)"
+                )
+            found.append(results[0])
+        lengths = [len(prompt_ids) + len(c.token_ids) - 1 for c in out]
+        try:
+            merged = merge(found, len(out), lengths)
+        except RoutesError as e:
+            raise EngineRequestError(f"{self.base_url}: request {request_id}: {e}") from e
+        for c, routes in zip(out, merged):
+            c.routed_experts = routes
+
+    async def _routes_on(self) -> str:
+        """A fresh caller id for the request, with every server behind this client recording routes."""
+        for url in self.route_sources or [""]:
+            await self._post(url + "/collective_rpc", {"method": "vime_routes_on", "kwargs": {}})
+        return f"vime-{uuid.uuid4().hex}"
 
     async def generate(
         self, prompts: list[list[int]], params: SamplingParams, session: str | None = None

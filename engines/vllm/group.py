@@ -29,9 +29,23 @@ def on_cpu() -> bool:
 class VLLMEngine(ServedEngine):
     """One server (or the router) + its client: the `vime.protocols.Engine` for vLLM."""
 
-    def __init__(self, server: Any, request_timeout_s: float, route: str = "generate", model: str = ""):
+    def __init__(
+        self,
+        server: Any,
+        request_timeout_s: float,
+        route: str = "generate",
+        model: str = "",
+        route_sources: list[str] | None = None,
+        native_routes: bool = False,
+    ):
         client = VLLMClient(
-            server.base_url, timeout_s=request_timeout_s, version=server.version, route=route, model=model
+            server.base_url,
+            timeout_s=request_timeout_s,
+            version=server.version,
+            route=route,
+            model=model,
+            route_sources=route_sources,
+            native_routes=native_routes,
         )
         super().__init__(server, client)
 
@@ -72,6 +86,11 @@ class VLLMEngineGroup:
         self.engines: list[VLLMEngine] = []
         self.router: VLLMRouter | None = None
         self._rr = 0
+
+    @property
+    def native_routes(self) -> bool:
+        """R3 from vLLM's own output (the GPU line) rather than vime's capture hook."""
+        return bool(self.cfg.args.get("enable_return_routed_experts"))
 
     def roles(self) -> list[str]:
         c = self.cfg
@@ -172,9 +191,13 @@ class VLLMEngineGroup:
             except BaseException:
                 self.stop()
                 raise
-            self.engines = [VLLMEngine(self.router, c.request_timeout_s, route="completions", model=self.model_path)]
+            self.engines = [
+                VLLMEngine(
+                    self.router, c.request_timeout_s, route="completions", model=self.model_path, route_sources=urls
+                )
+            ]
         else:
-            self.engines = [VLLMEngine(s, c.request_timeout_s) for s in self.servers]
+            self.engines = [VLLMEngine(s, c.request_timeout_s, native_routes=self.native_routes) for s in self.servers]
         return self
 
     def stop(self) -> None:
@@ -197,7 +220,7 @@ class VLLMEngineGroup:
             raise RuntimeError(f"engine server {i} was restarted while its group was being stopped")
         self.servers[i] = server
         if self.router is None:
-            self.engines[i] = VLLMEngine(server, self.cfg.request_timeout_s)
+            self.engines[i] = VLLMEngine(server, self.cfg.request_timeout_s, native_routes=self.native_routes)
 
     def dead(self) -> list[int]:
         """Servers whose process has exited (a router in front is restarted with the vime process, not here)."""

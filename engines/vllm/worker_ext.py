@@ -197,6 +197,20 @@ class VimeWorkerExtension:
     """Methods callable through `/collective_rpc` on every worker."""
 
     model_runner: Any  # set by vLLM's worker this class is mixed into
+    vllm_config: Any
+
+    def vime_routes_on(self) -> bool:
+        """Start recording the experts every token is routed to (idempotent; per server process)."""
+        if getattr(self, "_vime_routes", None) is None:
+            from engines.vllm.r3_capture import RouteRecorder
+
+            self._vime_routes = RouteRecorder(self.model_runner, self.vllm_config)
+        return True
+
+    def vime_routes_take(self, request_id: str) -> dict[str, Any] | None:
+        """The recorded routes of a finished request's children (None: recording is off, e.g. after a restart)."""
+        rec = getattr(self, "_vime_routes", None)
+        return None if rec is None else rec.take(request_id)
 
     def vime_refresh_tied_lm_head(self) -> int:
         return refresh_tied_lm_head(self.model_runner.model)
