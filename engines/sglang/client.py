@@ -12,12 +12,14 @@ started instead (the group sets it after every push), which errs old, never new,
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import numpy as np
 
 from engines.common.engine import LoopHTTP
 from vime.types import Completion, SamplingParams
@@ -62,6 +64,22 @@ def finish(meta: dict[str, Any]) -> str:
     return kind if kind in ("stop", "length") else "abort"
 
 
+def decode_routes(meta: dict[str, Any], rows: int, topk: int) -> list[Any]:
+    """SGLang's `meta_info.routed_experts` (`return_routed_experts`): base64 of int32 [prompt + output - 1, layers,
+    k], every layer (a dense one's rows mean nothing)."""
+    blob = meta.get("routed_experts")
+    if not blob:
+        raise EngineRequestError(
+            "SGLang answered without routed_experts: start it with engine.args.enable_return_routed_experts: true"
+        )
+    flat = np.frombuffer(base64.b64decode(blob), dtype=np.int32)
+    if rows <= 0 or flat.size % (rows * topk):
+        raise EngineRequestError(
+            f"SGLang's routed_experts holds {flat.size} ids, not {rows} positions x layers x {topk}"
+        )
+    return flat.reshape(rows, -1, topk).astype(np.int64).tolist()
+
+
 def parse_item(item: dict[str, Any], version: str) -> Completion:
     ids = [int(t) for t in item.get("output_ids") or []]
     meta = item.get("meta_info") or {}
@@ -81,8 +99,11 @@ def parse_item(item: dict[str, Any], version: str) -> Completion:
 
 
 class SGLangClient(LoopHTTP):
-    def __init__(self, base_url: str, *, timeout_s: float = 600.0, seeds_honoured: bool = False):
+    def __init__(
+        self, base_url: str, *, timeout_s: float = 600.0, seeds_honoured: bool = False, topk: int | None = None
+    ):
         self.base_url = base_url
+        self.topk = topk  # MoE: experts per token, to shape routing replay's routes
         self.timeout_s = timeout_s
         self.local_version = "default"  # SGLang's own initial version (`--weight-version`)
         self._warned_seed = seeds_honoured  # started with --enable-deterministic-inference: nothing to say
@@ -119,12 +140,21 @@ class SGLangClient(LoopHTTP):
             "sampling_params": [sampling_params(params, k) for _ in prompts for k in range(n)],
             "return_logprob": True,
         }
+        if params.routed_experts:
+            if not self.topk:
+                raise EngineRequestError("routing replay needs a Mixture-of-Experts model (no num_experts_per_tok)")
+            body["return_routed_experts"] = True
         version = self.local_version  # at the start: see the module's docstring
         data = await self._post("/generate", body)
         items = data if isinstance(data, list) else [data]
         if len(items) != n * len(prompts):
             raise EngineRequestError(f"SGLang answered {len(items)} items for {n * len(prompts)} requested")
         out = [parse_item(it, version) for it in items]
+        if params.routed_experts:
+            prompt_of = [p for p in prompts for _ in range(n)]
+            for it, c, p in zip(items, out, prompt_of):
+                meta = it.get("meta_info") or {}
+                c.routed_experts = decode_routes(meta, len(p) + len(c.token_ids) - 1, self.topk or 1)
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     async def stream(

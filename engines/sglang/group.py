@@ -4,6 +4,7 @@ together with nothing left behind, requests routed by session key."""
 from __future__ import annotations
 
 import atexit
+import json
 from pathlib import Path
 from typing import Any, Self
 
@@ -20,8 +21,8 @@ from vime.secret import auth_headers, run_secret
 class SGLangEngine(ServedEngine):
     """One server + its client: the `vime.protocols.Engine` for SGLang."""
 
-    def __init__(self, server: Any, request_timeout_s: float, seeds_honoured: bool = False):
-        client = SGLangClient(server.base_url, timeout_s=request_timeout_s, seeds_honoured=seeds_honoured)
+    def __init__(self, server: Any, request_timeout_s: float, seeds_honoured: bool = False, topk: int | None = None):
+        client = SGLangClient(server.base_url, timeout_s=request_timeout_s, seeds_honoured=seeds_honoured, topk=topk)
         super().__init__(server, client)
 
 
@@ -46,6 +47,12 @@ class SGLangEngineGroup:
         self.engines: list[SGLangEngine] = []
         self.version = "default"
         self._rr = 0
+
+    @property
+    def topk(self) -> int | None:
+        """Experts per token of a Mixture-of-Experts model (routing replay shapes SGLang's flat routes by it)."""
+        cfg = Path(self.model_path) / "config.json"
+        return json.loads(cfg.read_text()).get("num_experts_per_tok") if cfg.is_file() else None
 
     @property
     def seeds_honoured(self) -> bool:
@@ -92,7 +99,9 @@ class SGLangEngineGroup:
         self.servers = launch_retrying(
             lambda: self._launch(list(range(n)), [None] * n), self.cfg.start_retries, "SGLang"
         )
-        self.engines = [SGLangEngine(s, self.cfg.request_timeout_s, self.seeds_honoured) for s in self.servers]
+        self.engines = [
+            SGLangEngine(s, self.cfg.request_timeout_s, self.seeds_honoured, self.topk) for s in self.servers
+        ]
         return self
 
     def stop(self) -> None:
@@ -111,7 +120,7 @@ class SGLangEngineGroup:
             server.stop()
             raise RuntimeError(f"engine server {i} was restarted while its group was being stopped")
         self.servers[i] = server
-        self.engines[i] = SGLangEngine(server, self.cfg.request_timeout_s, self.seeds_honoured)
+        self.engines[i] = SGLangEngine(server, self.cfg.request_timeout_s, self.seeds_honoured, self.topk)
 
     def dead(self) -> list[int]:
         return [i for i, s in enumerate(self.servers) if not s.alive()]

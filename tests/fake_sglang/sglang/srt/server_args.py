@@ -16,6 +16,7 @@ class ServerArgs:
     enable_deterministic_inference: bool = False
     enable_memory_saver: bool = False
     disable_radix_cache: bool = False
+    enable_return_routed_experts: bool = False
     random_seed: int = 0
     context_length: int = 2048
     dtype: str = "float32"
@@ -32,6 +33,7 @@ def prepare_server_args(argv: list[str]) -> ServerArgs:
     p.add_argument("--enable-deterministic-inference", action="store_true")
     p.add_argument("--enable-memory-saver", action="store_true")
     p.add_argument("--disable-radix-cache", action="store_true")
+    p.add_argument("--enable-return-routed-experts", action="store_true")
     p.add_argument("--random-seed", type=int, default=0)
     p.add_argument("--context-length", type=int, default=2048)
     p.add_argument("--dtype", default="float32")

@@ -4,6 +4,7 @@ generating with the real model through transformers (fp32, CPU, one request at a
 from __future__ import annotations
 
 import asyncio
+import base64
 import glob
 import json
 import os
@@ -39,7 +40,7 @@ class Fake:
         self.pg: Any = None
         self.ttft = [0.0, 0]
 
-    def sample(self, sp: dict[str, Any], ids: list[int], on_token: Any = None) -> dict[str, Any]:
+    def sample(self, sp: dict[str, Any], ids: list[int], on_token: Any = None, routes: bool = False) -> dict[str, Any]:
         t0, epoch = time.monotonic(), self.abort
         temp, top_k, top_p = float(sp.get("temperature", 1.0)), int(sp.get("top_k", -1)), float(sp.get("top_p", 1.0))
         seed = sp.get("sampling_seed")
@@ -53,6 +54,8 @@ class Fake:
         lps: list[float] = []
         reason: dict[str, Any] = {"type": "length", "length": int(sp.get("max_new_tokens", 128))}
         past, feed = None, torch.tensor([ids])
+        routes = routes and self.args.enable_return_routed_experts  # SGLang returns them only when started so
+        rows: list[torch.Tensor] = []  # [fed tokens, layers, k] per forward: the routers' top-k, as SGLang records
         for _ in range(int(sp.get("max_new_tokens", 128))):
             self.resumed.wait()  # pause in place: the request waits here, its cache kept
             if self.abort != epoch:
@@ -61,7 +64,10 @@ class Fake:
             if self.released:
                 raise RuntimeError(f"generation while memory is released ({sorted(self.released)})")
             with self.lock, torch.no_grad():
-                res = self.model(input_ids=feed, past_key_values=past, use_cache=True)
+                res = self.model(input_ids=feed, past_key_values=past, use_cache=True, output_router_logits=routes)
+            if routes:
+                k = self.model.config.num_experts_per_tok
+                rows.append(torch.stack([g.topk(k, -1).indices for g in res.router_logits], 1).to(torch.int32))
             past, logits = res.past_key_values, res.logits[0, -1].double()
             greedy = temp < 1e-6
             logp = torch.log_softmax(logits if greedy else logits / temp, -1)
@@ -86,7 +92,10 @@ class Fake:
                 break
             if on_token is not None and len(out) < int(sp.get("max_new_tokens", 128)):
                 on_token(self.item(out, lps, None, len(ids)))  # the last token comes with its finish reason
-        return self.item(out, lps, reason, len(ids))
+        item = self.item(out, lps, reason, len(ids))
+        if routes:  # every fed position: the prompt and all sampled tokens but the last
+            item["meta_info"]["routed_experts"] = base64.b64encode(torch.cat(rows).numpy().tobytes()).decode()
+        return item
 
     def item(self, out: list[int], lps: list[float], reason: Any, n_prompt: int) -> dict[str, Any]:
         return {
@@ -170,7 +179,8 @@ async def generate(request: Request) -> Any:
         return StreamingResponse(stream(batch[0], sps[0]), media_type="text/event-stream")
     f.running += len(batch)
     try:
-        items = await asyncio.gather(*(asyncio.to_thread(f.sample, sp, p) for p, sp in zip(batch, sps)))
+        routes = bool(body.get("return_routed_experts"))
+        items = await asyncio.gather(*(asyncio.to_thread(f.sample, sp, p, None, routes) for p, sp in zip(batch, sps)))
     except RuntimeError as e:
         return JSONResponse({"error": {"message": str(e)}}, status_code=400)
     finally:
