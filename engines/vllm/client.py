@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from engines.common.engine import LoopHTTP
-from engines.vllm.routes import RoutesError, from_npy_b64, merge
+from engines.vllm.routes import ROUTES_TAG, RoutesError, from_npy_b64, merge
 from vime.types import Completion, SamplingParams
 
 
@@ -125,8 +125,8 @@ class VLLMClient(LoopHTTP):
         }
         if params.routed_experts and self.native_routes:
             raise EngineRequestError("routing replay through a router needs vime's capture hook, not vLLM's own")
-        if params.routed_experts:
-            body["request_id"] = await self._routes_on()
+        if params.routed_experts:  # the tag rides in the body: a P/D router replaces the request's id
+            body["vllm_xargs"] = {ROUTES_TAG: await self._routes_on()}
         # a router in front (consistent_hash) keeps a session on one server by this header
         data = await self._post("/v1/completions", body, headers={"x-session-id": session} if session else None)
         out = []
@@ -145,7 +145,7 @@ class VLLMClient(LoopHTTP):
                 )
             )
         if params.routed_experts:
-            await self._attach_routes(body["request_id"], prompt_ids, out)
+            await self._attach_routes(body["vllm_xargs"][ROUTES_TAG], prompt_ids, out)
         return out
 
     async def generate_one(
@@ -169,12 +169,12 @@ class VLLMClient(LoopHTTP):
         sampled_by = self.local_version  # see complete_one
         capture = params.routed_experts and not self.native_routes
         if capture:
-            body["request_id"] = await self._routes_on()
+            body["sampling_params"]["extra_args"] = {ROUTES_TAG: await self._routes_on()}
         data = await self._post("/inference/v1/generate", body)
         choices = sorted(data["choices"], key=lambda c: c["index"])
         out = [parse_choice(c, sampled_by) for c in choices]
         if capture:
-            await self._attach_routes(body["request_id"], prompt_ids, out)
+            await self._attach_routes(body["sampling_params"]["extra_args"][ROUTES_TAG], prompt_ids, out)
         elif params.routed_experts:
             self._native_routes(choices, prompt_ids, out)
         return out
@@ -192,14 +192,12 @@ class VLLMClient(LoopHTTP):
             except RoutesError as e:
                 raise EngineRequestError(f"{self.base_url}: {e}") from e
 
-    async def _attach_routes(self, request_id: str, prompt_ids: list[int], out: list[Completion]) -> None:
+    async def _attach_routes(self, tag: str, prompt_ids: list[int], out: list[Completion]) -> None:
         """Each child's routes, from every server that computed part of the request (behind a router: all of
         them; their admin routes are reached directly, never through the router)."""
         found = []
         for url in self.route_sources or [""]:
-            data = await self._post(
-                url + "/collective_rpc", {"method": "vime_routes_take", "kwargs": {"request_id": request_id}}
-            )
+            data = await self._post(url + "/collective_rpc", {"method": "vime_routes_take", "kwargs": {"tag": tag}})
             results = (data or {}).get("results") or [None]
             if results[0] is None:  # TP workers route alike: the first one answers
                 raise EngineRequestError(
@@ -210,12 +208,13 @@ class VLLMClient(LoopHTTP):
         try:
             merged = merge(found, len(out), lengths)
         except RoutesError as e:
-            raise EngineRequestError(f"{self.base_url}: request {request_id}: {e}") from e
+            raise EngineRequestError(f"{self.base_url}: request tagged {tag}: {e}") from e
         for c, routes in zip(out, merged):
             c.routed_experts = routes
 
     async def _routes_on(self) -> str:
-        """A fresh caller id for the request, with every server behind this client recording routes."""
+        """A fresh tag for the request (its sampling params' extra_args carry it to the workers), with every
+        server behind this client recording routes."""
         for url in self.route_sources or [""]:
             await self._post(url + "/collective_rpc", {"method": "vime_routes_on", "kwargs": {}})
         return f"vime-{uuid.uuid4().hex}"

@@ -1,10 +1,11 @@
 """Client side of rollout routing replay (R3): the routes each server recorded for a request, merged into one
 `[position][layer][k]` list per sampled child.
 
-A request leaves records under vLLM's internal ids, which contain the caller's id: `k_<id>...` for child k of
-an n > 1 request, `<id>...` otherwise. Under P/D the prefill server holds the prompt's positions under a
-child-less id and the decode server the rest; a position computed on both (the last prompt token, which the
-decode server may recompute) keeps the later server's routes: those produced the sampled token.
+A request is tagged in its sampling params' `extra_args` (ROUTES_TAG; not its id, which a P/D router replaces
+with its own) and leaves records under vLLM's internal ids: `k_<id>` for child k of an n > 1 request. Under P/D
+the prefill server holds the prompt's positions (under a child-less id when n = 1) and the decode server the
+rest; a position computed on both (the last prompt token, which the decode server recomputes) keeps the later
+server's routes: those produced the sampled token.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 from typing import Any
 
 CHILD = re.compile(r"^(\d+)_")
+ROUTES_TAG = "vime_routes"  # the key of the request's tag in its sampling params' extra_args
 
 
 class RoutesError(RuntimeError):

@@ -207,10 +207,10 @@ class VimeWorkerExtension:
             self._vime_routes = RouteRecorder(self.model_runner, self.vllm_config)
         return True
 
-    def vime_routes_take(self, request_id: str) -> dict[str, Any] | None:
+    def vime_routes_take(self, tag: str) -> dict[str, Any] | None:
         """The recorded routes of a finished request's children (None: recording is off, e.g. after a restart)."""
         rec = getattr(self, "_vime_routes", None)
-        return None if rec is None else rec.take(request_id)
+        return None if rec is None else rec.take(tag)
 
     def vime_refresh_tied_lm_head(self) -> int:
         return refresh_tied_lm_head(self.model_runner.model)
