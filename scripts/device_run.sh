@@ -12,8 +12,10 @@
 #   async1   one GPU: the same benchmark with the trainer and the engine sharing the GPU, disk pushes
 #   variants one GPU: $RECIPE once per $VARIANTS entry ("name:key=value,key=value name2:..."), metrics kept
 #   sglang   one GPU: the engine contract suite on real SGLang and vLLM, then benchmarks/engines.py ($PARTS of suite,
-#            serve, grpo ($ENGINES, default "vllm sglang"); then report). SGLang's own site-packages: VIME_SGLANG_PYTHONPATH
-#            (default /tmp/site_sgl)
+#            serve, grpo ($ENGINES, default "vllm sglang"), moe_r3 (benchmarks/moe_r3.py on $MOE_RECIPE); then report). SGLang's own site-packages: VIME_SGLANG_PYTHONPATH
+#            (default /tmp/site_sgl). Parts without vLLM (grpo with ENGINES=sglang, moe_r3 on an SGLang recipe) need
+#            only the trainer's wheels in /tmp/site: ../shared/device/stage.sh .stage_min megatron-core==0.16.1 ray==2.52.1
+#            pydantic pyyaml tqdm tensorboard psutil fastapi uvicorn (2 parts instead of vLLM's 11)
 # Results (JSON, PNG, logs) go to /tmp/results/PHASE and are re-packed into $OUT/PHASE.tgz after every part, so a
 # call cut off at its limit still returns what finished.
 set -uo pipefail
@@ -124,6 +126,11 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
         grpo) step grpo 560 $py benchmarks/engines.py grpo --model $VIME_MODELS/qwen2-0.5b --steps ${STEPS:-30} \
             --engines ${ENGINES:-vllm sglang}
           cp /tmp/runs/engines_*/metrics.jsonl "$VIME_BENCH_OUT/" 2>/dev/null ;;
+        moe_r3)  # routing replay on and off on a random 0.5B-shaped Qwen3-MoE, $MOE_RECIPE's engine
+          [ -f $VIME_MODELS/qwen3-moe-0.5b/config.json ] || $py -m vime.cli make-model --arch qwen3_moe --size 0.5b \
+            --dtype bfloat16 --device cuda --out $VIME_MODELS/qwen3-moe-0.5b
+          step moe_r3 ${MOE_TIMEOUT:-540} $py benchmarks/moe_r3.py --gpu --recipe ${MOE_RECIPE:-configs/grpo_moe_gpu.yaml} \
+            --steps ${MOE_STEPS:-10} --sft-steps ${MOE_SFT:-20} --out /tmp/runs/moe_r3 --set model.path=$VIME_MODELS/qwen3-moe-0.5b ;;
       esac
     done
     [ -f "$VIME_BENCH_OUT/engines_serve.json" ] && [ -f "$VIME_BENCH_OUT/engines_grpo.json" ] &&
