@@ -48,6 +48,17 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def card_slug() -> str:
+    """The accelerator in a result's file name ("h100", "h200"; "cpu" without one), so results never mix cards."""
+    gpu = machine().get("gpu")
+    if not gpu:
+        return "cpu"
+    for word in str(gpu).lower().replace("-", " ").split():
+        if word[:1] in "abhlv" and word[1:].isdigit():
+            return word
+    return "gpu"
+
+
 def train_run(recipe: str, out: Path, sets: list[str], log: Path) -> dict[str, Any]:
     """`vime train -c recipe --set ...` in a subprocess (its own Ray, engines and trainer, all stopped with it):
     exit code, wall seconds, its start (epoch seconds), every logged row, and the eval reward by RL step."""
