@@ -129,8 +129,10 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
         moe_r3)  # routing replay on and off on a random 0.5B-shaped Qwen3-MoE, $MOE_RECIPE's engine
           [ -f $VIME_MODELS/qwen3-moe-0.5b/config.json ] || $py -m vime.cli make-model --arch qwen3_moe --size 0.5b \
             --dtype bfloat16 --device cuda --out $VIME_MODELS/qwen3-moe-0.5b
-          step moe_r3 ${MOE_TIMEOUT:-540} $py benchmarks/moe_r3.py --gpu --recipe ${MOE_RECIPE:-configs/grpo_moe_gpu.yaml} \
-            --steps ${MOE_STEPS:-10} --sft-steps ${MOE_SFT:-20} --out /tmp/runs/moe_r3 --set model.path=$VIME_MODELS/qwen3-moe-0.5b ;;
+          recipe=${MOE_RECIPE:-configs/grpo_moe_gpu.yaml}; env=()  # an SGLang server needs its own site first
+          [[ $recipe == *sglang* ]] && env=(--set "engine.env.PYTHONPATH=$VIME_SGLANG_PYTHONPATH:$PWD")
+          step moe_r3 ${MOE_TIMEOUT:-540} $py benchmarks/moe_r3.py --gpu --recipe $recipe --steps ${MOE_STEPS:-10} \
+            --sft-steps ${MOE_SFT:-20} --out /tmp/runs/moe_r3 --set model.path=$VIME_MODELS/qwen3-moe-0.5b "${env[@]}" ;;
       esac
     done
     [ -f "$VIME_BENCH_OUT/engines_serve.json" ] && [ -f "$VIME_BENCH_OUT/engines_grpo.json" ] &&

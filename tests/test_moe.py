@@ -205,3 +205,18 @@ def test_trainer_replays_the_engine_routes_at_ep2(model_dir, ray_cluster):
         assert moved > 1e-3, moved
         metrics = tr.train_step(samples, "policy")
         assert metrics["r3_disagree"] == 0.0 and metrics["r3_replayed"] == positions * layers, metrics
+
+
+def test_sglang_refuses_a_tied_qwen3_moe_before_starting(tmp_path):
+    """SGLang's Qwen3-MoE never ties its lm_head: a tied checkpoint would serve from an uninitialised head (0.53
+    nats off the trainer on an H100). The group refuses it by file and fix, before any server starts."""
+    import json
+
+    from vime.registry import ENGINES
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "tie_word_embeddings": True}))
+    spec = ENGINES.get("sglang")
+    group = spec.make_group(spec.config(name="sglang"), model_path=str(tmp_path), log_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"config.json: tie_word_embeddings is true.*untied"):
+        group.start()
+    assert group.servers == []

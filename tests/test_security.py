@@ -75,3 +75,19 @@ def test_the_secret_never_appears_on_a_command_line(qwen2_engines):
     secret = auth_headers()["Authorization"].split()[1]
     leaks = [p.pid for p in psutil.process_iter(["cmdline"]) if secret in " ".join(p.info["cmdline"] or [])]
     assert leaks == []
+
+
+def test_sglang_launcher_keys_survive_a_secret_that_starts_with_a_dash():
+    """A url-safe secret starts with "-" one time in 32; given as `--api-key <secret>`, argparse took it for a flag
+    and SGLang refused to start (seen on an H100). Parsed by the fake SGLang's argparse, as the real one does."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "from engines.sglang.launch import key_flags\n"
+        "from sglang.srt.server_args import prepare_server_args\n"
+        "a = prepare_server_args(['--model-path', 'm', *key_flags('-Xy_z')])\n"
+        "print(a.api_key, a.admin_api_key)\n"
+    )
+    path = os.pathsep.join([os.path.join(root, "tests", "fake_sglang"), root])
+    env = {**os.environ, "PYTHONPATH": path}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and r.stdout.split() == ["-Xy_z", "-Xy_z"], r.stderr[-2000:]

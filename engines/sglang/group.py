@@ -17,6 +17,24 @@ from engines.sglang.config import SGLangEngineConfig
 from vime.secret import ENV as SECRET_ENV
 from vime.secret import auth_headers, run_secret
 
+# SGLang 0.5.17 models whose lm_head never reads tie_word_embeddings: a tied checkpoint has no lm_head.weight, so
+# the head keeps its initial values and every log-prob is off (0.53 nats against the trainer, seen on an H100).
+NO_TIED_HEAD = {"qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def refuse_tied_head(model_path: str) -> None:
+    cfg = Path(model_path) / "config.json"
+    if not cfg.is_file():
+        return
+    hf = json.loads(cfg.read_text())
+    arch = NO_TIED_HEAD.get(hf.get("model_type", ""))
+    if arch and hf.get("tie_word_embeddings"):
+        raise ValueError(
+            f"{cfg}: tie_word_embeddings is true, but SGLang's {arch} ignores it (its lm_head would keep its "
+            "initial values); save the model untied (lm_head.weight, tie_word_embeddings: false) or use "
+            "engine.name: vllm"
+        )
+
 
 class SGLangEngine(ServedEngine):
     """One server + its client: the `vime.protocols.Engine` for SGLang."""
@@ -94,6 +112,7 @@ class SGLangEngineGroup:
     def start(self) -> Self:
         if self.servers:  # already running: never launch a second set
             return self
+        refuse_tied_head(self.model_path)
         atexit.register(self.stop)
         n = self.cfg.num_engines
         self.servers = launch_retrying(

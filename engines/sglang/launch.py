@@ -22,7 +22,13 @@ def main(argv: list[str]) -> None:
     if not secret:  # never serve unguarded by accident: the group always sets it
         raise SystemExit(f"{ENV} is not set in the SGLang server's environment; its API keys need it")
     # parsed here, in-process: the keys never reach the process's command line
-    launch_server(prepare_server_args([*argv, "--api-key", secret, "--admin-api-key", secret]))
+    launch_server(prepare_server_args([*argv, *key_flags(secret)]))
+
+
+def key_flags(secret: str) -> list[str]:
+    """`--flag=value`, never `--flag value`: a url-safe secret starts with "-" one time in 32, and argparse then
+    takes it for a flag ("argument --api-key: expected one argument", seen on an H100)."""
+    return [f"--api-key={secret}", f"--admin-api-key={secret}"]
 
 
 if __name__ == "__main__":

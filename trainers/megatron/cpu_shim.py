@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from trainers.megatron import te_shim
+
 PINNED = "0.16.1"
 _MODE: list[CudaToCpuMode] = []  # the one installed mode (entered once per process)
 
@@ -56,14 +58,6 @@ def patch_default_causal_mask() -> None:
     import megatron.core.fusions.fused_softmax as fs
 
     fs.get_default_causal_mask = functools.lru_cache(32)(lambda sq: torch.triu(torch.ones(sq, sq, dtype=torch.bool), 1))
-
-
-def patch_moe_router_gemm() -> None:
-    """MoE: `router_gating_linear` tests `te_general_gemm is not None`, a name only bound when Transformer Engine
-    imports (a NameError without it): bind it to None, the plain-matmul branch."""
-    import megatron.core.transformer.moe.moe_utils as mu
-
-    mu.te_general_gemm = None
 
 
 class _Event:
@@ -135,7 +129,7 @@ def apply(seed: int) -> None:
     patch_synchronize()
     patch_default_causal_mask()
     patch_rng_tracker(seed)
-    patch_moe_router_gemm()
+    te_shim.apply()  # MoE router gemm without Transformer Engine (GPU without TE needs it too)
     patch_cuda_streams()
     patch_moe_split_sizes()
     if not _MODE:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainers.megatron import adapter, export, optim, rank_checkpoint, routing, value_head
+from trainers.megatron import adapter, export, optim, rank_checkpoint, routing, te_shim, value_head
 from trainers.megatron.batching import microbatches, response_values
 from trainers.megatron.logprobs import LogProbHead
 from trainers.megatron.spec import build_model, transformer_config
@@ -84,6 +84,7 @@ class MegatronWorker:
             expert_tensor_parallel_size=1,
         )
         self._seed_everything(self.cfg.seed)
+        te_shim.apply()
         if self.on_cpu:
             from trainers.megatron import cpu_shim
 
