@@ -42,9 +42,11 @@ def test_route_merge_takes_prompt_routes_from_the_prefill_server_and_refuses_gap
         merge([decode], 2, [4, 3])
 
 
-@pytest.mark.parametrize("ep", [1, 2])
-def test_moe_logits_match_transformers_and_export_round_trips(ray_cluster, model_dir, ep):
-    path = model_dir("qwen3_moe")
+@pytest.mark.parametrize("arch, ep", [("qwen3_moe", 1), ("qwen3_moe", 2), ("glm4_moe", 1), ("glm4_moe", 2)])
+def test_moe_logits_match_transformers_and_export_round_trips(ray_cluster, model_dir, arch, ep):
+    """GLM-4.5's tiny model adds a dense first layer, a shared expert, sigmoid routing with a score bias (a
+    buffer that must load and export too), half-rotary heads and q/k/v bias to Qwen3-MoE's features."""
+    path = model_dir(arch)
     s = make_samples(1, seed=1)[0]
     with trainer(path, ep=ep, world_size=ep) as tr:
         assert check_logits(tr, hf(path), s.prompt_ids + s.response_ids) < 1e-4
@@ -220,3 +222,77 @@ def test_sglang_refuses_a_tied_qwen3_moe_before_starting(tmp_path):
     with pytest.raises(ValueError, match=r"config.json: tie_word_embeddings is true.*untied"):
         group.start()
     assert group.servers == []
+
+
+def hf_routes(model, tokens: list[int]) -> list[list[set[int] | None]]:
+    """transformers' expert choice per position and layer, as its routers return it (GLM-4.5 chooses by sigmoid
+    score plus a bias, not by the logits' top-k); None for a dense layer."""
+    layers = model.model.layers
+    chosen: list[list[int] | None] = [None] * len(layers)
+    hooks = []
+    for i, layer in enumerate(layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if isinstance(gate, torch.nn.Module) and hasattr(gate, "top_k"):
+            hooks.append(gate.register_forward_hook(lambda _m, _a, out, i=i: chosen.__setitem__(i, out[2].tolist())))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([tokens]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [[None if c is None else set(c[t]) for c in chosen] for t in range(len(tokens))]
+
+
+@pytest.fixture(scope="module")
+def glm_engines(model_dir, tmp_path_factory):
+    group = start_engines(
+        model_dir("glm4_moe"), tmp_path_factory.mktemp("glm-logs"), weights="gloo", enable_prefix_caching=False
+    )
+    yield group
+    group.stop()
+
+
+def test_glm45_engine_routes_replay_and_push_match_transformers_and_the_trainer(glm_engines, model_dir, ray_cluster):
+    """GLM-4.5 end to end on the CPU: vLLM serves the tiny model as transformers computes it and routes every
+    token as transformers' routers do (sigmoid + score bias); a Megatron trainer at EP=2 replays those routes
+    without one disagreement and computes the engine's log-probs; after its update an EP=2 push reaches the
+    engine and the engine's log-probs equal the trainer's."""
+    from trainers.megatron.trainer import MegatronTrainer
+    from vime.trainer import TrainerConfig
+
+    path = model_dir("glm4_moe")
+    model, eng = hf(path), glm_engines.engines[0]
+    samples = r3_samples(eng, [[1, 60, 61, 62, 63, 64, 65], [2, 80, 81]])
+    for s in samples:
+        ref = hf_response_logprobs(model, s)
+        assert max(abs(a - b) for a, b in zip(s.logprobs, ref, strict=True)) < 1e-3, (s.logprobs, ref)
+        tokens = s.prompt_ids + s.response_ids
+        want = hf_routes(model, tokens)[: len(tokens) - 1]
+        assert s.routed_experts is not None and len(s.routed_experts) == len(want)
+        wrong = [
+            (t, layer, got, ks)
+            for t, (pos, ref_pos) in enumerate(zip(s.routed_experts, want, strict=True))
+            for layer, (got, ks) in enumerate(zip(pos, ref_pos, strict=True))
+            if ks is not None and set(got) != ks
+        ]
+        assert not wrong and any(ks for ks in want[0]), wrong[:5]
+    cfg = TrainerConfig(ep=2, world_size=2, micro_batch_size=2, lr=1e-2)
+    with MegatronTrainer(cfg, model_path=str(path)) as tr:
+        lp = tr.logprobs(samples)
+        counts = tr.call("routing_counts")[0]
+        assert counts["r3_disagree"] == 0.0 and counts["r3_replayed"] > 0, counts
+        gap = max(abs(a - b) for s, y in zip(samples, lp) for a, b in zip(s.logprobs, y, strict=True))
+        assert gap < 1e-3, gap
+        tr.train_step(samples, "policy")
+        tr.connect_weights(
+            "engines.vllm.weight_channel:VLLMWeightChannel", {"backend": "gloo", "bucket_mb": 1}, glm_engines.urls()
+        )
+        tr.push_weights("glm1")
+        prompt = [1, 60, 61, 62, 63, 64, 65]
+        (cs,) = asyncio.run(eng.generate([prompt], SamplingParams(n=2, max_tokens=12, seed=3)))
+        after = [Sample.from_completion(prompt, c) for c in cs]
+        ref = hf_response_logprobs(model, after[0])
+        moved = max(abs(a - b) for a, b in zip(after[0].logprobs, ref, strict=True))
+        gap = max(abs(a - b) for x, y in zip(after, tr.logprobs(after)) for a, b in zip(x.logprobs, y, strict=True))
+        assert moved > 1e-2 and gap < 1e-3, (moved, gap)
+        assert asyncio.run(eng.weight_version()) == "glm1"

@@ -57,7 +57,7 @@ SIZES = {
     ),
 }
 TOKENIZER_VOCAB = 512
-ARCHS = ("qwen2", "qwen3", "llama", "qwen3_moe")
+ARCHS = ("qwen2", "qwen3", "llama", "qwen3_moe", "glm4_moe")
 # Mixture-of-Experts shape added to a Size: 8 experts, top-2, each expert a quarter of the dense MLP.
 MOE_EXPERTS, MOE_TOPK, MOE_FFN_DIVISOR = 8, 2, 4
 
@@ -108,7 +108,7 @@ def hf_config(arch: str, size: Size, *, tie: bool | None = None) -> Any:
     }
     # Size.tie is Qwen2.5's (0.5B/1.5B tie); Qwen3-MoE models are untied at every size, and SGLang's Qwen3-MoE
     # ignores tie_word_embeddings (its lm_head stays as initialised: 0.53 nats off the trainer on an H100)
-    tie = (None if arch == "qwen3_moe" else size.tie) if tie is None else tie
+    tie = (None if arch in ("qwen3_moe", "glm4_moe") else size.tie) if tie is None else tie
     if arch == "qwen2":
         return tf.Qwen2Config(**common, tie_word_embeddings=True if tie is None else tie, rope_theta=1_000_000.0)
     if arch == "qwen3":
@@ -130,6 +130,25 @@ def hf_config(arch: str, size: Size, *, tie: bool | None = None) -> Any:
             norm_topk_prob=True,
             decoder_sparse_step=1,
             mlp_only_layers=[],
+        )
+    if arch == "glm4_moe":  # GLM-4.5's features at a small scale: first layer dense, a shared expert, sigmoid
+        return tf.Glm4MoeConfig(  # routing with a score bias, half-rotary heads, q/k/v bias
+            **common,
+            head_dim=size.hidden // size.heads,
+            tie_word_embeddings=False if tie is None else tie,
+            rope_theta=1_000_000.0,
+            partial_rotary_factor=0.5,
+            attention_bias=True,
+            use_qk_norm=True,
+            n_routed_experts=MOE_EXPERTS,
+            num_experts_per_tok=MOE_TOPK,
+            moe_intermediate_size=size.intermediate // MOE_FFN_DIVISOR,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
         )
     if arch == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=False if tie is None else tie, rope_theta=10_000.0)
@@ -168,6 +187,9 @@ def make_model(
                 p.add_(0.1 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+        for name, b in model.named_buffers():  # GLM-4.5's routing bias: a buffer, saved with the weights
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

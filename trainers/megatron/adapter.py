@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from trainers.megatron.spec import head_dim, spec_for
+from trainers.megatron.spec import head_dim, is_moe_layer, num_experts, qkv_bias
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)\.(.+)$")
+_BIAS = "mlp.gate.e_score_correction_bias"  # GLM-4.5's fixed per-expert routing bias (Megatron's expert_bias)
 
 # Per-layer global Megatron suffix → HF suffix (1:1 tensors).
 _ONE_TO_ONE = {
@@ -65,7 +66,6 @@ def split_qkv(qkv: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, torch.Tensor, 
 
 def from_hf(hf: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
     """HF state dict → global (unsharded) Megatron state dict."""
-    spec = spec_for(cfg)
     out = {
         "embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
         "decoder.final_layernorm.weight": hf["model.norm.weight"],
@@ -80,11 +80,11 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
         out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(
             hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"], cfg
         )
-        if spec.qkv_bias:
+        if qkv_bias(cfg):
             out[m + "self_attention.linear_qkv.bias"] = fuse_qkv(
                 hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"], cfg
             )
-        if spec.moe:
+        if is_moe_layer(cfg, i):
             out.update(_experts_from_hf(hf, p, m, cfg))
         else:
             out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
@@ -92,12 +92,19 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
 
 
 def _experts_from_hf(hf: dict[str, torch.Tensor], p: str, m: str, cfg: Any) -> dict[str, torch.Tensor]:
-    """Router ← HF `mlp.gate`; expert e's fc1 = [gate; up], fc2 = down (HF stores experts one by one)."""
+    """Router ← HF `mlp.gate` (and its score bias); expert e's fc1 = [gate; up], fc2 = down (HF stores experts
+    one by one); GLM-4.5's shared experts are one gated MLP."""
     out = {m + "mlp.router.weight": hf[p + "mlp.gate.weight"]}
-    for e in range(cfg.num_experts):
+    if p + _BIAS in hf:
+        out[m + "mlp.router.expert_bias"] = hf[p + _BIAS]
+    for e in range(num_experts(cfg)):
         h, me = f"{p}mlp.experts.{e}.", f"{m}mlp.experts.local_experts.{e}."
         out[me + "linear_fc1.weight"] = torch.cat([hf[h + "gate_proj.weight"], hf[h + "up_proj.weight"]])
         out[me + "linear_fc2.weight"] = hf[h + "down_proj.weight"]
+    h, ms = p + "mlp.shared_experts.", m + "mlp.shared_experts."
+    if h + "gate_proj.weight" in hf:
+        out[ms + "linear_fc1.weight"] = torch.cat([hf[h + "gate_proj.weight"], hf[h + "up_proj.weight"]])
+        out[ms + "linear_fc2.weight"] = hf[h + "down_proj.weight"]
     return out
 
 
@@ -115,6 +122,14 @@ def to_hf(name: str, t: torch.Tensor, cfg: Any) -> list[tuple[str, torch.Tensor]
     p, suffix = f"model.layers.{m.group(1)}.", m.group(2)
     if suffix == "mlp.router.weight":
         return [(p + "mlp.gate.weight", t)]
+    if suffix == "mlp.router.expert_bias":
+        return [(p + _BIAS, t)]
+    if suffix.startswith("mlp.shared_experts."):
+        h = p + "mlp.shared_experts."
+        if suffix.endswith("linear_fc1.weight"):
+            gate, up = t.chunk(2)
+            return [(h + "gate_proj.weight", gate), (h + "up_proj.weight", up)]
+        return [(h + "down_proj.weight", t)]
     e = _EXPERT.match(name)
     if e:
         h = f"{p}mlp.experts.{e.group(2)}."

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from trainers.megatron import adapter
+from trainers.megatron.spec import num_experts
 
 
 def local_state(w: Any) -> dict[str, torch.Tensor]:
@@ -94,7 +95,7 @@ def named_parts(w: Any, glob: str, full: torch.Tensor) -> list[tuple[str, torch.
     """Global Megatron names of a gathered tensor: one, or an expert's one per expert-parallel rank."""
     if not adapter.is_expert(glob):
         return [(glob, full)]
-    per_rank = w.hf_cfg.num_experts // w.cfg.ep
+    per_rank = num_experts(w.hf_cfg) // w.cfg.ep
     return [(adapter.expert_to_global(glob, r, per_rank), part) for r, part in enumerate(full)]
 
 

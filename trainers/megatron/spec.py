@@ -20,6 +20,12 @@ class ModelSpec:
     qk_layernorm: bool
     default_rope_theta: float
     moe: bool = False
+    # HF config keys that set a switch per checkpoint (GLM-4.5's attention bias and q/k norm vary by model)
+    qkv_bias_key: str | None = None
+    qk_norm_key: str | None = None
+    # "softmax": Qwen3-MoE's top-k of softmax scores; "sigmoid": GLM-4.5's top-k of sigmoid scores plus a fixed
+    # per-expert bias (e_score_correction_bias), scaled, with shared experts and the first layers dense
+    routing: str = "softmax"
 
 
 SPECS = {
@@ -27,6 +33,16 @@ SPECS = {
     "qwen3": ModelSpec("qwen3", qkv_bias=False, qk_layernorm=True, default_rope_theta=1_000_000.0),
     "llama": ModelSpec("llama", qkv_bias=False, qk_layernorm=False, default_rope_theta=10_000.0),
     "qwen3_moe": ModelSpec("qwen3_moe", qkv_bias=False, qk_layernorm=True, default_rope_theta=1_000_000.0, moe=True),
+    "glm4_moe": ModelSpec(
+        "glm4_moe",
+        qkv_bias=False,
+        qk_layernorm=False,
+        default_rope_theta=10_000.0,
+        moe=True,
+        qkv_bias_key="attention_bias",
+        qk_norm_key="use_qk_norm",
+        routing="sigmoid",
+    ),
 }
 
 
@@ -47,6 +63,36 @@ def head_dim(hf_cfg: Any) -> int:
     return int(getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads)
 
 
+def qkv_bias(hf_cfg: Any) -> bool:
+    spec = spec_for(hf_cfg)
+    return bool(getattr(hf_cfg, spec.qkv_bias_key)) if spec.qkv_bias_key else spec.qkv_bias
+
+
+def qk_layernorm(hf_cfg: Any) -> bool:
+    spec = spec_for(hf_cfg)
+    return bool(getattr(hf_cfg, spec.qk_norm_key)) if spec.qk_norm_key else spec.qk_layernorm
+
+
+def rotary_percent(hf_cfg: Any) -> float:
+    """GLM-4.5 rotates the first half of each head (`partial_rotary_factor`, transformers 5 keeps it in
+    `rope_parameters`), as Megatron's `rotary_percent` does (same non-interleaved halves)."""
+    params = getattr(hf_cfg, "rope_parameters", None) or {}
+    return float(params.get("partial_rotary_factor") or getattr(hf_cfg, "partial_rotary_factor", None) or 1.0)
+
+
+def num_experts(hf_cfg: Any) -> int:
+    return int(getattr(hf_cfg, "num_experts", None) or getattr(hf_cfg, "n_routed_experts", None) or 0)
+
+
+def dense_layers(hf_cfg: Any) -> int:
+    """How many leading layers keep a dense MLP (GLM-4.5's `first_k_dense_replace`; Qwen3-MoE: none)."""
+    return int(getattr(hf_cfg, "first_k_dense_replace", 0) or 0) if spec_for(hf_cfg).moe else 0
+
+
+def is_moe_layer(hf_cfg: Any, layer: int) -> bool:
+    return spec_for(hf_cfg).moe and layer >= dense_layers(hf_cfg)
+
+
 def moe_config(hf_cfg: Any, ep: int) -> dict[str, Any]:
     """Qwen3-MoE routing in Megatron's terms: softmax, top-k, renormalised over the k when HF's `norm_topk_prob`
     (Megatron's `pre_softmax=False`), no load-balancing loss (RL does not train the balance; `trainer.args` can
@@ -55,17 +101,17 @@ def moe_config(hf_cfg: Any, ep: int) -> dict[str, Any]:
         if ep > 1:
             raise ValueError(f"trainer.ep={ep} needs a Mixture-of-Experts model; {hf_cfg.model_type} has no experts")
         return {}
-    experts = hf_cfg.num_experts
+    experts = num_experts(hf_cfg)
     if experts % ep:
         raise ValueError(f"trainer.ep={ep} must divide the model's num_experts ({experts})")
     if getattr(hf_cfg, "mlp_only_layers", None) or getattr(hf_cfg, "decoder_sparse_step", 1) != 1:
         raise ValueError("Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step != 1) is not supported")
+    routing = _sigmoid_routing(hf_cfg) if spec_for(hf_cfg).routing == "sigmoid" else _softmax_routing(hf_cfg)
     return {
         "num_moe_experts": experts,
         "moe_router_topk": hf_cfg.num_experts_per_tok,
         "moe_ffn_hidden_size": hf_cfg.moe_intermediate_size,
-        "moe_router_score_function": "softmax",
-        "moe_router_pre_softmax": not hf_cfg.norm_topk_prob,
+        **routing,
         "moe_router_load_balancing_type": "none",
         "moe_aux_loss_coeff": 0.0,
         "moe_token_dispatcher_type": "alltoall",
@@ -76,12 +122,37 @@ def moe_config(hf_cfg: Any, ep: int) -> dict[str, Any]:
     }
 
 
+def _softmax_routing(hf_cfg: Any) -> dict[str, Any]:
+    return {"moe_router_score_function": "softmax", "moe_router_pre_softmax": not hf_cfg.norm_topk_prob}
+
+
+def _sigmoid_routing(hf_cfg: Any) -> dict[str, Any]:
+    """GLM-4.5: experts chosen by sigmoid score + `e_score_correction_bias` (Megatron's expert bias, loaded from
+    the checkpoint and held fixed: its load-balancing update rate is 0, so engine and trainer route alike), the
+    chosen scores renormalised (Megatron always does for k > 1, HF when `norm_topk_prob`) and scaled by
+    `routed_scaling_factor`; shared experts beside them; the first `first_k_dense_replace` layers dense."""
+    if not hf_cfg.norm_topk_prob:
+        raise ValueError("GLM-4.5 MoE with norm_topk_prob false: Megatron renormalises sigmoid top-k; not supported")
+    if (hf_cfg.n_group or 1) != 1:
+        raise ValueError(f"GLM-4.5 MoE with n_group={hf_cfg.n_group} (group-limited routing) is not supported yet")
+    shared = hf_cfg.moe_intermediate_size * (hf_cfg.n_shared_experts or 0)
+    dense = dense_layers(hf_cfg)
+    return {
+        "moe_router_score_function": "sigmoid",
+        "moe_router_enable_expert_bias": True,
+        "moe_router_bias_update_rate": 0.0,
+        "moe_router_topk_scaling_factor": float(hf_cfg.routed_scaling_factor),
+        "moe_router_dtype": "fp32",  # HF and vLLM score in fp32
+        "moe_shared_expert_intermediate_size": shared or None,
+        "moe_layer_freq": [0] * dense + [1] * (hf_cfg.num_hidden_layers - dense),
+    }
+
+
 def transformer_config(
     hf_cfg: Any, *, tp: int, pp: int, dtype: torch.dtype, on_cpu: bool, recompute: bool = False, ep: int = 1
 ):
     from megatron.core.transformer import TransformerConfig
 
-    spec = spec_for(hf_cfg)
     heads, groups = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
     if groups % tp or hf_cfg.vocab_size % tp or hf_cfg.intermediate_size % tp:
         raise ValueError(
@@ -102,8 +173,8 @@ def transformer_config(
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=spec.qkv_bias,
-        qk_layernorm=spec.qk_layernorm,
+        add_qkv_bias=qkv_bias(hf_cfg),
+        qk_layernorm=qk_layernorm(hf_cfg),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -129,12 +200,15 @@ def build_model(hf_cfg: Any, config: Any, *, pre_process: bool, post_process: bo
     """`tied=False` unties the output layer from the embedding even where the family ties them (the critic
     replaces that layer by its value head)."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
     spec = spec_for(hf_cfg)
-    layer_spec = get_gpt_layer_local_spec(
-        num_experts=config.num_moe_experts, normalization="RMSNorm", qk_layernorm=spec.qk_layernorm
-    )
+    if dense_layers(hf_cfg):  # dense and MoE layers mixed (config.moe_layer_freq): one spec per layer
+        layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    else:
+        layer_spec = get_gpt_layer_local_spec(
+            num_experts=config.num_moe_experts, normalization="RMSNorm", qk_layernorm=qk_layernorm(hf_cfg)
+        )
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
@@ -145,5 +219,5 @@ def build_model(hf_cfg: Any, config: Any, *, pre_process: bool, post_process: bo
         share_embeddings_and_output_weights=bool(hf_cfg.tie_word_embeddings) and tied,
         position_embedding_type="rope",
         rotary_base=rope_theta(hf_cfg, spec),
-        rotary_percent=1.0,
+        rotary_percent=rotary_percent(hf_cfg),
     )
