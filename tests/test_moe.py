@@ -71,14 +71,19 @@ def test_moe_training_ep2_equals_ep1(ray_cluster, model_dir):
     assert moved > 1e-2 and gap < 1e-5, (moved, gap)
 
 
-@pytest.fixture(scope="module")
-def moe_engines(model_dir, tmp_path_factory):
-    # no prefix cache: routing replay needs every prompt position computed by the request that samples from it
+def serve(model_dir, tmp_path_factory, arch: str):
+    """One vLLM-CPU server of the tiny `arch`, stopped with the fixture. No prefix cache: routing replay needs
+    every prompt position computed by the request that samples from it."""
     group = start_engines(
-        model_dir("qwen3_moe"), tmp_path_factory.mktemp("moe-logs"), weights="gloo", enable_prefix_caching=False
+        model_dir(arch), tmp_path_factory.mktemp(f"{arch}-logs"), weights="gloo", enable_prefix_caching=False
     )
     yield group
     group.stop()
+
+
+@pytest.fixture(scope="module")
+def moe_engines(model_dir, tmp_path_factory):
+    yield from serve(model_dir, tmp_path_factory, "qwen3_moe")
 
 
 def hf_topk(model, tokens: list[int]) -> list[list[set[int]]]:
@@ -245,11 +250,7 @@ def hf_routes(model, tokens: list[int]) -> list[list[set[int] | None]]:
 
 @pytest.fixture(scope="module")
 def glm_engines(model_dir, tmp_path_factory):
-    group = start_engines(
-        model_dir("glm4_moe"), tmp_path_factory.mktemp("glm-logs"), weights="gloo", enable_prefix_caching=False
-    )
-    yield group
-    group.stop()
+    yield from serve(model_dir, tmp_path_factory, "glm4_moe")
 
 
 def test_glm45_engine_routes_replay_and_push_match_transformers_and_the_trainer(glm_engines, model_dir, ray_cluster):
