@@ -14,8 +14,6 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from trainers.megatron import te_shim
-
 PINNED = "0.16.1"
 _MODE: list[CudaToCpuMode] = []  # the one installed mode (entered once per process)
 
@@ -129,7 +127,6 @@ def apply(seed: int) -> None:
     patch_synchronize()
     patch_default_causal_mask()
     patch_rng_tracker(seed)
-    te_shim.apply()  # MoE router gemm without Transformer Engine (GPU without TE needs it too)
     patch_cuda_streams()
     patch_moe_split_sizes()
     if not _MODE:

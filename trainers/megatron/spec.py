@@ -94,9 +94,10 @@ def is_moe_layer(hf_cfg: Any, layer: int) -> bool:
 
 
 def moe_config(hf_cfg: Any, ep: int) -> dict[str, Any]:
-    """Qwen3-MoE routing in Megatron's terms: softmax, top-k, renormalised over the k when HF's `norm_topk_prob`
-    (Megatron's `pre_softmax=False`), no load-balancing loss (RL does not train the balance; `trainer.args` can
-    turn one on). Experts are never TP-sharded (expert TP = 1): the adapter and the push rely on it."""
+    """MoE routing in Megatron's terms (Qwen3-MoE: softmax top-k, renormalised over the k when HF's
+    `norm_topk_prob`, Megatron's `pre_softmax=False`; GLM-4.5: `_sigmoid_routing`), no load-balancing loss (RL
+    does not train the balance; `trainer.args` can turn one on). Experts are never TP-sharded (expert TP = 1):
+    the adapter and the push rely on it."""
     if not spec_for(hf_cfg).moe:
         if ep > 1:
             raise ValueError(f"trainer.ep={ep} needs a Mixture-of-Experts model; {hf_cfg.model_type} has no experts")

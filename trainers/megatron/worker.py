@@ -11,14 +11,13 @@ import random
 from collections.abc import Iterator
 from datetime import timedelta
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainers.megatron import adapter, export, optim, rank_checkpoint, routing, te_shim, value_head
+from trainers.megatron import export, hf_import, optim, rank_checkpoint, routing, te_shim
 from trainers.megatron.batching import microbatches, response_values
 from trainers.megatron.logprobs import LogProbHead
 from trainers.megatron.spec import build_model, transformer_config
@@ -128,7 +127,7 @@ class MegatronWorker:
         if last:
             head = ValueHead.install(model, self.tcfg.hidden_size, self.tcfg.params_dtype) if critic else None
             head = head or LogProbHead.install(model)
-        self._load_hf_into(model)
+        hf_import.load_into(self, model)
         return model, head
 
     def _build_reference(self) -> None:
@@ -148,34 +147,6 @@ class MegatronWorker:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-
-    def _load_hf_into(self, model: torch.nn.Module) -> None:
-        from safetensors.torch import load_file
-
-        files = sorted(Path(self.model_path).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors in {self.model_path} (model.path)")
-        hf: dict[str, torch.Tensor] = {}
-        for f in files:
-            hf.update(load_file(str(f)))
-        full = adapter.from_hf(hf, self.hf_cfg)
-        names = [n for n in model.state_dict() if not n.endswith("_extra_state")]
-        if self.role == "critic":  # the value head is new: the checkpoint has nothing for it
-            names = [n for n in names if not n.startswith(value_head.PARAM_PREFIX)]
-        local = adapter.local_state_dict(
-            full,
-            names,
-            tp_rank=self.tp_rank,
-            tp=self.cfg.tp,
-            pp_rank=self.pp_rank,
-            layers_per_stage=self.layers_per_stage,
-            ep_rank=self.ep_rank,
-            experts_per_rank=(self.tcfg.num_moe_experts or 0) // self.cfg.ep,
-        )
-        missing, unexpected = model.load_state_dict(local, strict=False)
-        missing = [m for m in missing if m in names]
-        if missing or unexpected:
-            raise RuntimeError(f"HF → Megatron load mismatch: missing {missing}, unexpected {unexpected}")
 
     def module(self) -> torch.nn.Module:
         """The GPTModel under the DDP / Float16Module wrappers."""
