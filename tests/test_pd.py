@@ -33,6 +33,7 @@ def pd(model_dir, tmp_path_factory):
     cfg = EngineConfig(
         topology="pd",
         args={**ENGINE_ARGS, "block_size": 32, "enable_prefix_caching": False},
+        router={"args": {"health_check_interval_secs": 30, "disable_retries": False}},  # verbatim, as a user would
         startup_timeout_s=300,
         request_timeout_s=60,
     )
@@ -160,6 +161,32 @@ def test_router_is_no_way_around_the_engine_guard(pd, model_dir):
         assert state == {"/is_paused": {"is_paused": False}, "/is_sleeping": {"is_sleeping": False}}, (u, state)
     r = httpx.post(router + "/v1/completions", json=body(str(model_dir(ARCH)), [1, 2, 3]), timeout=60)
     assert r.status_code == 200 and r.json().get("choices"), r.text[:500]
+
+
+def test_router_flags_pass_through_verbatim(pd):
+    """`engine.router.args` reach the router as they are written (a false switch is left out), and the real router
+    accepted them: it is the one serving every test here."""
+    cmd = pd.router.command()
+    assert cmd[cmd.index("--health-check-interval-secs") + 1] == "30"
+    assert "--disable-retries" not in cmd
+
+
+def test_router_that_lost_a_live_server_is_restarted_and_the_request_still_served(pd, caplog):
+    """vllm-router once dropped the live decode server from its table mid-run and answered "No available workers:
+    1 prefill, 0 decode" from then on (CI, stop 35). Its own admin route does the same on purpose here; the engine
+    sees both servers healthy, restarts the router (same port) once and generates."""
+    router = pd.router
+    decode = pd.urls()[1]
+    r = httpx.post(router.base_url + "/remove_worker", params={"url": decode}, timeout=10)
+    assert r.status_code == 200, r.text
+    lost = ENGINE_HTTP.post(router.base_url + "/v1/completions", json=body(pd.model_path, [3, 4, 5]), timeout=60)
+    assert lost.status_code == 503 and "0 decode" in lost.text, lost.text  # the state CI saw
+    pid = router.proc.pid
+    with caplog.at_level("WARNING", logger="engines.vllm.group"):
+        out = asyncio.run(pd.engines[0].generate([[3, 4, 5, 6]], SamplingParams(max_tokens=4, temperature=0.0)))
+    assert len(out[0][0].token_ids) == 4
+    assert router.proc.pid != pid and router.alive()
+    assert "restarting it" in caplog.text
 
 
 def test_killed_prefill_gives_error_not_hang(pd, model_dir):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -87,8 +87,10 @@ class VLLMClient(LoopHTTP):
         model: str = "",
         route_sources: list[str] | None = None,
         native_routes: bool = False,
+        explain: Callable[[], str] | None = None,
     ):
         self.base_url = base_url
+        self.explain = explain  # a router's log tail: its 5xx answers say little ("No available workers")
         self.timeout_s = timeout_s
         self.vllm_version = version
         # "generate": /inference/v1/generate (a server); "completions": /v1/completions with token ids (a router,
@@ -108,7 +110,8 @@ class VLLMClient(LoopHTTP):
         except httpx.HTTPError as e:
             raise EngineRequestError(f"{self.base_url}{path}: {type(e).__name__}: {e}") from e
         if r.status_code >= 400:
-            raise EngineRequestError(f"{self.base_url}{path} -> {r.status_code}: {r.text[:500]}")
+            why = f"\n{self.explain()}" if self.explain and r.status_code >= 500 else ""
+            raise EngineRequestError(f"{self.base_url}{path} -> {r.status_code}: {r.text[:500]}{why}")
         return r.json() if r.content else None
 
     async def complete_one(

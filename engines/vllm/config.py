@@ -26,6 +26,11 @@ class RouterConfig(BaseModel):
 
     enabled: bool = Field(default=False, description="front a plain pool with the router too (always on for pd)")
     policy: str = Field(default="consistent_hash", description="router policy (pd: round_robin by default)")
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm-router flags, verbatim (`disable_retries: true` -> --disable-retries, "
+        "`retry_max_retries: 3` -> --retry-max-retries 3)",
+    )
 
 
 class VLLMEngineConfig(EngineConfig):

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
 from pathlib import Path
 from typing import Any, Self
 
+import httpx
+
 from engines.common.engine import ServedEngine
 from engines.common.servers import External, launch, launch_retrying, pick
-from engines.vllm.client import VLLMClient
+from engines.vllm.client import EngineRequestError, VLLMClient
 from engines.vllm.config import VLLMEngineConfig
 from engines.vllm.router import VLLMRouter, pd_args
 from vime.placement import free_port
 from vime.secret import ENV as SECRET_ENV
 from vime.secret import auth_headers, run_secret
+from vime.types import Completion, SamplingParams
 
 log = logging.getLogger(__name__)
+ROUTER_LOST = "No available workers"  # vllm-router's answer when its table holds no usable server of a role
 
 
 def on_cpu() -> bool:
@@ -46,8 +51,40 @@ class VLLMEngine(ServedEngine):
             model=model,
             route_sources=route_sources,
             native_routes=native_routes,
+            explain=server.log_tail if isinstance(server, VLLMRouter) else None,
         )
         super().__init__(server, client)
+        self._router_lock = asyncio.Lock()
+        self._router_epoch = 0
+
+    async def generate(
+        self, prompts: list[list[int]], params: SamplingParams, session: str | None = None
+    ) -> list[list[Completion]]:
+        epoch = self._router_epoch
+        try:
+            return await super().generate(prompts, params, session)
+        except EngineRequestError as e:
+            if not (isinstance(self.server, VLLMRouter) and ROUTER_LOST in str(e) and await self._servers_healthy()):
+                raise
+        # every server answers /health, yet the router has none of a role in its table: its fault, not theirs (a dead
+        # server is the group's to restart). A fresh router re-reads the table; the prompts are generated again.
+        async with self._router_lock:
+            if epoch == self._router_epoch:  # concurrent callers restart it once
+                log.warning(
+                    "vllm-router lost its healthy servers from its table; restarting it (%s)", self.server.log_path
+                )
+                await asyncio.to_thread(self.server.restart)
+                self._router_epoch += 1
+        return await super().generate(prompts, params, session)
+
+    async def _servers_healthy(self) -> bool:
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            try:
+                return all(
+                    [(await http.get(u + "/health")).status_code == 200 for u in self.client.route_sources or []]
+                )
+            except httpx.HTTPError:
+                return False
 
     async def pause(self, mode: str = "keep") -> None:
         await self.client.pause(mode)
@@ -187,6 +224,7 @@ class VLLMEngineGroup:
                     policy="round_robin" if pd and c.router.policy == "consistent_hash" else c.router.policy,
                     log_path=self.log_dir / "router.log",
                     version=self.servers[0].version,
+                    args=c.router.args,
                 ).start()
             except BaseException:
                 self.stop()

@@ -18,6 +18,19 @@ from vime.placement import free_port
 from vime.secret import router_key, run_secret
 
 
+def flags(args: dict[str, Any]) -> list[str]:
+    """`{"retry_max_retries": 3, "disable_retries": True}` -> ["--retry-max-retries", "3", "--disable-retries"];
+    a false switch is left out."""
+    out: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is not False and value is not None:
+            out += [flag, str(value)]
+    return out
+
+
 def router_binary() -> str:
     exe = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
     if not os.path.exists(exe):
@@ -41,11 +54,13 @@ class VLLMRouter:
         log_path: Path,
         startup_timeout_s: float = 60.0,
         version: tuple[int, int, int],
+        args: dict[str, Any] | None = None,
     ):
         self.host, self.port = host, free_port(host)
         self.prefill, self.decode, self.workers = prefill, decode, workers
         self.kv_connector, self.policy = kv_connector, policy
         self.log_path, self.startup_timeout_s, self.version = log_path, startup_timeout_s, version
+        self.args = dict(args or {})
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -73,7 +88,7 @@ class VLLMRouter:
                 cmd += ["--decode", u]
         else:
             cmd += ["--worker-urls", *self.workers, "--policy", self.policy]
-        return cmd
+        return cmd + flags(self.args)
 
     def start(self) -> VLLMRouter:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +120,15 @@ class VLLMRouter:
             f"vllm-router not healthy after {self.startup_timeout_s:.0f}s; log {self.log_path} "
             f"ends with:\n{log_tail(self.log_path)}"
         )
+
+    def restart(self) -> None:
+        """Same port, fresh worker table: the router can drop a live server from its table without a word in its
+        log and then answer "No available workers" for the rest of the run (vllm-router 0.1.17, seen in CI)."""
+        self.stop()
+        self.start()
+
+    def log_tail(self, n: int = 15) -> str:
+        return f"router log {self.log_path} ends with:\n{log_tail(self.log_path, n)}"
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
