@@ -174,7 +174,7 @@ def test_router_flags_pass_through_verbatim(pd):
 def test_router_that_lost_a_live_server_is_restarted_and_the_request_still_served(pd, caplog):
     """vllm-router once dropped the live decode server from its table mid-run and answered "No available workers:
     1 prefill, 0 decode" from then on (CI, stop 35). Its own admin route does the same on purpose here; the engine
-    sees both servers healthy, restarts the router (same port) once and generates."""
+    sees both servers healthy, restarts the router (same port) once and generates, or streams."""
     router = pd.router
     decode = pd.urls()[1]
     r = httpx.post(router.base_url + "/remove_worker", params={"url": decode}, timeout=10)
@@ -187,6 +187,15 @@ def test_router_that_lost_a_live_server_is_restarted_and_the_request_still_serve
     assert len(out[0][0].token_ids) == 4
     assert router.proc.pid != pid and router.alive()
     assert "restarting it" in caplog.text
+
+    async def streamed() -> list:
+        return [c async for c in pd.engines[0].stream([3, 4, 5, 6], SamplingParams(max_tokens=4, temperature=0.0))]
+
+    httpx.post(router.base_url + "/remove_worker", params={"url": decode}, timeout=10).raise_for_status()
+    pid = router.proc.pid
+    last = asyncio.run(streamed())[-1]  # a stream that fails before its first token is asked again, too
+    assert last.token_ids == out[0][0].token_ids and last.finish_reason != ""
+    assert router.proc.pid != pid
 
 
 def test_killed_prefill_gives_error_not_hang(pd, model_dir):

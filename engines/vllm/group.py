@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -64,18 +65,41 @@ class VLLMEngine(ServedEngine):
         try:
             return await super().generate(prompts, params, session)
         except EngineRequestError as e:
-            if not (isinstance(self.server, VLLMRouter) and ROUTER_LOST in str(e) and await self._servers_healthy()):
+            if not await self._router_lost(e):
                 raise
-        # every server answers /health, yet the router has none of a role in its table: its fault, not theirs (a dead
-        # server is the group's to restart). A fresh router re-reads the table; the prompts are generated again.
+        await self._restart_router(epoch)
+        return await super().generate(prompts, params, session)
+
+    async def stream(
+        self, prompt: list[int], params: SamplingParams, session: str | None = None
+    ) -> AsyncIterator[Completion]:
+        epoch, started = self._router_epoch, False
+        try:
+            async for c in super().stream(prompt, params, session):
+                started = True
+                yield c
+            return
+        except EngineRequestError as e:
+            if started or not await self._router_lost(e):  # once tokens went out, a retry would repeat them
+                raise
+        await self._restart_router(epoch)
+        async for c in super().stream(prompt, params, session):
+            yield c
+
+    async def _router_lost(self, e: EngineRequestError) -> bool:
+        """Every server answers /health, yet the router has none of a role in its table: its fault, not theirs
+        (a dead server is the group's to restart)."""
+        return isinstance(self.server, VLLMRouter) and ROUTER_LOST in str(e) and await self._servers_healthy()
+
+    async def _restart_router(self, epoch: int) -> None:
+        """A fresh router re-reads the table; concurrent callers restart it once, the caller then asks again."""
         async with self._router_lock:
-            if epoch == self._router_epoch:  # concurrent callers restart it once
+            if epoch == self._router_epoch:
                 log.warning(
                     "vllm-router lost its healthy servers from its table; restarting it (%s)", self.server.log_path
                 )
                 await asyncio.to_thread(self.server.restart)
                 self._router_epoch += 1
-        return await super().generate(prompts, params, session)
 
     async def _servers_healthy(self) -> bool:
         async with httpx.AsyncClient(timeout=5.0) as http:
