@@ -57,7 +57,7 @@ SIZES = {
     ),
 }
 TOKENIZER_VOCAB = 512
-ARCHS = ("qwen2", "qwen3", "llama", "qwen3_moe", "glm4_moe")
+ARCHS = ("qwen2", "qwen3", "llama", "qwen3_moe", "glm4_moe", "deepseek_v3")
 # Mixture-of-Experts shape added to a Size: 8 experts, top-2, each expert a quarter of the dense MLP.
 MOE_EXPERTS, MOE_TOPK, MOE_FFN_DIVISOR = 8, 2, 4
 
@@ -108,7 +108,7 @@ def hf_config(arch: str, size: Size, *, tie: bool | None = None) -> Any:
     }
     # Size.tie is Qwen2.5's (0.5B/1.5B tie); Qwen3-MoE models are untied at every size, and SGLang's Qwen3-MoE
     # ignores tie_word_embeddings (its lm_head stays as initialised: 0.53 nats off the trainer on an H100)
-    tie = (None if arch in ("qwen3_moe", "glm4_moe") else size.tie) if tie is None else tie
+    tie = (None if arch in ("qwen3_moe", "glm4_moe", "deepseek_v3") else size.tie) if tie is None else tie
     if arch == "qwen2":
         return tf.Qwen2Config(**common, tie_word_embeddings=True if tie is None else tie, rope_theta=1_000_000.0)
     if arch == "qwen3":
@@ -150,6 +150,8 @@ def hf_config(arch: str, size: Size, *, tie: bool | None = None) -> Any:
             topk_group=1,
             norm_topk_prob=True,
         )
+    if arch == "deepseek_v3":
+        return _deepseek_v3_config(size, common, tie)
     if arch == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=False if tie is None else tie, rope_theta=10_000.0)
     raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
@@ -187,7 +189,10 @@ def make_model(
                 p.add_(0.1 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
-        for name, b in model.named_buffers():  # GLM-4.5's routing bias: a buffer, saved with the weights
+        for (
+            name,
+            b,
+        ) in model.named_buffers():  # GLM-4.5's and DeepSeek-V3's routing bias: a buffer, saved with the weights
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn_like(b))
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
@@ -195,3 +200,38 @@ def make_model(
     tok.save_pretrained(out)
     (out / "vime_model.json").write_text(json.dumps({"arch": arch, "size": size, "seed": seed}) + "\n")
     return out
+
+
+def _deepseek_v3_config(size: Size, common: dict[str, Any], tie: bool | None) -> Any:
+    """DeepSeek-V3's features at a small scale: multi-latent attention (low-rank q and kv, a shared rotary key
+    in DeepSeek's interleaved layout) on GLM-4.5's MoE (dense first layer, shared expert, sigmoid + score bias,
+    scaling). transformers 5 writes no `topk_method`/`scoring_func`, and vLLM then skips the score bias
+    (`KeyError: ...e_score_correction_bias`): both are set. One expert group (group-limited routing is refused by
+    the trainer), no multi-token-prediction layer (nothing trains or serves it)."""
+    import transformers as tf
+
+    head = size.hidden // size.heads
+    common = {**common, "num_key_value_heads": size.heads}  # MLA: every head has its own k and v
+    return tf.DeepseekV3Config(
+        **common,
+        tie_word_embeddings=False if tie is None else tie,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+        rope_interleave=True,
+        q_lora_rank=size.hidden // 4,
+        kv_lora_rank=size.hidden // 4,
+        qk_nope_head_dim=head,
+        qk_rope_head_dim=head // 2,
+        v_head_dim=head,
+        n_routed_experts=MOE_EXPERTS,
+        num_experts_per_tok=MOE_TOPK,
+        moe_intermediate_size=size.intermediate // MOE_FFN_DIVISOR,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        num_mtp_layers=0,
+    )
