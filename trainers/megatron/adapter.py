@@ -16,20 +16,36 @@ from typing import Any
 
 import torch
 
-from trainers.megatron.spec import head_dim, is_moe_layer, num_experts, qkv_bias
+from trainers.megatron.spec import head_dim, is_moe_layer, num_experts, qkv_bias, spec_for
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)\.(.+)$")
 _BIAS = "mlp.gate.e_score_correction_bias"  # GLM-4.5's fixed per-expert routing bias (Megatron's expert_bias)
 
-# Per-layer global Megatron suffix → HF suffix (1:1 tensors).
+# Per-layer global Megatron suffix → HF suffix (1:1 tensors), every family.
 _ONE_TO_ONE = {
     "input_layernorm.weight": "input_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
-    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+# Per-head q/k norms of fused-qkv attention (Qwen3, GLM-4.5).
+_QK_NORMS = {
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+}
+# Multi-latent attention (DeepSeek-V3): every projection is one HF tensor in the same layout (q heads are
+# [nope | rope], kv_b heads [k_nope | v], kv_a rows [latent | rope key] on both sides; rope dims stay
+# interleaved, which Megatron's MLA expects); Megatron's q/kv "layernorms" are HF's latent norms. `q_proj`
+# replaces q_a/q_b where `q_lora_rank` is null.
+_MLA = {
+    "self_attention.linear_q_proj.weight": "self_attn.q_proj.weight",
+    "self_attention.linear_q_down_proj.weight": "self_attn.q_a_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_a_layernorm.weight",
+    "self_attention.linear_q_up_proj.weight": "self_attn.q_b_proj.weight",
+    "self_attention.linear_kv_down_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "self_attention.kv_layernorm.weight": "self_attn.kv_a_layernorm.weight",
+    "self_attention.linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight",
 }
 # TP split dimension of every sharded tensor (by suffix); anything else is replicated.
 _TP_DIM = {
@@ -40,7 +56,18 @@ _TP_DIM = {
     "linear_proj.weight": 1,
     "linear_fc2.weight": 1,
     "linear_fc1.weight": 0,
+    # MLA: all four column-parallel (the down projections too: Megatron gathers their outputs), so heads and
+    # latent rows split in contiguous blocks
+    "linear_q_proj.weight": 0,
+    "linear_q_down_proj.weight": 0,
+    "linear_q_up_proj.weight": 0,
+    "linear_kv_down_proj.weight": 0,
+    "linear_kv_up_proj.weight": 0,
 }
+
+
+def _one_to_one(cfg: Any) -> dict[str, str]:
+    return {**_ONE_TO_ONE, **(_MLA if spec_for(cfg).mla else _QK_NORMS)}
 
 
 def _qkv_dims(cfg: Any) -> tuple[int, int, int]:
@@ -71,23 +98,32 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
         "decoder.final_layernorm.weight": hf["model.norm.weight"],
         "output_layer.weight": hf.get("lm_head.weight", hf["model.embed_tokens.weight"]),
     }
+    one_to_one, mla = _one_to_one(cfg), spec_for(cfg).mla
     for i in range(cfg.num_hidden_layers):
         p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for ms, hs in _ONE_TO_ONE.items():
+        for ms, hs in one_to_one.items():
             if p + hs in hf:
                 out[m + ms] = hf[p + hs]
-        a = p + "self_attn."
-        out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"], cfg
-        )
-        if qkv_bias(cfg):
-            out[m + "self_attention.linear_qkv.bias"] = fuse_qkv(
-                hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"], cfg
-            )
+        if not mla:
+            out.update(_qkv_from_hf(hf, p, m, cfg))
         if is_moe_layer(cfg, i):
             out.update(_experts_from_hf(hf, p, m, cfg))
         else:
             out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+    return out
+
+
+def _qkv_from_hf(hf: dict[str, torch.Tensor], p: str, m: str, cfg: Any) -> dict[str, torch.Tensor]:
+    a = p + "self_attn."
+    out = {
+        m + "self_attention.linear_qkv.weight": fuse_qkv(
+            hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"], cfg
+        )
+    }
+    if qkv_bias(cfg):
+        out[m + "self_attention.linear_qkv.bias"] = fuse_qkv(
+            hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"], cfg
+        )
     return out
 
 
@@ -138,8 +174,9 @@ def to_hf(name: str, t: torch.Tensor, cfg: Any) -> list[tuple[str, torch.Tensor]
             return [(h + "gate_proj.weight", gate), (h + "up_proj.weight", up)]
         if e.group(3) == "linear_fc2.weight":
             return [(h + "down_proj.weight", t)]
-    if suffix in _ONE_TO_ONE:
-        return [(p + _ONE_TO_ONE[suffix], t)]
+    one_to_one = _one_to_one(cfg)
+    if suffix in one_to_one:
+        return [(p + one_to_one[suffix], t)]
     if suffix.startswith("self_attention.linear_qkv."):
         kind = suffix.rsplit(".", 1)[1]
         q, k, v = split_qkv(t, cfg)

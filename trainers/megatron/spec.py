@@ -26,6 +26,9 @@ class ModelSpec:
     # "softmax": Qwen3-MoE's top-k of softmax scores; "sigmoid": GLM-4.5's top-k of sigmoid scores plus a fixed
     # per-expert bias (e_score_correction_bias), scaled, with shared experts and the first layers dense
     routing: str = "softmax"
+    # DeepSeek-V3's multi-latent attention (Megatron's MLASelfAttention): low-rank q and kv with RMSNorms on
+    # the latents (Megatron's q_layernorm / kv_layernorm, hence qk_layernorm) and a shared rotary key
+    mla: bool = False
 
 
 SPECS = {
@@ -42,6 +45,15 @@ SPECS = {
         qkv_bias_key="attention_bias",
         qk_norm_key="use_qk_norm",
         routing="sigmoid",
+    ),
+    "deepseek_v3": ModelSpec(
+        "deepseek_v3",
+        qkv_bias=False,
+        qk_layernorm=True,
+        default_rope_theta=10_000.0,
+        moe=True,
+        routing="sigmoid",
+        mla=True,
     ),
 }
 
@@ -128,14 +140,16 @@ def _softmax_routing(hf_cfg: Any) -> dict[str, Any]:
 
 
 def _sigmoid_routing(hf_cfg: Any) -> dict[str, Any]:
-    """GLM-4.5: experts chosen by sigmoid score + `e_score_correction_bias` (Megatron's expert bias, loaded from
-    the checkpoint and held fixed: its load-balancing update rate is 0, so engine and trainer route alike), the
-    chosen scores renormalised (Megatron always does for k > 1, HF when `norm_topk_prob`) and scaled by
-    `routed_scaling_factor`; shared experts beside them; the first `first_k_dense_replace` layers dense."""
+    """GLM-4.5 and DeepSeek-V3: experts chosen by sigmoid score + `e_score_correction_bias` (Megatron's expert
+    bias, loaded from the checkpoint and held fixed: its load-balancing update rate is 0, so engine and trainer
+    route alike), the chosen scores renormalised (Megatron always does for k > 1, HF when `norm_topk_prob`) and
+    scaled by `routed_scaling_factor`; shared experts beside them; the first `first_k_dense_replace` layers
+    dense."""
+    name = hf_cfg.model_type
     if not hf_cfg.norm_topk_prob:
-        raise ValueError("GLM-4.5 MoE with norm_topk_prob false: Megatron renormalises sigmoid top-k; not supported")
-    if (hf_cfg.n_group or 1) != 1:
-        raise ValueError(f"GLM-4.5 MoE with n_group={hf_cfg.n_group} (group-limited routing) is not supported yet")
+        raise ValueError(f"{name} MoE with norm_topk_prob false: Megatron renormalises sigmoid top-k; not supported")
+    if getattr(hf_cfg, "scoring_func", "sigmoid") != "sigmoid":
+        raise ValueError(f"{name} MoE with scoring_func={hf_cfg.scoring_func!r}: only sigmoid is supported")
     shared = hf_cfg.moe_intermediate_size * (hf_cfg.n_shared_experts or 0)
     dense = dense_layers(hf_cfg)
     return {
@@ -146,13 +160,33 @@ def _sigmoid_routing(hf_cfg: Any) -> dict[str, Any]:
         "moe_router_dtype": "fp32",  # HF and vLLM score in fp32
         "moe_shared_expert_intermediate_size": shared or None,
         "moe_layer_freq": [0] * dense + [1] * (hf_cfg.num_hidden_layers - dense),
+        **_group_routing(hf_cfg),
     }
+
+
+def _group_routing(hf_cfg: Any) -> dict[str, Any]:
+    """Group-limited routing (`n_group` groups, the best `topk_group` of them by the sum of each group's top two
+    biased scores, top-k within those). Megatron ranks groups by the sum of their top `topk // group_topk`, so
+    the two agree only where that is 2 (DeepSeek-V3: 8 // 4); anything else is refused rather than routed
+    differently from the engines."""
+    groups, chosen = hf_cfg.n_group or 1, hf_cfg.topk_group or 1
+    if groups == 1:
+        return {}
+    if hf_cfg.num_experts_per_tok // chosen != 2:
+        raise ValueError(
+            f"{hf_cfg.model_type} MoE with n_group={groups}, topk_group={chosen}, num_experts_per_tok="
+            f"{hf_cfg.num_experts_per_tok}: HF ranks groups by their top-2 scores, Megatron by their top "
+            f"num_experts_per_tok // topk_group = {hf_cfg.num_experts_per_tok // chosen}; not supported"
+        )
+    return {"moe_router_num_groups": groups, "moe_router_group_topk": chosen}
 
 
 def transformer_config(
     hf_cfg: Any, *, tp: int, pp: int, dtype: torch.dtype, on_cpu: bool, recompute: bool = False, ep: int = 1
 ):
-    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer import MLATransformerConfig, TransformerConfig
+
+    from trainers.megatron import mla
 
     heads, groups = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
     if groups % tp or hf_cfg.vocab_size % tp or hf_cfg.intermediate_size % tp:
@@ -162,7 +196,8 @@ def transformer_config(
         )
     if hf_cfg.num_hidden_layers % pp:
         raise ValueError(f"trainer.pp={pp} must divide num_hidden_layers ({hf_cfg.num_hidden_layers})")
-    return TransformerConfig(
+    is_mla = spec_for(hf_cfg).mla
+    common = dict(
         num_layers=hf_cfg.num_hidden_layers,
         hidden_size=hf_cfg.hidden_size,
         num_attention_heads=heads,
@@ -195,6 +230,9 @@ def transformer_config(
         recompute_num_layers=1 if recompute else None,
         **moe_config(hf_cfg, ep),
     )
+    if is_mla:  # its own config class; overrides kv_channels
+        return MLATransformerConfig(**{**common, **mla.mla_config(hf_cfg, tp, rope_theta(hf_cfg, spec_for(hf_cfg)))})
+    return TransformerConfig(**common)
 
 
 def build_model(hf_cfg: Any, config: Any, *, pre_process: bool, post_process: bool, tied: bool = True):
@@ -203,13 +241,20 @@ def build_model(hf_cfg: Any, config: Any, *, pre_process: bool, post_process: bo
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
+    from trainers.megatron import mla
+
     spec = spec_for(hf_cfg)
     if dense_layers(hf_cfg):  # dense and MoE layers mixed (config.moe_layer_freq): one spec per layer
         layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     else:
         layer_spec = get_gpt_layer_local_spec(
-            num_experts=config.num_moe_experts, normalization="RMSNorm", qk_layernorm=qk_layernorm(hf_cfg)
+            num_experts=config.num_moe_experts,
+            normalization="RMSNorm",
+            qk_layernorm=qk_layernorm(hf_cfg),
+            multi_latent_attention=spec.mla,
         )
+    if spec.mla:
+        mla.use_local_core_attention(getattr(layer_spec, "layer_specs", [layer_spec]))
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
