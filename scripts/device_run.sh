@@ -126,13 +126,15 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
         grpo) step grpo 560 $py benchmarks/engines.py grpo --model $VIME_MODELS/qwen2-0.5b --steps ${STEPS:-30} \
             --engines ${ENGINES:-vllm sglang}
           cp /tmp/runs/engines_*/metrics.jsonl "$VIME_BENCH_OUT/" 2>/dev/null ;;
-        moe_r3)  # routing replay on and off on a random 0.5B-shaped Qwen3-MoE, $MOE_RECIPE's engine
-          [ -f $VIME_MODELS/qwen3-moe-0.5b/config.json ] || $py -m vime.cli make-model --arch qwen3_moe --size 0.5b \
-            --dtype bfloat16 --device cuda --out $VIME_MODELS/qwen3-moe-0.5b
+        moe_r3)  # routing replay on and off on a random 0.5B-shaped $MOE_ARCH (qwen3_moe, glm4_moe, deepseek_v3)
+          arch=${MOE_ARCH:-qwen3_moe}; m=$VIME_MODELS/${arch//_/-}-0.5b; name=()
+          [ "$arch" = qwen3_moe ] || name=(--name "$arch")
+          [ -f $m/config.json ] || $py -m vime.cli make-model --arch $arch --size 0.5b --dtype bfloat16 --device cuda \
+            --out $m
           recipe=${MOE_RECIPE:-configs/grpo_moe_gpu.yaml}; env=()  # an SGLang server needs its own site first
           [[ $recipe == *sglang* ]] && env=(--set "engine.env.PYTHONPATH=$VIME_SGLANG_PYTHONPATH:$PWD")
-          step moe_r3 ${MOE_TIMEOUT:-540} $py benchmarks/moe_r3.py --gpu --recipe $recipe --steps ${MOE_STEPS:-10} \
-            --sft-steps ${MOE_SFT:-20} --out /tmp/runs/moe_r3 --set model.path=$VIME_MODELS/qwen3-moe-0.5b "${env[@]}" ;;
+          step moe_r3_$arch ${MOE_TIMEOUT:-540} $py benchmarks/moe_r3.py --gpu --recipe $recipe --steps ${MOE_STEPS:-10} \
+            --sft-steps ${MOE_SFT:-20} --out /tmp/runs/moe_r3_$arch --set model.path=$m "${name[@]}" "${env[@]}" ;;
       esac
     done
     [ -f "$VIME_BENCH_OUT/engines_serve.json" ] && [ -f "$VIME_BENCH_OUT/engines_grpo.json" ] &&

@@ -201,3 +201,116 @@ def test_push_to_unreachable_engine_fails_clearly():
     with pytest.raises(WeightPushError, match="127.0.0.1:9"):
         ch.push([], "x")
     ch.close()
+
+
+def test_every_push_is_verified_and_a_corrupted_engine_tensor_is_named(qwen2_engines, model_dir, monkeypatch):
+    """weights.verify (on by default): after the last bucket each engine's parameters (on vLLM-CPU the weights
+    its pre-packed kernels compute with) are summed and checked against what was sent, naming what disagrees."""
+    from engines.vllm.worker_ext import GlooWeightTransferEngine
+
+    urls = qwen2_engines.urls()
+    bad = "model.layers.1.mlp.down_proj.weight"
+    _, sd = new_weights(model_dir, "qwen2", seed=7)
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    rogue = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60, "verify": False}, urls[:1])
+    try:
+        stats = ch.push(buckets(sd), "ok")
+        assert stats["verify_s"] > 0 and sorted(ch.sent) == sorted(sd)
+        # one tensor changed on the first engine after the push, through the engine's own weight-transfer routes,
+        # by a sender that does not verify: the engines still report the version, only the fingerprint sees it
+        rogue.push([[(bad, sd[bad] * 1.01)]], "ok")
+        assert [asyncio.run(e.weight_version()) for e in qwen2_engines.engines] == ["ok", "ok"]
+        with pytest.raises(WeightPushError) as e:
+            ch.verify("ok")
+    finally:
+        ch.close()
+        rogue.close()
+    msg = str(e.value)
+    assert msg.count("engine parameter") == 1 and f"{urls[0]}: engine parameter {bad!r}" in msg, msg
+
+    # damaged on the way during a push: the push fails naming the tensor, and leaves the engines paused
+    send = GlooWeightTransferEngine.trainer_send_weights
+
+    def damaging(it, args):
+        return send(((n, t * 1.01 if n == bad else t) for n, t in it), args)
+
+    monkeypatch.setattr(GlooWeightTransferEngine, "trainer_send_weights", staticmethod(damaging))
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    try:
+        with pytest.raises(WeightPushError, match="not verified") as e:
+            ch.push(buckets(sd), "damaged")
+    finally:
+        ch.close()
+    assert all(f"{u}: engine parameter {bad!r}" in str(e.value) for u in urls), str(e.value)
+    monkeypatch.undo()
+
+    # a tensor the engine does not know is never silently dropped (vLLM 0.32 refuses it itself; where a model's
+    # loader skips unknown names, the check finds no parameter for it)
+    renamed = {("model.layers.1.mlp.down.weight" if n == bad else n): t for n, t in sd.items()}
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    try:
+        with pytest.raises(WeightPushError, match=r"layers\.1\.mlp\.down\b"):
+            ch.push(buckets(renamed), "renamed")
+    finally:
+        ch.close()  # a failed channel is not reused (the server may have closed its connections)
+    # a full push on a new channel restores a verified, consistent engine (the fixture's weights, for the tests after)
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    try:
+        ch.push(buckets(load_file(str(model_dir("qwen2") / "model.safetensors"))), "restored")
+    finally:
+        ch.close()
+    for eng in qwen2_engines.engines:
+        assert engine_vs_hf(eng, hf(model_dir("qwen2")), FRESH)[0] < 1e-3
+
+
+def test_fingerprint_adds_up_over_fused_and_sharded_parameters_and_names_what_differs():
+    """The sums are checked per engine parameter: stacked HF tensors add up, shards over workers add up, a
+    replicated (or zero-padded) copy must match on every worker, and a coarser engine dtype widens the bound."""
+    from engines.vllm.fingerprint import check, tensor_sums
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 4, generator=g) for _ in range(3))
+    norm = torch.rand(4, generator=g)
+    sent = {
+        n: (s, t.numel(), "float32")
+        for (n, t), s in zip(
+            (("a.q_proj.weight", q), ("a.k_proj.weight", k), ("a.v_proj.weight", v), ("norm.weight", norm)),
+            tensor_sums([q, k, v, norm]),
+        )
+    }
+    qkv = torch.cat([q, k, v])
+    where = {
+        "a.q_proj.weight": "a.qkv.weight",
+        "a.k_proj.weight": "a.qkv.weight",
+        "a.v_proj.weight": "a.qkv.weight",
+        "norm.weight": "norm.weight",
+    }
+
+    def worker(qkv_part, norm_copy, dtype="float32"):
+        (s1, s2) = tensor_sums([qkv_part, norm_copy])
+        return {
+            "where": where,
+            "params": {
+                "a.qkv.weight": {"sums": s1, "numel": qkv_part.numel(), "dtype": dtype},
+                "norm.weight": {"sums": s2, "numel": norm_copy.numel(), "dtype": dtype},
+            },
+        }
+
+    padded = torch.cat([norm, torch.zeros(4)])
+    assert check(sent, [worker(qkv, norm)], "e") == []
+    assert check(sent, [worker(qkv[:12], norm), worker(qkv[12:], padded)], "e") == []  # TP halves; a padded copy
+    assert check(sent, [worker(qkv.bfloat16(), norm.bfloat16(), "bfloat16")], "e") == []  # rounding only
+    broken = qkv.clone()
+    broken[20, 1] += 0.5
+    (bad,) = check(sent, [worker(broken[:12], norm), worker(broken[12:], norm)], "e")
+    assert "'a.qkv.weight' (from a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)" in bad
+    (bad,) = check(sent, [worker(qkv, norm), worker(qkv, norm * 1.001)], "e")  # one worker's replica drifted
+    assert "'norm.weight'" in bad
+    rows_only = worker(qkv, norm)  # a packed CPU kernel too large to read back whole: its row sums only
+    rows_only["params"]["a.qkv.weight"]["sums"][1] = None
+    assert check(sent, [rows_only], "e") == []
+    rows_only["params"]["a.qkv.weight"]["sums"][0] += 0.5
+    assert len(check(sent, [rows_only], "e")) == 1
+    lost = worker(qkv, norm)
+    lost["where"] = {**where, "norm.weight": None}
+    assert check(sent, [lost], "e") == ["e: the engine has no parameter for 'norm.weight' (dropped on load)"]

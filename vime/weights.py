@@ -21,6 +21,11 @@ class WeightsConfig(BaseModel):
     bucket_mb: int = Field(default=256, ge=1, description="upper bound of one transfer bucket")
     timeout_s: float = Field(default=300.0, gt=0, description="no single step of a push may take longer")
     disk_dir: str = Field(default="/dev/shm", description="where the disk backend writes its buckets")
+    verify: bool = Field(
+        default=True,
+        description="after every push the engines' parameters are checked against what was sent (vLLM: sums per "
+        "tensor); a mismatch fails the push naming the tensors",
+    )
 
 
 class WeightPushError(RuntimeError):

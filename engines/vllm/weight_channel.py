@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import torch
 
+from engines.vllm.fingerprint import check, tensor_sums
 from engines.vllm.server import vllm_version
 from vime.placement import free_port, listening_socket
 from vime.secret import auth_headers
@@ -63,6 +64,8 @@ class VLLMWeightChannel:
         self.pg: Any = None  # gloo process group / NCCL communicator
         self.staging: torch.Tensor | None = None  # ipc: the buffer engines map once
         self.connected = False
+        self.sent: dict[str, tuple[list[float], int, str]] = {}  # this push's tensors: sums, numel, dtype
+        self.sum_s = 0.0  # time spent summing them
 
     # ---- control plane ---------------------------------------------------------------------------------
     def _post(self, url: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
@@ -146,9 +149,20 @@ class VLLMWeightChannel:
         self._all("/init_weight_transfer_engine", {"init_info": {"mode": "staging", "handle": handle}})
 
     # ---- data plane ------------------------------------------------------------------------------------
+    def _record(self, bucket: Bucket) -> None:
+        """The bucket's fingerprints for `verify`, summed where the tensors are while the engines load them."""
+        if not self.cfg.verify:
+            return
+        t0 = time.perf_counter()
+        for (name, t), sums in zip(bucket, tensor_sums([t.detach() for _, t in bucket])):
+            self.sent[name] = (sums, t.numel(), str(t.dtype).replace("torch.", ""))
+        self.sum_s += time.perf_counter() - t0
+
     def _send_bucket(self, bucket: Bucket) -> int:
         if self.cfg.backend == "ipc":  # describes each round itself (a bucket may not fit the buffer at once)
-            return self._send_ipc(bucket)
+            sent = self._send_ipc(bucket)
+            self._record(bucket)  # summed on the GPU after the engines loaded it (measured in verify_s)
+            return sent
         meta = bucket_meta(bucket)
         if self.cfg.backend in ("gloo", "nccl"):  # engines block in /update_weights until the broadcast lands
             futs = [
@@ -176,6 +190,7 @@ class VLLMWeightChannel:
                     NCCLTrainerSendWeightsArgs(group=self.pg, packed=True),
                 )
                 torch.cuda.synchronize()
+            self._record(bucket)
             for f in futs:
                 f.result(timeout=self.cfg.timeout_s)
             return nbytes
@@ -184,7 +199,13 @@ class VLLMWeightChannel:
         path = os.path.join(self.cfg.disk_dir, f"vime-{uuid.uuid4().hex}.safetensors")
         DiskWeightTransferEngine.trainer_send_weights(iter(bucket), {"path": path})
         try:
-            self._all("/update_weights", {"update_info": {**meta, "path": path}})
+            futs = [
+                self.pool.submit(self._post, u, "/update_weights", {"update_info": {**meta, "path": path}})
+                for u in self.urls
+            ]
+            self._record(bucket)
+            for f in futs:
+                f.result(timeout=self.cfg.timeout_s)
             return os.path.getsize(path)
         finally:
             os.unlink(path)
@@ -216,7 +237,7 @@ class VLLMWeightChannel:
         if not self.connected:
             self.connect()
         t0 = time.perf_counter()
-        nbytes = 0
+        nbytes, self.sent, self.sum_s = 0, {}, 0.0
         try:
             self._all("/pause", params={"mode": self.cfg.pause_mode})
             t_pause = time.perf_counter()
@@ -226,6 +247,9 @@ class VLLMWeightChannel:
             self._all("/finish_weight_update", {"weight_version": version} if self.new_finish_api else None)
             self._all("/reset_prefix_cache")  # KV computed with the old weights must not be reused
             t_sent = time.perf_counter()
+            if self.cfg.verify:
+                self.verify(version)
+            t_verified = time.perf_counter()
             if self.new_finish_api:
                 got = [self.http.get(u + "/weight_info").json()["weight_version"] for u in self.urls]
                 if any(v != version for v in got):
@@ -240,9 +264,18 @@ class VLLMWeightChannel:
             "push_s": t1 - t0,
             "pause_s": t_pause - t0,
             "transfer_s": t_sent - t_pause,
+            "verify_s": t_verified - t_sent + self.sum_s,  # the sender's sums too, overlapped with the loads
             "bytes": float(nbytes),
             "mb_per_s": nbytes / 1e6 / max(1e-9, t_sent - t_pause),
         }
+
+    def verify(self, version: str) -> None:
+        """Every engine's parameters against what this push sent; engines that disagree stay paused."""
+        answers = self._all("/collective_rpc", {"method": "vime_weight_sums", "kwargs": {"names": list(self.sent)}})
+        problems = [p for url, a in zip(self.urls, answers) for p in check(self.sent, a["results"], url)]
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise WeightPushError(f"weight push of version {version!r} not verified: " + "; ".join(problems[:5]) + more)
 
     def close(self) -> None:
         self.pg = None

@@ -215,6 +215,13 @@ class VimeWorkerExtension:
     def vime_refresh_tied_lm_head(self) -> int:
         return refresh_tied_lm_head(self.model_runner.model)
 
+    def vime_weight_sums(self, names: list[str]) -> dict[str, Any]:
+        """Where each pushed tensor landed and the sums of those parameters (`fingerprint.py`: every push is
+        checked against what the sender sent)."""
+        from engines.vllm.fingerprint import engine_sums
+
+        return engine_sums(self.model_runner.model, names)
+
     def vime_weight_checksum(self) -> float:
         """A cheap fingerprint of the loaded weights (sum of |w| over parameters), for consistency checks."""
         with torch.no_grad():

@@ -1,0 +1,162 @@
+"""Every push verified: after the last bucket the engine and the sender agree on a fingerprint of every tensor
+pushed, or the push fails naming the tensors that disagree.
+
+The fingerprint is additive (Σw and Σw², summed in float64), because an engine changes the layout of what it
+loads: HF tensors stacked into one fused parameter (q/k/v → qkv_proj, gate/up → gate_up_proj, every expert →
+w13/w2), cut over tensor- or expert-parallel workers, padded with zeros (vocab rows), shuffled into a kernel's
+format. Sums survive all of these, so the sender sums what it sent, each engine worker sums the parameters those
+tensors landed in, and the two must match per parameter. It catches a tensor the engine dropped (a name it did
+not know), one that arrived damaged or not at all, and a parameter changed on the engine since; it does not see
+a permutation inside one parameter, nor state kept beside the parameters (the CPU backend's pre-packed copies,
+which `worker_ext` rebuilds on every push). Both sides sum alike (rows of `ROW` elements in float32 or
+better, then float64), so an engine holding the sender's dtype differs only in summation order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+SAME_DTYPE_RTOL = 1e-6  # sums of identical values: only the summation order differs
+
+
+ROW = 4096  # elements summed per row in the tensor's precision before the rows are summed in float64
+
+
+def _sums(t: torch.Tensor) -> torch.Tensor:
+    """[Σw, Σw²] of one tensor: rows of ROW elements through BLAS (a matrix-vector product and a row-wise dot;
+    float32 at least), then the row results in float64. A float64 reduction over the whole tensor is 10-20×
+    slower on a CPU, and the rows keep its error far below the tolerance."""
+    flat = t.reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # bf16/fp16 squares are exact in float32
+    cut = flat.numel() // ROW * ROW
+    rows, tail = flat[:cut].view(-1, ROW), flat[cut:].double()
+    s = torch.mv(rows, rows.new_ones(ROW)).double().sum() + tail.sum()
+    q = torch.einsum("ij,ij->i", rows, rows).double().sum() + (tail * tail).sum()
+    return torch.stack([s, q])
+
+
+def tensor_sums(tensors: list[torch.Tensor]) -> list[list[float]]:
+    """[Σw, Σw²] per tensor, read back in one transfer (the tensors may be on a GPU)."""
+    if not tensors:
+        return []
+    return torch.stack([_sums(t) for t in tensors]).cpu().tolist()
+
+
+# ---- engine worker side -------------------------------------------------------------------------------------
+def stacked_names(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(".q_proj.", ".qkv_proj.") pairs: the model's own list of HF projections it fuses on load."""
+    pairs = [(f".{p}.", f".{fused}.") for fused, ps in getattr(model, "packed_modules_mapping", {}).items() for p in ps]
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    for src, (dst, _) in (getattr(mapper, "orig_to_new_stacked", None) or {}).items():
+        pairs.append((src + ".", dst + "."))
+    return pairs
+
+
+def param_for(name: str, params: dict[str, Any], stacked: list[tuple[str, str]]) -> str | None:
+    """The engine parameter an HF tensor is loaded into (None: the engine has none and would drop it)."""
+    if name in params:
+        return name
+    m = EXPERT.search(name)
+    if m:
+        fused = "w2_weight" if m.group(1) in ("down_proj", "w2") else "w13_weight"
+        prefix = f"{name[: m.start()]}.experts."  # the fused module sits at or below it (0.32: .routed_experts)
+        found = [p for p in params if p.startswith(prefix) and p.endswith("." + fused)]
+        return found[0] if len(found) == 1 else None
+    for src, dst in stacked:
+        if src in name and (cand := name.replace(src, dst)) in params:
+            return cand
+    return None
+
+
+READ_BACK_MAX_K = 256  # reading a packed weight back costs K × its size (tiny models); above, only Σw is probed
+
+
+def computed_with(model: torch.nn.Module, name: str, param: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """The values the engine computes with, their count, and whether they are only row sums. vLLM's CPU backend
+    moves a linear layer's weight into a pre-packed kernel and leaves the parameter empty; that weight is read
+    back through the kernel itself, so a stale or mis-packed copy is caught too: an identity in gives Wᵀ (every
+    element once, exactly); past READ_BACK_MAX_K a row of ones gives the row sums (Σw, not Σw²)."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if param.numel() or leaf != "weight" or not hasattr(module, "cpu_linear"):
+        return param, param.numel(), False
+    k = getattr(module, "input_size_per_partition", None) or module.input_size  # a replicated layer has no partition
+    if k <= READ_BACK_MAX_K:
+        w_t = module.cpu_linear(torch.eye(k, dtype=param.dtype), None, None)
+        return w_t, w_t.numel(), False
+    rows = module.cpu_linear(torch.ones(1, k, dtype=param.dtype), None, None)
+    return rows, rows.numel() * k, True
+
+
+def engine_sums(model: torch.nn.Module, names: list[str]) -> dict[str, Any]:
+    """This worker's side: where each pushed name landed and, per parameter, [Σw, Σw²] (Σw² None where only row
+    sums could be read), its size and dtype."""
+    params = dict(model.named_parameters())
+    stacked = stacked_names(model)
+    where = {n: param_for(n, params, stacked) for n in names}
+    held = sorted({p for p in where.values() if p})
+    with torch.no_grad():
+        values = [computed_with(model, p, params[p].detach()) for p in held]
+        sums = tensor_sums([v for v, _, _ in values])
+    info = {}
+    for p, (v, numel, row_sums), s in zip(held, values, sums):
+        dtype = str(v.dtype).replace("torch.", "")
+        info[p] = {"sums": [s[0], None] if row_sums else s, "numel": numel, "dtype": dtype}
+    return {"where": where, "params": info}
+
+
+# ---- sender side --------------------------------------------------------------------------------------------
+def rtol(sent_dtype: str, engine_dtype: str, row_sums: bool) -> float:
+    """Same dtype: float64 summation noise only; otherwise the coarser dtype's rounding, at worst every element.
+    Row sums read back through a kernel were accumulated in the engine's dtype."""
+    if sent_dtype == engine_dtype and not row_sums:
+        return SAME_DTYPE_RTOL
+    dtypes = (sent_dtype, engine_dtype) if sent_dtype != engine_dtype else (engine_dtype,)
+    return max(SAME_DTYPE_RTOL, *(4 * torch.finfo(getattr(torch, d)).eps for d in dtypes))
+
+
+def disagreement(expected: list[float], numel: int, got: list[float | None], tol: float) -> bool:
+    s, q = expected
+    scale = (max(numel, 1) * max(q, 0.0)) ** 0.5  # ≥ Σ|w|
+    assert got[0] is not None
+    if got[1] is None:  # only row sums were read back
+        return abs(got[0] - s) > tol * scale + 1e-12
+    return abs(got[0] - s) > tol * scale + 1e-12 or abs(got[1] - q) > 2 * tol * q + 1e-12
+
+
+def check(sent: dict[str, tuple[list[float], int, str]], workers: list[dict[str, Any]], url: str) -> list[str]:
+    """What disagrees between the tensors sent (name → sums, numel, dtype) and one engine's workers' answers."""
+    where: dict[str, str] = {}
+    for w in workers:
+        for name, p in w["where"].items():
+            if p:
+                where.setdefault(name, p)
+    problems = [f"{url}: the engine has no parameter for {n!r} (dropped on load)" for n in sent if n not in where]
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in sent:
+        if name in where:
+            groups[where[name]].append(name)
+    for p, names in sorted(groups.items()):
+        expected = [sum(sent[n][0][i] for n in names) for i in (0, 1)]
+        numel = sum(sent[n][1] for n in names)
+        held = [w["params"][p] for w in workers if p in w["params"]]
+        row_sums = any(h["sums"][1] is None for h in held)
+        tol = rtol(sent[names[0]][2], held[0]["dtype"], row_sums)
+        if all(h["numel"] >= numel for h in held):  # every worker holds all of it (replicated, maybe padded)
+            copies = [h["sums"] for h in held]
+        else:  # cut over workers (TP, EP): the parts add up
+            copies = [[sum(h["sums"][0] for h in held), None if row_sums else sum(h["sums"][1] for h in held)]]
+        for got in copies:
+            if disagreement(expected, numel, got, tol):
+                problems.append(
+                    f"{url}: engine parameter {p!r} (from {', '.join(names)}) holds Σw={got[0]:.9g}, "
+                    f"Σw²={got[1]}; the sender sent Σw={expected[0]:.9g}, Σw²={expected[1]:.9g}"
+                )
+                break
+    return problems
