@@ -8,14 +8,16 @@ format. Sums survive all of these, so the sender sums what it sent, each engine 
 tensors landed in, and the two must match per parameter. It catches a tensor the engine dropped (a name it did
 not know), one that arrived damaged or not at all, and a parameter changed on the engine since; it does not see
 a permutation inside one parameter, nor state kept beside the parameters (the CPU backend's pre-packed copies,
-which `worker_ext` rebuilds on every push). Both sides sum alike (rows of `ROW` elements in float32 or
-better, then float64), so an engine holding the sender's dtype differs only in summation order.
+which `worker_ext` rebuilds on every push). Both sides sum alike (rows of `ROW` elements in float32, then
+float64), so an engine holding the sender's dtype differs only in summation order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,28 +26,59 @@ EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.we
 SAME_DTYPE_RTOL = 1e-6  # sums of identical values: only the summation order differs
 
 
-ROW = 4096  # elements summed per row in the tensor's precision before the rows are summed in float64
+ROW = 4096  # elements reduced per row in float32 before the rows are added in float64
 
 
-def _sums(t: torch.Tensor) -> torch.Tensor:
-    """[Σw, Σw²] of one tensor: rows of ROW elements through BLAS (a matrix-vector product and a row-wise dot;
-    float32 at least), then the row results in float64. A float64 reduction over the whole tensor is 10-20×
-    slower on a CPU, and the rows keep its error far below the tolerance."""
+@contextlib.contextmanager
+def _one_thread(on_cpu: bool) -> Iterator[None]:
+    """CPU sums run on one thread. vLLM workers on the same host busy-spin for a second after every RPC (their
+    shared-memory queue's SpinCondition), and a parallel region with more threads than the cores left over stalls
+    at its barriers: 100M float32 parameters summed in 0.8 s on two threads, 0.04 s on one, right after a push."""
+    if not on_cpu or torch.get_num_threads() == 1:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The tensor's elements as [rows of ROW, tail]: per row one float32 sum and 2-norm, streaming reductions that
+    stay exact to ~1e-7 of a row (a float64 reduction over the whole tensor is 10-20× slower on a CPU). On a CPU a
+    half-precision tensor is widened first: its reductions with a float32 accumulator run at a tenth of the speed."""
     flat = t.reshape(-1)
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()  # bf16/fp16 squares are exact in float32
+    if flat.dtype != torch.float32 and flat.device.type == "cpu":
+        flat = flat.float()
     cut = flat.numel() // ROW * ROW
-    rows, tail = flat[:cut].view(-1, ROW), flat[cut:].double()
-    s = torch.mv(rows, rows.new_ones(ROW)).double().sum() + tail.sum()
-    q = torch.einsum("ij,ij->i", rows, rows).double().sum() + (tail * tail).sum()
-    return torch.stack([s, q])
+    out = [flat[:cut].view(-1, ROW)] if cut else []
+    return out + ([flat[cut:].view(1, -1)] if cut < flat.numel() else [])
 
 
 def tensor_sums(tensors: list[torch.Tensor]) -> list[list[float]]:
-    """[Σw, Σw²] per tensor, read back in one transfer (the tensors may be on a GPU)."""
+    """[Σw, Σw²] per tensor, read back in one transfer (the tensors may be on a GPU). Two reductions per tensor
+    and a handful for the lot: a GPU bucket of hundreds of tensors costs launches, not bandwidth."""
     if not tensors:
         return []
-    return torch.stack([_sums(t) for t in tensors]).cpu().tolist()
+    dev = tensors[0].device
+    if any(t.device != dev for t in tensors):
+        raise ValueError(f"tensor_sums takes tensors on one device, got {sorted({str(t.device) for t in tensors})}")
+    with _one_thread(dev.type == "cpu"), torch.no_grad():
+        sums, norms, owner, count = [], [], [], []
+        for i, t in enumerate(tensors):
+            for rows in _parts(t):
+                sums.append(rows.sum(1, dtype=torch.float32))
+                norms.append(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32))
+                owner.append(i)
+                count.append(rows.shape[0])
+        out = torch.zeros(len(tensors), 2, dtype=torch.float64, device=dev)
+        if sums:
+            at = torch.repeat_interleave(torch.tensor(owner), torch.tensor(count)).to(dev)
+            out[:, 0].index_add_(0, at, torch.cat(sums).double())
+            out[:, 1].index_add_(0, at, torch.cat(norms).double().square())
+        return out.cpu().tolist()
 
 
 # ---- engine worker side -------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import torch
 
+from engines.vllm.delta import Base, encode
 from engines.vllm.fingerprint import check, tensor_sums
 from engines.vllm.server import vllm_version
 from vime.placement import free_port, listening_socket
@@ -66,6 +67,14 @@ class VLLMWeightChannel:
         self.connected = False
         self.sent: dict[str, tuple[list[float], int, str]] = {}  # this push's tensors: sums, numel, dtype
         self.sum_s = 0.0  # time spent summing them
+        if self.cfg.delta and self.cfg.backend != "gloo":
+            raise ValueError(
+                f"weights.delta: true needs weights.backend: gloo (delta pushes are built on the gloo channel), "
+                f"got backend {self.cfg.backend!r}"
+            )
+        self.base = Base()  # delta: what the engines hold, as this side last pushed it
+        self.against: str | None = None  # delta: this push's base version (None: a full push)
+        self.delta_stats = {"elements": 0, "changed": 0, "full_bytes": 0}
 
     # ---- control plane ---------------------------------------------------------------------------------
     def _post(self, url: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
@@ -158,12 +167,36 @@ class VLLMWeightChannel:
             self.sent[name] = (sums, t.numel(), str(t.dtype).replace("torch.", ""))
         self.sum_s += time.perf_counter() - t0
 
+    def _delta_bucket(self, bucket: Bucket, meta: dict[str, Any]) -> tuple[dict[str, Any], Bucket]:
+        """What a delta push sends for one bucket: per tensor its changed elements against the base the engines
+        hold (or the whole tensor), and the tensors become the next base."""
+        counts, checks, wire = [], [], []
+        for name, t in bucket:
+            enc = encode(t, self.base.tensors.get(name) if self.against is not None else None)
+            counts.append(enc.count)
+            checks.append(enc.check)
+            wire += [(name, p) for p in enc.payload]
+            self.delta_stats["elements"] += t.numel()
+            self.delta_stats["changed"] += enc.changed
+            self.delta_stats["full_bytes"] += t.numel() * t.element_size()
+            self.base.keep(name, t)
+        return {**meta, "counts": counts, "checks": checks, "base": self.against, "keep": True}, wire
+
+    def _delta_base(self) -> str | None:
+        """The version a delta can be against: the one this side last pushed, if every engine worker holds it."""
+        if self.base.version is None:
+            return None
+        answers = self._all("/collective_rpc", {"method": "vime_delta_version"})
+        held = {v for a in answers for v in a["results"]}
+        return self.base.version if held == {self.base.version} else None
+
     def _send_bucket(self, bucket: Bucket) -> int:
         if self.cfg.backend == "ipc":  # describes each round itself (a bucket may not fit the buffer at once)
-            sent = self._send_ipc(bucket)
-            self._record(bucket)  # summed on the GPU after the engines loaded it (measured in verify_s)
-            return sent
+            return self._send_ipc(bucket)
         meta = bucket_meta(bucket)
+        wire = bucket
+        if self.cfg.delta:
+            meta, wire = self._delta_bucket(bucket, meta)
         if self.cfg.backend in ("gloo", "nccl"):  # engines block in /update_weights until the broadcast lands
             futs = [
                 self.pool.submit(
@@ -174,11 +207,11 @@ class VLLMWeightChannel:
                 )
                 for u in self.urls
             ]
-            nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+            nbytes = sum(t.numel() * t.element_size() for _, t in wire)
             if self.cfg.backend == "gloo":
                 from engines.vllm.worker_ext import GlooWeightTransferEngine
 
-                GlooWeightTransferEngine.trainer_send_weights(iter(bucket), {"group": self.pg})
+                GlooWeightTransferEngine.trainer_send_weights(iter(wire), {"group": self.pg})
             else:
                 from vllm.distributed.weight_transfer.nccl_engine import (
                     NCCLTrainerSendWeightsArgs,
@@ -225,7 +258,13 @@ class VLLMWeightChannel:
                 )
             if part and (t is None or off + nbytes > cap):
                 torch.cuda.synchronize()
-                self._all("/update_weights", {"update_info": bucket_meta(part)})
+                futs = [
+                    self.pool.submit(self._post, u, "/update_weights", {"update_info": bucket_meta(part)})
+                    for u in self.urls
+                ]
+                self._record(part)  # summed on the GPU while the engines load the round
+                for f in futs:
+                    f.result(timeout=self.cfg.timeout_s)
                 sent, off, part = sent + off, 0, []
             if t is not None:
                 self.staging[off : off + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
@@ -238,9 +277,12 @@ class VLLMWeightChannel:
             self.connect()
         t0 = time.perf_counter()
         nbytes, self.sent, self.sum_s = 0, {}, 0.0
+        self.delta_stats = dict.fromkeys(self.delta_stats, 0)
         try:
             self._all("/pause", params={"mode": self.cfg.pause_mode})
             t_pause = time.perf_counter()
+            if self.cfg.delta:
+                self.against, self.base.version = self._delta_base(), None  # the base changes as buckets go
             self._all("/start_weight_update")
             for bucket in buckets:
                 nbytes += self._send_bucket(bucket)
@@ -254,6 +296,9 @@ class VLLMWeightChannel:
                 got = [self.http.get(u + "/weight_info").json()["weight_version"] for u in self.urls]
                 if any(v != version for v in got):
                     raise WeightPushError(f"engines report weight versions {got} after pushing {version!r}")
+            if self.cfg.delta:  # verified: what both sides kept is this version's base
+                self._all("/collective_rpc", {"method": "vime_delta_commit", "kwargs": {"version": version}})
+                self.base.version = version
         except WeightPushError:
             raise
         except Exception as e:  # a broken broadcast, a timeout, a dead engine
@@ -265,8 +310,19 @@ class VLLMWeightChannel:
             "pause_s": t_pause - t0,
             "transfer_s": t_sent - t_pause,
             "verify_s": t_verified - t_sent + self.sum_s,  # the sender's sums too, overlapped with the loads
+            "verify_engine_s": t_verified - t_sent,
             "bytes": float(nbytes),
             "mb_per_s": nbytes / 1e6 / max(1e-9, t_sent - t_pause),
+        } | self._delta_report()
+
+    def _delta_report(self) -> dict[str, float]:
+        if not self.cfg.delta:
+            return {}
+        d = self.delta_stats
+        return {
+            "delta": float(self.against is not None),  # 0: pushed in full (no base every engine holds)
+            "changed_frac": d["changed"] / max(1, d["elements"]),
+            "full_bytes": float(d["full_bytes"]),
         }
 
     def verify(self, version: str) -> None:
