@@ -263,6 +263,91 @@ def test_every_push_is_verified_and_a_corrupted_engine_tensor_is_named(qwen2_eng
         assert engine_vs_hf(eng, hf(model_dir("qwen2")), FRESH)[0] < 1e-3
 
 
+def _step(sd, g, step, frac=0.02):
+    """A training step's worth of change: `frac` of each tensor's elements move; every 7th step one tensor moves
+    whole (a delta would be larger than the tensor: it travels in full)."""
+    out = {}
+    for i, (n, old) in enumerate(sorted(sd.items())):
+        t = old.clone()
+        if step % 7 == 0 and i == 0:
+            t += 1e-3 * torch.randn(t.shape, generator=g)
+        else:
+            idx = torch.randperm(t.numel(), generator=g)[: max(1, int(frac * t.numel()))]
+            t.view(-1)[idx] += 1e-3 * torch.randn(idx.numel(), generator=g)
+        out[n] = t
+    return out
+
+
+def _greedy(engines, prompt=FRESH):
+    return [
+        [
+            (c.token_ids, c.logprobs)
+            for c in asyncio.run(e.generate([prompt], SamplingParams(max_tokens=12, temperature=0)))[0]
+        ]
+        for e in engines
+    ]
+
+
+def test_delta_push_is_bit_exact_falls_back_to_full_and_catches_a_wrong_base(qwen2_engines, model_dir):
+    """weights.delta: 20 pushes of sparse changes travel as index/value pairs (a dense tensor whole), each rebuilt
+    tensor checked bit-exactly on the engine; afterwards the engines compute exactly what a full push of the same
+    weights gives. An engine that took a push from elsewhere gets a full push; a base that differs fails naming
+    the tensor."""
+    urls = qwen2_engines.urls()
+    fixture = load_file(str(model_dir("qwen2") / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60, "delta": True}, urls)
+    full = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    sd = fixture
+    try:
+        first = ch.push(buckets(sd), "d0")
+        assert first["delta"] == 0 and first["bytes"] == first["full_bytes"], first  # nothing to be against yet
+        for step in range(1, 21):
+            sd = _step(sd, g, step)
+            stats = ch.push(buckets(sd), f"d{step}")
+            assert stats["delta"] == 1 and 0.01 < stats["changed_frac"] < 0.2, (step, stats)
+            assert stats["bytes"] < 0.5 * stats["full_bytes"], (step, stats)
+        delta_answers = _greedy(qwen2_engines.engines)
+        full.connect()  # the engines' gloo group is the last connected sender's
+        full.push(buckets(sd), "full")
+        assert _greedy(qwen2_engines.engines) == delta_answers  # tokens and log-probs, exactly
+        ref = hf(model_dir("qwen2"))
+        ref.load_state_dict(sd, strict=False)
+        ref.tie_weights()
+        assert engine_vs_hf(qwen2_engines.engines[0], ref, CACHED)[0] < 1e-3  # and they are the new weights
+
+        # the engines took a push from another sender: they hold no base, the next delta push goes whole
+        ch.connect()
+        sd = _step(sd, g, 21)
+        assert ch.push(buckets(sd), "after-full")["delta"] == 0
+        sd = _step(sd, g, 22)
+        assert ch.push(buckets(sd), "d22")["delta"] == 1
+
+        # the sender's base differs from the engines' where the next step changes an element: the delta omits it,
+        # and the engine's bit sum of the rebuilt tensor names it
+        name = "model.layers.0.self_attn.o_proj.weight"
+        nxt = _step(sd, g, 23)
+        moved = (nxt[name] != sd[name]).view(-1).nonzero()[0, 0]
+        ch.base.tensors[name].view(-1)[moved] = nxt[name].view(-1)[moved]
+        with pytest.raises(WeightPushError, match=name.replace(".", r"\.") + ".*bit sum"):
+            ch.push(buckets(nxt), "wrong-base")
+    finally:
+        ch.close()
+        full.close()
+    restore = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    try:
+        restore.push(buckets(fixture), "restored")
+    finally:
+        restore.close()
+    for eng in qwen2_engines.engines:
+        assert engine_vs_hf(eng, hf(model_dir("qwen2")), FRESH)[0] < 1e-3
+
+
+def test_delta_needs_the_gloo_backend():
+    with pytest.raises(ValueError, match="weights.delta.*weights.backend: gloo"):
+        VLLMWeightChannel({"backend": "disk", "delta": True}, ["http://127.0.0.1:9"])
+
+
 def test_fingerprint_adds_up_over_fused_and_sharded_parameters_and_names_what_differs():
     """The sums are checked per engine parameter: stacked HF tensors add up, shards over workers add up, a
     replicated (or zero-padded) copy must match on every worker, and a coarser engine dtype widens the bound."""

@@ -21,6 +21,12 @@ class WeightsConfig(BaseModel):
     bucket_mb: int = Field(default=256, ge=1, description="upper bound of one transfer bucket")
     timeout_s: float = Field(default=300.0, gt=0, description="no single step of a push may take longer")
     disk_dir: str = Field(default="/dev/shm", description="where the disk backend writes its buckets")
+    delta: bool = Field(
+        default=False,
+        description="send only the elements whose bits changed since the version every engine holds (index/value "
+        "pairs per tensor, whole tensors where that is not smaller), rebuilt bit-exactly on the engine; a full push "
+        "whenever an engine does not hold that version. Both sides keep a host copy of the weights. vLLM: gloo",
+    )
     verify: bool = Field(
         default=True,
         description="after every push the engines' parameters are checked against what was sent (vLLM: sums per "

@@ -30,6 +30,8 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
+from engines.vllm.delta import FULL, Base, apply, bit_sum, wire_bytes
+
 
 def refresh_tied_lm_head(model: torch.nn.Module) -> int:
     """Re-run the embedding quant method's post-load processing on modules that keep a pre-packed copy
@@ -75,6 +77,48 @@ class TensorsUpdateInfo(WeightTransferUpdateInfo):
     dtype_names: list[str]
     shapes: list[list[int]]
     path: str | None = None  # disk backend: the safetensors file holding these tensors
+    # delta pushes (gloo, `delta.py`): per tensor FULL or the number of (index, value) pairs on the wire, the new
+    # tensor's exact bit sum, the version the deltas are against, and whether to keep the tensors as the next base
+    counts: list[int] | None = None
+    checks: list[int] | None = None
+    base: str | None = None
+    keep: bool = False
+
+
+HELD = Base()  # this worker's copy of the last pushed tensors (delta pushes); one model per worker process
+
+
+def rebuild(buf: torch.Tensor, u: TensorsUpdateInfo) -> list[tuple[str, torch.Tensor]]:
+    """The bucket's new tensors from a delta push's bytes: whole ones as they came, deltas applied to the kept
+    base; each checked bit-exactly against the sender's sum."""
+    assert u.counts is not None and u.checks is not None
+    out, off = [], 0
+    for name, dt, shape, count, check in zip(u.names, u.dtype_names, u.shapes, u.counts, u.checks):
+        dtype = getattr(torch, dt)
+        numel = int(torch.Size(shape).numel())
+        part = buf[off : off + wire_bytes(count, numel, torch.empty((), dtype=dtype).element_size())]
+        off += part.numel()
+        if count == FULL:
+            t = part.view(dtype).view(shape)
+        else:
+            held = HELD.tensors.get(name)
+            if held is None or u.base is None or u.base != HELD.against:
+                raise RuntimeError(
+                    f"delta for {name!r} is against version {u.base!r}, but this worker holds "
+                    f"{HELD.against if held is not None else None!r} for it: the sender must push in full"
+                )
+            apply(held, part, count)
+            t = held.view(shape)
+        got = bit_sum(t)
+        if got != check:
+            raise RuntimeError(
+                f"delta push: {name!r} rebuilt against version {u.base!r} has bit sum {got}, the sender's is "
+                f"{check}: the engine's base differs from the sender's"
+            )
+        if u.keep and count == FULL:
+            HELD.keep(name, t)
+        out.append((name, t))
+    return out
 
 
 def refresh_cpu_experts(model: torch.nn.Module) -> int:
@@ -103,6 +147,7 @@ class _ReloadingEngine(WeightTransferEngine):
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        HELD.against, HELD.version = HELD.version, None  # a whole version again only once a push commits it
         initialize_layerwise_reload(self.model)
 
     def finish_weight_update(self) -> None:
@@ -147,9 +192,19 @@ class GlooWeightTransferEngine(_ReloadingEngine):
             int(torch.Size(s).numel()) * torch.empty((), dtype=getattr(torch, d)).element_size()
             for s, d in zip(u.shapes, u.dtype_names)
         )
+        if u.counts is not None:
+            nbytes = sum(
+                wire_bytes(c, int(torch.Size(s).numel()), torch.empty((), dtype=getattr(torch, d)).element_size())
+                for c, s, d in zip(u.counts, u.shapes, u.dtype_names)
+            )
         buf = torch.empty(nbytes, dtype=torch.uint8)
         self.pg.broadcast(buf, root=0).wait()
-        self.model.load_weights(views(buf, u.names, u.dtype_names, u.shapes))
+        if u.counts is None:
+            if HELD.tensors:  # a sender without delta: nothing kept stays valid
+                HELD.tensors.clear()
+            self.model.load_weights(views(buf, u.names, u.dtype_names, u.shapes))
+        else:
+            self.model.load_weights(rebuild(buf, u))
 
     @staticmethod
     def trainer_send_weights(iterator: Iterator[tuple[str, torch.Tensor]], trainer_args: dict[str, Any]) -> None:
@@ -221,6 +276,15 @@ class VimeWorkerExtension:
         from engines.vllm.fingerprint import engine_sums
 
         return engine_sums(self.model_runner.model, names)
+
+    def vime_delta_version(self) -> str | None:
+        """The version this worker's kept base makes up (None: none, or a push since did not commit)."""
+        return HELD.version
+
+    def vime_delta_commit(self, version: str) -> int:
+        """The push that kept its tensors finished and verified: they are version `version`'s base now."""
+        HELD.version = version
+        return len(HELD.tensors)
 
     def vime_weight_checksum(self) -> float:
         """A cheap fingerprint of the loaded weights (sum of |w| over parameters), for consistency checks."""

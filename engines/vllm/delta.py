@@ -1,0 +1,88 @@
+"""Delta pushes (`weights.delta`): only the elements whose bits changed since the version every engine holds
+travel, as index/value pairs per tensor; a tensor whose delta would not be smaller than itself travels whole.
+
+Both ends keep the last pushed tensors in HF layout (the sender on its host, each engine worker beside its model),
+so an engine rebuilds the new tensor exactly — bit patterns are compared, not values, so -0.0, NaNs and sub-ulp
+updates are no special cases — and loads it through the same `load_weights` as a full push. What is saved is the
+wire, the bandwidth-limited part (gloo between hosts); the engine's load stays a full load. Each rebuilt tensor is
+checked against the sender's exact bit-pattern sum and a mismatch fails the push naming it, so a wrong base never
+passes silently; the sender pushes in full whenever an engine does not report holding the version the delta would
+be against (restarted, written by another channel, or a push that did not finish). The price is one more copy of
+the weights in host memory on each side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+FULL = -1  # a tensor's entry in `counts` when it travels whole
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The flat bit patterns of `t`, as integers of its width."""
+    return t.detach().contiguous().view(-1).view(BITS[t.element_size()])
+
+
+def bit_sum(t: torch.Tensor) -> int:
+    """An exact checksum of the bit patterns (int64, wrapping): any single changed element changes it."""
+    return int(bits(t).sum(dtype=torch.int64).item())
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def wire_bytes(count: int, numel: int, element_size: int) -> int:
+    """Bytes one tensor's entry takes on the wire."""
+    if count == FULL:
+        return numel * element_size
+    return count * (torch.empty((), dtype=index_dtype(numel)).element_size() + element_size)
+
+
+@dataclass
+class Encoded:
+    count: int  # FULL, or how many (index, value) pairs travel
+    changed: int  # elements whose bits differ from the base (all of them without a base)
+    payload: list[torch.Tensor]  # what goes on the wire, in order
+    check: int  # bit_sum of the new tensor
+
+
+def encode(new: torch.Tensor, old: torch.Tensor | None) -> Encoded:
+    """FULL with [new] when there is no comparable base or the delta would not be smaller; else the changed
+    elements' flat indices and new values."""
+    flat = new.detach().contiguous().view(-1)
+    check = bit_sum(flat)
+    if old is None or old.shape != new.shape or old.dtype != new.dtype:
+        return Encoded(FULL, flat.numel(), [flat], check)
+    changed = (bits(flat) != bits(old.to(flat.device))).nonzero().squeeze(1)
+    n = changed.numel()
+    if wire_bytes(n, flat.numel(), flat.element_size()) >= flat.numel() * flat.element_size():
+        return Encoded(FULL, n, [flat], check)
+    return Encoded(n, n, [changed.to(index_dtype(flat.numel())), flat[changed]], check)
+
+
+def apply(held: torch.Tensor, payload: torch.Tensor, count: int) -> None:
+    """Write one delta (the bytes `encode` sent: indices, then values) into `held` in place."""
+    idx_dtype = index_dtype(held.numel())
+    cut = count * torch.empty((), dtype=idx_dtype).element_size()
+    idx = payload[:cut].view(idx_dtype).long()
+    held.view(-1)[idx] = payload[cut:].view(held.dtype)
+
+
+@dataclass
+class Base:
+    """The tensors a side last pushed or received, and the version they make up (None: not a whole, trusted one)."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    version: str | None = None
+    against: str | None = None  # engine side: the version held when the current push started
+
+    def keep(self, name: str, t: torch.Tensor) -> None:
+        held = self.tensors.get(name)
+        if held is not None and held.shape == t.shape and held.dtype == t.dtype:
+            held.copy_(t)
+        else:
+            self.tensors[name] = t.detach().to("cpu", copy=True).contiguous()
