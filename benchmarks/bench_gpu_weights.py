@@ -176,6 +176,7 @@ def trainer_side(
         row["vime_push_s_all"] = [s["push_s"] for s in stats]
         row["vime_verify_s"] = statistics.median(s["verify_s"] for s in stats)  # inside push_s (weights.verify)
         row["verify_share_of_push"] = row["vime_verify_s"] / row["vime_push_s"]
+        row["vime_verify_engine_s"] = statistics.median(s["verify_engine_s"] for s in stats)  # the engines' side
         ids, lp = engine_logprobs(url, version, prompt)
         (tlp,) = trainer.logprobs([Sample(prompt_ids=prompt, response_ids=ids, logprobs=lp)], 1.0)
         row["engine_vs_trainer_max_abs"] = max(abs(a - b) for a, b in zip(lp, tlp))
