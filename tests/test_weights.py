@@ -343,6 +343,57 @@ def test_delta_push_is_bit_exact_falls_back_to_full_and_catches_a_wrong_base(qwe
         assert engine_vs_hf(eng, hf(model_dir("qwen2")), FRESH)[0] < 1e-3
 
 
+def test_delta_wire_rebuilds_mixed_widths_bit_exactly():
+    """The engine side of a delta push without a server: bf16 and fp32 tensors, whole and as deltas, sit end to
+    end in one buffer (a 4-byte index may start at a 2-byte offset); each is rebuilt bit for bit, and a base that
+    differs from the sender's is refused naming the tensor."""
+    from engines.vllm import worker_ext
+    from engines.vllm.delta import FULL, Base, encode
+    from engines.vllm.worker_ext import TensorsUpdateInfo, pack, rebuild
+
+    g = torch.Generator().manual_seed(0)
+    old = {
+        "a": torch.randn(3, 5, generator=g).bfloat16(),  # odd byte count: everything after it is misaligned
+        "b": torch.randn(64, 32, generator=g).bfloat16(),
+        "c": torch.randn(7, generator=g),
+        "d": torch.randn(40, 40, generator=g),
+    }
+    new = {k: v.clone() for k, v in old.items()}
+    new["a"] += 1.0  # every element: travels whole
+    new["b"].view(-1)[[3, 700, 2047]] += 0.5
+    new["c"].view(-1)[1] = -new["c"].view(-1)[1]
+    new["d"].view(-1)[::97] += 1e-3
+    encs = {k: encode(new[k], old[k]) for k in new}
+    assert encs["a"].count == FULL and [encs[k].count for k in "bcd"] == [3, 1, 17]
+    buf = pack([(k, p) for k in new for p in encs[k].payload])
+    info = TensorsUpdateInfo(
+        names=list(new),
+        dtype_names=[str(t.dtype).replace("torch.", "") for t in new.values()],
+        shapes=[list(t.shape) for t in new.values()],
+        counts=[encs[k].count for k in new],
+        checks=[encs[k].check for k in new],
+        base="v1",
+        keep=True,
+    )
+    saved = worker_ext.HELD
+    try:
+        worker_ext.HELD = Base({k: v.clone() for k, v in old.items()}, version=None, against="v1")
+        got = dict(rebuild(buf, info))
+        for k, want in new.items():
+            assert got[k].dtype == want.dtype and torch.equal(
+                got[k].view(-1).view(torch.uint8), want.view(-1).view(torch.uint8)
+            ), k
+        worker_ext.HELD = Base({k: v.clone() for k, v in old.items()}, version=None, against="v1")
+        worker_ext.HELD.tensors["b"].view(-1)[5] += 1.0  # this worker's base is not the sender's
+        with pytest.raises(RuntimeError, match="'b'.*bit sum"):
+            rebuild(buf, info)
+        worker_ext.HELD = Base({}, version=None, against=None)  # a restarted worker holds nothing
+        with pytest.raises(RuntimeError, match="'b'.*push in full"):
+            rebuild(buf, info)
+    finally:
+        worker_ext.HELD = saved
+
+
 def test_delta_needs_the_gloo_backend():
     with pytest.raises(ValueError, match="weights.delta.*weights.backend: gloo"):
         VLLMWeightChannel({"backend": "disk", "delta": True}, ["http://127.0.0.1:9"])

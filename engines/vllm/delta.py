@@ -64,12 +64,19 @@ def encode(new: torch.Tensor, old: torch.Tensor | None) -> Encoded:
     return Encoded(n, n, [changed.to(index_dtype(flat.numel())), flat[changed]], check)
 
 
+def typed(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 bytes as `dtype`: a view where the bytes are aligned for it, else a copy (tensors of different widths
+    sit end to end in one buffer, so a 4-byte index can start at an odd 2-byte offset)."""
+    if raw.storage_offset() % torch.empty((), dtype=dtype).element_size():
+        raw = raw.clone()
+    return raw.view(dtype)
+
+
 def apply(held: torch.Tensor, payload: torch.Tensor, count: int) -> None:
     """Write one delta (the bytes `encode` sent: indices, then values) into `held` in place."""
     idx_dtype = index_dtype(held.numel())
     cut = count * torch.empty((), dtype=idx_dtype).element_size()
-    idx = payload[:cut].view(idx_dtype).long()
-    held.view(-1)[idx] = payload[cut:].view(held.dtype)
+    held.view(-1)[typed(payload[:cut], idx_dtype).long()] = typed(payload[cut:], held.dtype)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from engines.vllm.delta import FULL, Base, apply, bit_sum, wire_bytes
+from engines.vllm.delta import FULL, Base, apply, bit_sum, typed, wire_bytes
 
 
 def refresh_tied_lm_head(model: torch.nn.Module) -> int:
@@ -57,7 +57,7 @@ def views(buf: torch.Tensor, names: list[str], dtype_names: list[str], shapes: l
     for name, dt, shape in zip(names, dtype_names, shapes):
         dtype = getattr(torch, dt)
         nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-        out.append((name, buf[off : off + nbytes].view(dtype).view(shape)))
+        out.append((name, typed(buf[off : off + nbytes], dtype).view(shape)))
         off += nbytes
     return out
 
@@ -99,7 +99,7 @@ def rebuild(buf: torch.Tensor, u: TensorsUpdateInfo) -> list[tuple[str, torch.Te
         part = buf[off : off + wire_bytes(count, numel, torch.empty((), dtype=dtype).element_size())]
         off += part.numel()
         if count == FULL:
-            t = part.view(dtype).view(shape)
+            t = typed(part, dtype).view(shape)
         else:
             held = HELD.tensors.get(name)
             if held is None or u.base is None or u.base != HELD.against:
