@@ -8,6 +8,10 @@ and the shape of a real RL step (bfloat16 weights in trainer and engine, lr 1e-6
 Every push in both runs was verified (`weights.verify`) and every delta-rebuilt tensor checked bit-exactly on the
 engine; the two runs' per-step rollout and training metrics are compared as well: they are equal where the run is
 deterministic, which is what "the engine computed exactly what a full push gives" predicts.
+
+The tiny recipe's model is 0.7 MB, so its pushes are all control round trips; the bandwidth-bound case is measured
+apart on bigger bf16 models (`--sizes`, default 100m 500m): one engine, pushes of weights where the fraction of
+elements the bf16 GRPO run changed (its median) moved, full vs delta, same server.
 """
 
 from __future__ import annotations
@@ -29,10 +33,74 @@ def pushes(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("step", 0) > 0 and "sync/push_s" in r]
 
 
+def bump(sd: dict, frac: float, g) -> dict:
+    """A step that changes `frac` of each tensor's elements (to a different bf16 value)."""
+    import torch
+
+    out = {}
+    for k, v in sd.items():
+        t = v.clone()
+        idx = torch.randperm(t.numel(), generator=g)[: max(1, round(frac * t.numel()))]
+        t.view(-1)[idx] = (t.view(-1)[idx].float() * 1.02 + 1e-3).to(t.dtype)
+        out[k] = t
+    return out
+
+
+def sized(size: str, frac: float, tmp: Path, pushes: int = 3) -> list[dict]:
+    import tempfile
+
+    from safetensors.torch import load_file
+    from torch import Generator
+
+    from benchmarks.bench_weights import buckets
+    from engines.vllm.config import VLLMEngineConfig
+    from engines.vllm.weight_channel import VLLMWeightChannel
+    from vime.models import make_model
+    from vime.specs import make_engine_group
+
+    path = make_model("qwen2", size, tmp / size, dtype="bfloat16")
+    sd = load_file(str(path / "model.safetensors"))
+    args = {"enforce_eager": True, "dtype": "bfloat16", "max_model_len": 256, "kv_cache_memory_bytes": 64 << 20}
+    cfg = VLLMEngineConfig(args=args, startup_timeout_s=600)
+    rows = []
+    with make_engine_group(cfg, str(path), tempfile.mkdtemp(dir=tmp), weights_backend="gloo").start() as group:
+        for delta in (False, True):
+            g = Generator().manual_seed(0)
+            ch = VLLMWeightChannel({"backend": "gloo", "delta": delta}, group.urls())
+            cur, stats = sd, []
+            ch.push(buckets(cur), f"{size}-base-{delta}")  # full: the base the deltas are against
+            for i in range(pushes):
+                cur = bump(cur, frac, g)
+                stats.append(ch.push(buckets(cur), f"{size}-{delta}-{i}"))
+            ch.close()
+            rows.append(
+                {
+                    "model": f"qwen2-{size} bf16",
+                    "delta": delta,
+                    "changed_frac": frac,
+                    "full_bytes": sum(v.numel() * v.element_size() for v in sd.values()),
+                    "wire_bytes_median": statistics.median(s["bytes"] for s in stats),
+                    "push_s_median": statistics.median(s["push_s"] for s in stats),
+                    "verify_s_median": statistics.median(s["verify_s"] for s in stats),
+                    "pushes_as_delta": sum(s.get("delta", 0.0) for s in stats),
+                }
+            )
+    full, dlt = rows
+    dlt["delta_over_full"] = dlt["push_s_median"] / full["push_s_median"]
+    print(
+        f"qwen2-{size} bf16, {frac:.2%} changed: full {full['push_s_median']:.2f} s, delta "
+        f"{dlt['push_s_median']:.2f} s ({dlt['delta_over_full']:.2f}x), wire "
+        f"{dlt['wire_bytes_median'] / full['wire_bytes_median']:.2%} of a full push",
+        flush=True,
+    )
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="runs/bench_delta")
+    ap.add_argument("--sizes", nargs="*", default=["100m", "500m"])
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from benchmarks.common import bar_png, train_run, write
@@ -50,9 +118,8 @@ def main() -> int:
         for delta in (False, True):
             name = f"{'bf16' if sets else 'fp32'}-{'delta' if delta else 'full'}"
             common = [f"loop.num_steps={a.steps}", "loop.eval_every=0", "loop.eval_size=16", f"model.path={model}"]
-            r = train_run(
-                "configs/grpo_tiny_cpu.yaml", out / name, [*common, *sets, f"weights.delta={delta}"], out / f"{name}.log"
-            )
+            sets_all = [*common, *sets, f"weights.delta={delta}"]
+            r = train_run("configs/grpo_tiny_cpu.yaml", out / name, sets_all, out / f"{name}.log")
             if r["rc"] != 0:
                 print(f"{regime} delta={delta}: vime train failed (rc {r['rc']}), see {out / name}.log", flush=True)
                 return 1
@@ -89,9 +156,20 @@ def main() -> int:
         )
         labels += [f"{regime}\nfull", f"{regime}\ndelta"]
         ratios += [row["full_push_s_median"], row["delta_push_s_median"] or 0.0]
-    payload = {"card": "CPU (no accelerator)", "backend": "gloo", "baseline": "weights.delta=false", "rows": rows}
+    bf16 = next(r for r in rows if r["regime"].startswith("bf16"))
+    by_size = [r for size in a.sizes for r in sized(size, bf16["changed_frac_median"], out)]
+    for r in by_size:
+        labels.append(f"{r['model']}\n{'delta' if r['delta'] else 'full'}")
+        ratios.append(r["push_s_median"])
+    payload = {
+        "card": "CPU (no accelerator)",
+        "backend": "gloo",
+        "baseline": "weights.delta=false",
+        "rows": rows,
+        "by_size": by_size,
+    }
     print("wrote", write("delta_cpu", payload))
-    bar_png("delta_cpu", labels, ratios, "median push (s)", "delta vs full push on a GRPO run (CPU, gloo)")
+    bar_png("delta_cpu", labels, ratios, "median push (s)", "delta vs full push (CPU, gloo)")
     return 0
 
 

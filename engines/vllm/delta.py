@@ -26,9 +26,39 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(-1).view(BITS[t.element_size()])
 
 
+def _words(t: torch.Tensor) -> torch.Tensor | None:
+    """`t`'s whole 8-byte words as int64 (None where its bytes are not 8-aligned): comparing and summing native
+    words is 4× fewer elements than bf16 ones, and an int16 → int64 widening sum is the slowest part otherwise."""
+    raw = t.detach().contiguous().view(-1).view(torch.uint8)
+    if raw.data_ptr() % 8:
+        return None
+    return raw[: raw.numel() // 8 * 8].view(torch.int64)
+
+
 def bit_sum(t: torch.Tensor) -> int:
-    """An exact checksum of the bit patterns (int64, wrapping): any single changed element changes it."""
-    return int(bits(t).sum(dtype=torch.int64).item())
+    """An exact checksum of the bytes (their 8-byte words added modulo 2**64, the rest bytewise): any single
+    changed element changes it, and it is independent of the order of addition."""
+    raw = t.detach().contiguous().view(-1).view(torch.uint8)
+    words = _words(t)
+    if words is None:
+        words = raw[: raw.numel() // 8 * 8].clone().view(torch.int64)
+    rest = raw[words.numel() * 8 :]
+    return int(words.sum().item()) + int(rest.sum(dtype=torch.int64).item())
+
+
+def changed(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the elements whose bits differ: whole 8-byte words first, elements only inside the few
+    words that differ."""
+    a, b = bits(new), bits(old)
+    wa, wb = _words(a), _words(b)
+    if wa is None or wb is None:
+        return (a != b).nonzero().squeeze(1)
+    per = 8 // a.element_size()
+    hit = (wa != wb).nonzero().squeeze(1)
+    idx = (hit.unsqueeze(1) * per + torch.arange(per)).view(-1)
+    idx = idx[a[idx] != b[idx]]
+    cut = wa.numel() * per
+    return torch.cat([idx, cut + (a[cut:] != b[cut:]).nonzero().squeeze(1)])
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -57,11 +87,11 @@ def encode(new: torch.Tensor, old: torch.Tensor | None) -> Encoded:
     check = bit_sum(flat)
     if old is None or old.shape != new.shape or old.dtype != new.dtype:
         return Encoded(FULL, flat.numel(), [flat], check)
-    changed = (bits(flat) != bits(old.to(flat.device))).nonzero().squeeze(1)
-    n = changed.numel()
+    where = changed(flat, old.to(flat.device).view(-1))
+    n = where.numel()
     if wire_bytes(n, flat.numel(), flat.element_size()) >= flat.numel() * flat.element_size():
         return Encoded(FULL, n, [flat], check)
-    return Encoded(n, n, [changed.to(index_dtype(flat.numel())), flat[changed]], check)
+    return Encoded(n, n, [where.to(index_dtype(flat.numel())), flat[where]], check)
 
 
 def typed(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

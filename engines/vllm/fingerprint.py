@@ -14,35 +14,19 @@ float64), so an engine holding the sender's dtype differs only in summation orde
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections import defaultdict
-from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from engines.vllm.cpu_threads import one_thread
 
 EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 SAME_DTYPE_RTOL = 1e-6  # sums of identical values: only the summation order differs
 
 
 ROW = 4096  # elements reduced per row in float32 before the rows are added in float64
-
-
-@contextlib.contextmanager
-def _one_thread(on_cpu: bool) -> Iterator[None]:
-    """CPU sums run on one thread. vLLM workers on the same host busy-spin for a second after every RPC (their
-    shared-memory queue's SpinCondition), and a parallel region with more threads than the cores left over stalls
-    at its barriers: 100M float32 parameters summed in 0.8 s on two threads, 0.04 s on one, right after a push."""
-    if not on_cpu or torch.get_num_threads() == 1:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _parts(t: torch.Tensor) -> list[torch.Tensor]:
@@ -65,7 +49,7 @@ def tensor_sums(tensors: list[torch.Tensor]) -> list[list[float]]:
     dev = tensors[0].device
     if any(t.device != dev for t in tensors):
         raise ValueError(f"tensor_sums takes tensors on one device, got {sorted({str(t.device) for t in tensors})}")
-    with _one_thread(dev.type == "cpu"), torch.no_grad():
+    with one_thread(dev.type == "cpu"), torch.no_grad():
         sums, norms, owner, count = [], [], [], []
         for i, t in enumerate(tensors):
             for rows in _parts(t):

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import torch
 
+from engines.vllm.cpu_threads import one_thread
 from engines.vllm.delta import Base, encode
 from engines.vllm.fingerprint import check, tensor_sums
 from engines.vllm.server import vllm_version
@@ -171,15 +172,16 @@ class VLLMWeightChannel:
         """What a delta push sends for one bucket: per tensor its changed elements against the base the engines
         hold (or the whole tensor), and the tensors become the next base."""
         counts, checks, wire = [], [], []
-        for name, t in bucket:
-            enc = encode(t, self.base.tensors.get(name) if self.against is not None else None)
-            counts.append(enc.count)
-            checks.append(enc.check)
-            wire += [(name, p) for p in enc.payload]
-            self.delta_stats["elements"] += t.numel()
-            self.delta_stats["changed"] += enc.changed
-            self.delta_stats["full_bytes"] += t.numel() * t.element_size()
-            self.base.keep(name, t)
+        with one_thread(all(t.device.type == "cpu" for _, t in bucket)):
+            for name, t in bucket:
+                enc = encode(t, self.base.tensors.get(name) if self.against is not None else None)
+                counts.append(enc.count)
+                checks.append(enc.check)
+                wire += [(name, p) for p in enc.payload]
+                self.delta_stats["elements"] += t.numel()
+                self.delta_stats["changed"] += enc.changed
+                self.delta_stats["full_bytes"] += t.numel() * t.element_size()
+                self.base.keep(name, t)
         return {**meta, "counts": counts, "checks": checks, "base": self.against, "keep": True}, wire
 
     def _delta_base(self) -> str | None:
