@@ -43,15 +43,25 @@ def test_route_merge_takes_prompt_routes_from_the_prefill_server_and_refuses_gap
 
 
 @pytest.mark.parametrize(
-    "arch, ep",
-    [("qwen3_moe", 1), ("qwen3_moe", 2), ("glm4_moe", 1), ("glm4_moe", 2), ("deepseek_v3", 1), ("deepseek_v3", 2)],
+    "arch, ep, size",
+    [
+        ("qwen3_moe", 1, "tiny"),
+        ("qwen3_moe", 2, "tiny"),
+        ("glm4_moe", 1, "tiny"),
+        ("glm4_moe", 2, "tiny"),
+        ("deepseek_v3", 1, "tiny"),
+        ("deepseek_v3", 2, "tiny"),
+        ("deepseek_v3", 1, "small"),
+    ],
 )
-def test_moe_logits_match_transformers_and_export_round_trips(ray_cluster, model_dir, arch, ep):
+def test_moe_logits_match_transformers_and_export_round_trips(ray_cluster, model_dir, arch, ep, size):
     """GLM-4.5's tiny model adds a dense first layer, a shared expert, sigmoid routing with a score bias (a
     buffer that must load and export too), half-rotary heads and q/k/v bias to Qwen3-MoE's features; DeepSeek-V3's
     has GLM's MoE under multi-latent attention (Megatron's own MLA: low-rank q and kv, latent norms, an
-    interleaved shared rotary key), trainer-side only (vLLM-CPU's MLA is 0.4-0.6 nats off transformers)."""
-    path = model_dir(arch)
+    interleaved shared rotary key), trainer-side only (vLLM-CPU's MLA is 0.4-0.6 nats off transformers). From
+    "small" up DeepSeek-V3 takes DeepSeek's own MLA dimensions (kv rank 512, nope 128, rope 64, v 128), the ones
+    vLLM's GPU kernels serve."""
+    path = model_dir(arch, size)
     s = make_samples(1, seed=1)[0]
     with trainer(path, ep=ep, world_size=ep) as tr:
         assert check_logits(tr, hf(path), s.prompt_ids + s.response_ids) < 1e-4

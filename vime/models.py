@@ -207,21 +207,25 @@ def _deepseek_v3_config(size: Size, common: dict[str, Any], tie: bool | None) ->
     in DeepSeek's interleaved layout) on GLM-4.5's MoE (dense first layer, shared expert, sigmoid + score bias,
     scaling). transformers 5 writes no `topk_method`/`scoring_func`, and vLLM then skips the score bias
     (`KeyError: ...e_score_correction_bias`): both are set. One expert group (group-limited routing is refused by
-    the trainer), no multi-token-prediction layer (nothing trains or serves it)."""
+    the trainer), no multi-token-prediction layer (nothing trains or serves it). From 0.5B up the attention takes
+    DeepSeek's own MLA dimensions, the only ones vLLM's GPU kernels serve: on vLLM 0.26 / H100 a (nope 64, rope 32,
+    v 64) model is refused by every MLA prefill backend, (128, 64, 128, kv rank 512) starts and generates."""
     import transformers as tf
 
     head = size.hidden // size.heads
     common = {**common, "num_key_value_heads": size.heads}  # MLA: every head has its own k and v
+    gpu = size.hidden >= 512
+    nope, rope, v, kv_rank = (128, 64, 128, 512) if gpu else (head, head // 2, head, size.hidden // 4)
     return tf.DeepseekV3Config(
         **common,
         tie_word_embeddings=False if tie is None else tie,
         rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
         rope_interleave=True,
         q_lora_rank=size.hidden // 4,
-        kv_lora_rank=size.hidden // 4,
-        qk_nope_head_dim=head,
-        qk_rope_head_dim=head // 2,
-        v_head_dim=head,
+        kv_lora_rank=kv_rank,
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope,
+        v_head_dim=v,
         n_routed_experts=MOE_EXPERTS,
         num_experts_per_tok=MOE_TOPK,
         moe_intermediate_size=size.intermediate // MOE_FFN_DIVISOR,
