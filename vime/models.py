@@ -140,15 +140,7 @@ def hf_config(arch: str, size: Size, *, tie: bool | None = None) -> Any:
             partial_rotary_factor=0.5,
             attention_bias=True,
             use_qk_norm=True,
-            n_routed_experts=MOE_EXPERTS,
-            num_experts_per_tok=MOE_TOPK,
-            moe_intermediate_size=size.intermediate // MOE_FFN_DIVISOR,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            routed_scaling_factor=2.5,
-            n_group=1,
-            topk_group=1,
-            norm_topk_prob=True,
+            **_glm_moe(size),
         )
     if arch == "deepseek_v3":
         return _deepseek_v3_config(size, common, tie)
@@ -202,6 +194,22 @@ def make_model(
     return out
 
 
+def _glm_moe(size: Size) -> dict[str, Any]:
+    """GLM-4.5's MoE block, which DeepSeek-V3 shares: first layer dense, one shared expert, scaled routed experts,
+    one expert group (group-limited routing is refused by the trainer)."""
+    return {
+        "n_routed_experts": MOE_EXPERTS,
+        "num_experts_per_tok": MOE_TOPK,
+        "moe_intermediate_size": size.intermediate // MOE_FFN_DIVISOR,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.5,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+    }
+
+
 def _deepseek_v3_config(size: Size, common: dict[str, Any], tie: bool | None) -> Any:
     """DeepSeek-V3's features at a small scale: multi-latent attention (low-rank q and kv, a shared rotary key
     in DeepSeek's interleaved layout) on GLM-4.5's MoE (dense first layer, shared expert, sigmoid + score bias,
@@ -226,15 +234,7 @@ def _deepseek_v3_config(size: Size, common: dict[str, Any], tie: bool | None) ->
         qk_nope_head_dim=nope,
         qk_rope_head_dim=rope,
         v_head_dim=v,
-        n_routed_experts=MOE_EXPERTS,
-        num_experts_per_tok=MOE_TOPK,
-        moe_intermediate_size=size.intermediate // MOE_FFN_DIVISOR,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        routed_scaling_factor=2.5,
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=True,
+        **_glm_moe(size),
         topk_method="noaux_tc",
         scoring_func="sigmoid",
         num_mtp_layers=0,
