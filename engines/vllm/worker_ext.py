@@ -188,15 +188,11 @@ class GlooWeightTransferEngine(_ReloadingEngine):
     def receive_weights(self, u: TensorsUpdateInfo) -> None:
         if self.pg is None:
             raise RuntimeError("gloo weight transfer not initialised: call /init_weight_transfer_engine first")
+        counts = u.counts if u.counts is not None else [FULL] * len(u.names)  # a plain push: every tensor whole
         nbytes = sum(
-            int(torch.Size(s).numel()) * torch.empty((), dtype=getattr(torch, d)).element_size()
-            for s, d in zip(u.shapes, u.dtype_names)
+            wire_bytes(c, int(torch.Size(s).numel()), torch.empty((), dtype=getattr(torch, d)).element_size())
+            for c, s, d in zip(counts, u.shapes, u.dtype_names)
         )
-        if u.counts is not None:
-            nbytes = sum(
-                wire_bytes(c, int(torch.Size(s).numel()), torch.empty((), dtype=getattr(torch, d)).element_size())
-                for c, s, d in zip(u.counts, u.shapes, u.dtype_names)
-            )
         buf = torch.empty(nbytes, dtype=torch.uint8)
         self.pg.broadcast(buf, root=0).wait()
         if u.counts is None:
@@ -285,8 +281,3 @@ class VimeWorkerExtension:
         """The push that kept its tensors finished and verified: they are version `version`'s base now."""
         HELD.version = version
         return len(HELD.tensors)
-
-    def vime_weight_checksum(self) -> float:
-        """A cheap fingerprint of the loaded weights (sum of |w| over parameters), for consistency checks."""
-        with torch.no_grad():
-            return float(sum(p.detach().float().abs().sum() for p in self.model_runner.model.parameters()))

