@@ -46,7 +46,12 @@ def test_sigterm_mid_training_exits_143_with_nothing_left(repo_root, model_dir, 
         assert b"grpo:" in log.read_bytes(), f"no RL step within 400 s: {log.read_text()[-3000:]}"
         time.sleep(3)  # mid-run: engines generating, ranks training
         proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=120)
+        try:
+            rc = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # vime's faulthandler prints every thread's stack: what it waits for
+            time.sleep(3)
+            pytest.fail(f"no exit within 120 s of SIGTERM; its stacks and log: {log.read_text()[-6000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -54,6 +59,34 @@ def test_sigterm_mid_training_exits_143_with_nothing_left(repo_root, model_dir, 
     assert rc == 143, f"rc {rc}; log ends with: {text[-3000:]}"
     assert "SIGTERM received" not in text, text[-3000:]  # Ray's C++ handler aborting with a stack dump
     deadline = time.monotonic() + 20  # Ray's agents notice their raylet is gone within a few seconds
+    while (left := run_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert left == [], f"left behind: {left}"
+
+
+def test_sigterm_while_engines_start_leaves_nothing(repo_root, model_dir, tmp_path):
+    """Interrupted while its engine servers load (before any of them answered): a killed server actor took its
+    server with it, but not the server's own EngineCore, which ran on re-parented to init."""
+    marker = f"sigterm-start-{os.getpid()}"
+    log = tmp_path / "train.log"
+    cmd = [sys.executable, "-m", "vime.cli", "train", "-c", str(repo_root / "configs" / "grpo_tiny_cpu.yaml")]
+    for s in (f"model.path={model_dir('qwen2')}", f"run.out_dir={tmp_path}/run"):
+        cmd += ["--set", s]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, ENV: marker})
+    try:
+        deadline = time.monotonic() + 300
+        while not any("EngineCore" in p for p in run_processes(marker)) and time.monotonic() < deadline:
+            assert proc.poll() is None, f"the run ended before its engine started: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        assert time.monotonic() < deadline, f"no EngineCore within 300 s: {log.read_text()[-3000:]}"
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 143, f"rc {rc}; log ends with: {log.read_text(errors='replace')[-3000:]}"
+    deadline = time.monotonic() + 20
     while (left := run_processes(marker)) and time.monotonic() < deadline:
         time.sleep(1)
     assert left == [], f"left behind: {left}"

@@ -5,9 +5,11 @@ registered name: `--vllm-max-num-seqs 64`)."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -78,9 +80,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_terminated = threading.Event()
+
+
+def _on_sigterm(*_: object) -> None:
+    _terminated.set()
+    sys.exit(143)
+
+
 def _sigterm_to_exit() -> None:
     # A SIGTERM must unwind through the context managers that own engine processes, like Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: what a run that seems stuck is waiting for.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     _sigterm_to_exit()
+    try:
+        return _run(cfg, args)
+    except SystemExit:
+        if _terminated.is_set():  # Ray's ray.get turns the handler's exit into SystemExit(1): a SIGTERM still exits 143
+            raise SystemExit(143) from None
+        raise
+
+
+def _run(cfg: Config, args: argparse.Namespace) -> int:
     if args.cmd == "train":
         return _train(cfg, args)
     if args.cmd == "serve":

@@ -95,6 +95,9 @@ class Parts(contextlib.ExitStack):
         if c is not None:
             self.critic = make_critic(c, cfg.model.path, placement=(pg, critic_idx))
             self.callback(self.critic.shutdown)
+        # engines stop before the ranks (stop is idempotent): a rank interrupted mid-push (SIGTERM, an error) is
+        # waiting on the engines, and their going away ends its wait instead of the rank's shutdown timeout
+        self.callback(self.engines.stop)
         self.sync = WeightSync(self.trainer, self.engines, engine_spec(e.name).weight_channel, cfg.weights, sleeps)
         self.sync.connect()
         self.pool = SupervisedPool(

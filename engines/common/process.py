@@ -200,15 +200,16 @@ class ServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc is None:
+        # taken first: a stop may race another (an actor's stop while its start fails and stops the server)
+        proc, self.proc = self.proc, None
+        if proc is None:
             return
-        kill_tree(self.proc.pid)
-        kill_group(self.proc.pid)  # start_new_session: the server's pid is its group id
+        kill_tree(proc.pid)
+        kill_group(proc.pid)  # start_new_session: the server's pid is its group id
         try:
-            self.proc.wait(timeout=5)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
-        self.proc = None
 
     def __enter__(self) -> Self:
         self.start()

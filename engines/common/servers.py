@@ -78,7 +78,13 @@ def launch(
     ]
     try:
         started = ray.get([a.start.remote() for a in actors])
-    except BaseException:
+    except BaseException:  # a failed start, or the driver interrupted (SIGTERM, Ctrl-C) while servers start
+        # stop first: killing the actor kills its server by PR_SET_PDEATHSIG, but not the server's own children
+        # (vLLM's EngineCore would be left running, re-parented to init)
+        try:
+            ray.get([a.stop.remote() for a in actors], timeout=60)
+        except Exception:
+            log.exception("engine actors did not stop their servers cleanly; killing them")
         for a in actors:
             ray.kill(a)
         raise
