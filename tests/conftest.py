@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
+
+# Every process a test starts inherits this; one that outlives its module without being a descendant of this
+# pytest process is an orphan (re-parented to init): a bug, and a CPU thief for every later test.
+SESSION_ENV = "VIME_TEST_SESSION"
+os.environ[SESSION_ENV] = uuid.uuid4().hex
 
 ENGINE_ARGS = {
     "enforce_eager": True,
@@ -30,6 +38,42 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def orphans() -> dict[int, str]:
+    """Processes carrying this session's marker outside this process's tree: pid -> name and the test that
+    started it."""
+    me = psutil.Process()
+    tree = {me.pid} | {p.pid for p in me.children(recursive=True)}
+    marker = f"{SESSION_ENV}={os.environ[SESSION_ENV]}".encode()
+    out = {}
+    for p in psutil.process_iter(["name"]):
+        if p.pid in tree:
+            continue
+        try:
+            env = Path(f"/proc/{p.pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in env:
+            test = next((e.decode(errors="replace") for e in env if e.startswith(b"PYTEST_CURRENT_TEST=")), "")
+            out[p.pid] = f"{p.info['name']} ({test.partition('=')[2] or 'no test'})"
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_orphans():
+    """After each module: nothing it started runs on outside this process's tree (Ray's agents notice their
+    raylet is gone within seconds, hence the wait); what is left is killed, then reported."""
+    yield
+    deadline = time.monotonic() + 20
+    while (left := orphans()) and time.monotonic() < deadline:
+        time.sleep(1)
+    for pid in left:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+    assert not left, f"processes left running after the module (killed now): {sorted(left.values())}"
 
 
 @pytest.fixture(scope="session")

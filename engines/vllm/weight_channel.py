@@ -1,11 +1,13 @@
 """The sender side of the weight-transfer channel, driving vLLM's RL routes over HTTP.
 
-One control flow for every backend: pause → start_weight_update → update_weights per bucket (with the
-backend's data plane: a gloo or NCCL broadcast, a CUDA-IPC staging buffer, a safetensors file) →
-finish_weight_update(version) →
-reset_prefix_cache → check every engine reports the version → resume. It runs in the process that holds the
-tensors (trainer rank 0, or a test's transformers model). Any failure raises `WeightPushError` and leaves the
-engines paused: they may hold half-updated weights and must be restarted and re-synced, never resumed.
+One control flow for every backend: pause → per bucket one `/collective_rpc vime_update` (vLLM's own worker
+start/update/finish of the weight-transfer session, with the backend's data plane: a gloo or NCCL broadcast, a
+CUDA-IPC staging buffer, a safetensors file; the last bucket also returns the engines' weight sums) → the version
+(vLLM >= 0.27) → prefix-cache reset (keep mode; abort and wait clear it when pausing) → verify → resume. A push is
+latency-bound, so control round trips are what it costs: a one-bucket push makes three in abort mode (pause,
+update, resume), where the routes one by one made seven. It runs in the process that holds the tensors (trainer
+rank 0, or a test's transformers model). Any failure raises `WeightPushError` and leaves the engines paused: they
+may hold half-updated weights and must be restarted and re-synced, never resumed.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import os
 import pickle
 import time
 import uuid
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -35,6 +37,17 @@ Bucket = list[tuple[str, torch.Tensor]]
 
 # weights.backend -> the engine name the vLLM servers are started with (`--weight-transfer-config`)
 VLLM_ENGINE_NAMES = {"gloo": "gloo", "disk": "disk", "nccl": "nccl", "ipc": "vime_ipc"}
+
+
+def marked(buckets: Iterable[Bucket]) -> Iterator[tuple[Bucket, bool, bool]]:
+    """Each bucket with whether it is the first and the last (one look ahead: buckets are often streamed)."""
+    it = iter(buckets)
+    cur = next(it, None)
+    first = True
+    while cur is not None:
+        nxt = next(it, None)
+        yield cur, first, nxt is None
+        cur, first = nxt, False
 
 
 def bucket_meta(bucket: Bucket) -> dict[str, Any]:
@@ -68,6 +81,9 @@ class VLLMWeightChannel:
         self.connected = False
         self.sent: dict[str, tuple[list[float], int, str]] = {}  # this push's tensors: sums, numel, dtype
         self.sum_s = 0.0  # time spent summing them
+        self.names: list[str] = []  # this push's tensor names so far (the last bucket asks the engines' sums)
+        self.engine_sums: list[Any] | None = None  # every engine's answer to that
+        self.timeline: dict[str, float] = {}  # seconds per control call of this push (summed over buckets)
         if self.cfg.delta and self.cfg.backend != "gloo":
             raise ValueError(
                 f"weights.delta: true needs weights.backend: gloo (delta pushes are built on the gloo channel), "
@@ -88,8 +104,30 @@ class VLLMWeightChannel:
         return r.json() if r.content else None
 
     def _all(self, path: str, json: Any = None, params: dict[str, Any] | None = None) -> list[Any]:
+        t0 = time.perf_counter()
         futs = [self.pool.submit(self._post, u, path, json, params) for u in self.urls]
-        return [f.result(timeout=self.cfg.timeout_s) for f in futs]
+        out = [f.result(timeout=self.cfg.timeout_s) for f in futs]
+        self._took(path.strip("/"), t0)
+        return out
+
+    def _took(self, phase: str, t0: float) -> None:
+        self.timeline[phase] = self.timeline.get(phase, 0.0) + time.perf_counter() - t0
+
+    def _update(self, meta: dict[str, Any], first: bool, last: bool) -> list[Future[Any]]:
+        """Every engine loads one bucket (`vime_update`: vLLM's start/update/finish in one round trip); the last
+        one also answers the sums that verify this push."""
+        self.names += meta["names"]
+        kwargs = {"update_info": meta, "start": first, "finish": last}
+        if last and self.cfg.verify:
+            kwargs["sums"] = self.names
+        body = {"method": "vime_update", "kwargs": kwargs}
+        return [self.pool.submit(self._post, u, "/collective_rpc", body) for u in self.urls]
+
+    def _landed(self, futs: list[Future[Any]], last: bool, t0: float) -> None:
+        answers = [f.result(timeout=self.cfg.timeout_s) for f in futs]
+        if last and self.cfg.verify:
+            self.engine_sums = answers
+        self._took("update", t0)
 
     def connect(self) -> None:
         backend = self.cfg.backend
@@ -192,23 +230,16 @@ class VLLMWeightChannel:
         held = {v for a in answers for v in a["results"]}
         return self.base.version if held == {self.base.version} else None
 
-    def _send_bucket(self, bucket: Bucket) -> int:
+    def _send_bucket(self, bucket: Bucket, first: bool, last: bool) -> int:
         if self.cfg.backend == "ipc":  # describes each round itself (a bucket may not fit the buffer at once)
-            return self._send_ipc(bucket)
+            return self._send_ipc(bucket, first, last)
+        t0 = time.perf_counter()
         meta = bucket_meta(bucket)
         wire = bucket
         if self.cfg.delta:
             meta, wire = self._delta_bucket(bucket, meta)
-        if self.cfg.backend in ("gloo", "nccl"):  # engines block in /update_weights until the broadcast lands
-            futs = [
-                self.pool.submit(
-                    self._post,
-                    u,
-                    "/update_weights",
-                    {"update_info": {**meta, "packed": True} if self.cfg.backend == "nccl" else meta},
-                )
-                for u in self.urls
-            ]
+        if self.cfg.backend in ("gloo", "nccl"):  # engines block in the update until the broadcast lands
+            futs = self._update({**meta, "packed": True} if self.cfg.backend == "nccl" else meta, first, last)
             nbytes = sum(t.numel() * t.element_size() for _, t in wire)
             if self.cfg.backend == "gloo":
                 from engines.vllm.worker_ext import GlooWeightTransferEngine
@@ -226,31 +257,27 @@ class VLLMWeightChannel:
                 )
                 torch.cuda.synchronize()
             self._record(bucket)
-            for f in futs:
-                f.result(timeout=self.cfg.timeout_s)
+            self._landed(futs, last, t0)
             return nbytes
         from engines.vllm.worker_ext import DiskWeightTransferEngine
 
         path = os.path.join(self.cfg.disk_dir, f"vime-{uuid.uuid4().hex}.safetensors")
         DiskWeightTransferEngine.trainer_send_weights(iter(bucket), {"path": path})
         try:
-            futs = [
-                self.pool.submit(self._post, u, "/update_weights", {"update_info": {**meta, "path": path}})
-                for u in self.urls
-            ]
+            futs = self._update({**meta, "path": path}, first, last)
             self._record(bucket)
-            for f in futs:
-                f.result(timeout=self.cfg.timeout_s)
+            self._landed(futs, last, t0)
             return os.path.getsize(path)
         finally:
             os.unlink(path)
 
-    def _send_ipc(self, bucket: Bucket) -> int:
+    def _send_ipc(self, bucket: Bucket, first: bool, last: bool) -> int:
         """Copy tensors into the staging buffer (device to device) and have the engines load views of it;
         a bucket larger than the buffer goes in several rounds."""
         assert self.staging is not None
         cap, sent, off = self.staging.numel(), 0, 0
         part: Bucket = []
+        t0 = time.perf_counter()
         for name, t in [*bucket, ("", None)]:  # a sentinel flushes the last round
             nbytes = 0 if t is None else t.numel() * t.element_size()
             if nbytes > cap:
@@ -260,14 +287,12 @@ class VLLMWeightChannel:
                 )
             if part and (t is None or off + nbytes > cap):
                 torch.cuda.synchronize()
-                futs = [
-                    self.pool.submit(self._post, u, "/update_weights", {"update_info": bucket_meta(part)})
-                    for u in self.urls
-                ]
+                self._took("copy", t0)
+                t0, final = time.perf_counter(), last and t is None
+                futs = self._update(bucket_meta(part), first, final)
                 self._record(part)  # summed on the GPU while the engines load the round
-                for f in futs:
-                    f.result(timeout=self.cfg.timeout_s)
-                sent, off, part = sent + off, 0, []
+                self._landed(futs, final, t0)
+                sent, off, part, first, t0 = sent + off, 0, [], False, time.perf_counter()
             if t is not None:
                 self.staging[off : off + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
                 part.append((name, t))
@@ -278,21 +303,24 @@ class VLLMWeightChannel:
         if not self.connected:
             self.connect()
         t0 = time.perf_counter()
-        nbytes, self.sent, self.sum_s = 0, {}, 0.0
+        nbytes, self.sent, self.sum_s, self.names, self.engine_sums, self.timeline = 0, {}, 0.0, [], None, {}
         self.delta_stats = dict.fromkeys(self.delta_stats, 0)
         try:
             self._all("/pause", params={"mode": self.cfg.pause_mode})
             t_pause = time.perf_counter()
             if self.cfg.delta:
                 self.against, self.base.version = self._delta_base(), None  # the base changes as buckets go
-            self._all("/start_weight_update")
-            for bucket in buckets:
-                nbytes += self._send_bucket(bucket)
-            self._all("/finish_weight_update", {"weight_version": version} if self.new_finish_api else None)
-            self._all("/reset_prefix_cache")  # KV computed with the old weights must not be reused
+            for bucket, first, last in marked(buckets):
+                nbytes += self._send_bucket(bucket, first, last)
+            if not self.names:
+                raise WeightPushError(f"weight push of version {version!r} has no tensors")
+            if self.new_finish_api:  # vLLM >= 0.27 keeps the version in the engine (0.26: the client does)
+                self._all("/update_weight_version", {"new_version": version})
+            if self.cfg.pause_mode == "keep":  # abort and wait cleared the caches when pausing (vLLM's pause)
+                self._all("/reset_prefix_cache")  # KV computed with the old weights must not be reused
             t_sent = time.perf_counter()
             if self.cfg.verify:
-                self.verify(version)
+                self.verify(version, self.engine_sums)
             t_verified = time.perf_counter()
             if self.new_finish_api:
                 got = [self.http.get(u + "/weight_info").json()["weight_version"] for u in self.urls]
@@ -308,6 +336,7 @@ class VLLMWeightChannel:
         self._all("/resume")
         t1 = time.perf_counter()
         return {
+            **{f"phase/{k}_s": v for k, v in self.timeline.items()},
             "push_s": t1 - t0,
             "pause_s": t_pause - t0,
             "transfer_s": t_sent - t_pause,
@@ -327,9 +356,11 @@ class VLLMWeightChannel:
             "full_bytes": float(d["full_bytes"]),
         }
 
-    def verify(self, version: str) -> None:
-        """Every engine's parameters against what this push sent; engines that disagree stay paused."""
-        answers = self._all("/collective_rpc", {"method": "vime_weight_sums", "kwargs": {"names": list(self.sent)}})
+    def verify(self, version: str, answers: list[Any] | None = None) -> None:
+        """Every engine's parameters against what this push sent (`answers`: the sums the engines returned with
+        the last bucket; asked again when absent); engines that disagree stay paused."""
+        if answers is None:
+            answers = self._all("/collective_rpc", {"method": "vime_weight_sums", "kwargs": {"names": list(self.sent)}})
         problems = [p for url, a in zip(self.urls, answers) for p in check(self.sent, a["results"], url)]
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""

@@ -249,6 +249,23 @@ class VimeWorkerExtension:
 
     model_runner: Any  # set by vLLM's worker this class is mixed into
     vllm_config: Any
+    start_weight_update: Any  # vLLM's worker methods behind /start_weight_update, /update_weights, ...
+    update_weights: Any
+    finish_weight_update: Any
+
+    def vime_update(
+        self, update_info: dict[str, Any], start: bool, finish: bool, sums: list[str] | None = None
+    ) -> dict[str, Any] | None:
+        """One bucket of a push in one control round trip instead of up to four: the worker's own start / update /
+        finish of vLLM's weight-transfer session (what the RL routes call one by one), and after the last bucket
+        the sums `verify` checks. A push is latency-bound (~15 ms a round trip through API server, EngineCore
+        and worker); the data plane is unchanged."""
+        if start:
+            self.start_weight_update()
+        self.update_weights(update_info)
+        if finish:
+            self.finish_weight_update()
+        return None if sums is None else self.vime_weight_sums(sums)
 
     def vime_routes_on(self) -> bool:
         """Start recording the experts every token is routed to (idempotent; per server process)."""
