@@ -83,6 +83,53 @@ def vllm_push(url: str, model) -> float:
     return time.perf_counter() - t
 
 
+def bucket_for(nbytes: int) -> int:
+    """VIME_BUCKET_MB, else the whole model in one round where the card has room for a second copy next to trainer
+    and engine (> 100 GB: an H200 up to 14B), else 4 GiB (an H100's 7B in four rounds)."""
+    import torch
+
+    if os.environ.get("VIME_BUCKET_MB"):
+        return int(os.environ["VIME_BUCKET_MB"])
+    whole = -(-nbytes // (1 << 30)) << 10
+    roomy = torch.cuda.get_device_properties(0).total_memory > 100e9 and nbytes < 32e9
+    return whole if roomy else 4096
+
+
+def round_trips(url: str, n: int = 10) -> dict[str, float]:
+    """The floor a push stands on: one bare control round trip to the workers (API server -> EngineCore ->
+    worker and back) and a pause + resume pair, medians of n."""
+    import httpx
+
+    from vime.secret import auth_headers
+
+    def med(f) -> float:
+        ts = []
+        for _ in range(n + 1):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts[1:])
+
+    with httpx.Client(timeout=60, headers=auth_headers()) as c:
+        rpc = med(lambda: c.post(url + "/collective_rpc", json={"method": "vime_delta_version"}).raise_for_status())
+        pause = {
+            mode: med(
+                lambda mode=mode: (
+                    c.post(url + "/pause", params={"mode": mode}).raise_for_status(),
+                    c.post(url + "/resume").raise_for_status(),
+                )
+            )
+            for mode in ("keep", "abort")
+        }
+        reset = med(lambda: c.post(url + "/reset_prefix_cache").raise_for_status())
+    return {
+        "rtt_rpc_s": rpc,
+        "rtt_pause_resume_keep_s": pause["keep"],
+        "rtt_pause_resume_abort_s": pause["abort"],
+        "rtt_reset_prefix_cache_s": reset,
+    }
+
+
 def bench_size(size: str, out_dir: Path, backend: str = "ipc", engine_env: dict[str, str] | None = None) -> dict:
     """backend=ipc: engine on this GPU, vLLM's own IPC push measured first as the baseline; backend=nccl: the
     engine on another GPU (engine_env CUDA_VISIBLE_DEVICES), vLLM's NCCL engine, no baseline."""
@@ -90,7 +137,7 @@ def bench_size(size: str, out_dir: Path, backend: str = "ipc", engine_env: dict[
 
     path = ensure_model(size)
     nbytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    bucket_mb = int(os.environ.get("VIME_BUCKET_MB", "4096"))  # 4 GiB: a 7B model in four rounds, smaller ones in one
+    bucket_mb = bucket_for(nbytes)
     row: dict = {"size": size, "model_bytes": nbytes, "backend": backend, "bucket_mb": bucket_mb}
     server = VLLMServer(
         str(path),
@@ -112,11 +159,14 @@ def bench_size(size: str, out_dir: Path, backend: str = "ipc", engine_env: dict[
         row["engine_start_s"] = time.perf_counter() - t
         url = server.base_url
         prompt = [3 + (i * 37) % 500 for i in range(48)]
+        row.update(round_trips(url))
         if backend == "ipc":
             vllm_baseline(url, path, row)
         trainer_side(size, path, url, server.version, prompt, backend, bucket_mb, row)
     if "vllm_ipc_s" in row:
         row["vime_over_vllm"] = row["vime_push_s"] / row["vllm_ipc_s"]
+        if "vime_push_abort_s" in row:
+            row["vime_abort_over_vllm"] = row["vime_push_abort_s"] / row["vllm_ipc_s"]
         row["vllm_gb_per_s"] = nbytes / row["vllm_ipc_s"] / 1e9
     row["vime_gb_per_s"] = nbytes / row["vime_push_s"] / 1e9
     return row
@@ -170,8 +220,24 @@ def trainer_side(
         if tcfg.optimizer:  # change the weights, so the push has something to prove
             sft = [Sample(prompt_ids=prompt[:16], response_ids=before_ids[:8], logprobs=[0.0] * 8)] * 4
             trainer.train_step(sft, "sft")
+        # abort mode (what a sync loop's push amounts to: nothing is in flight) clears the caches while pausing;
+        # keep (the default, for async partial rollouts) resets the prefix cache in one more round trip
+        trainer.connect_weights(
+            "engines.vllm.weight_channel:VLLMWeightChannel",
+            {"backend": backend, "bucket_mb": bucket_mb, "pause_mode": "abort"},
+            [url],
+        )
+        abort = [trainer.push_weights(f"a{i}") for i in range(PUSHES + 1)][1:]
+        row["vime_push_abort_s"] = statistics.median(s["push_s"] for s in abort)
+        row["vime_push_abort_s_all"] = [s["push_s"] for s in abort]
+        trainer.connect_weights(
+            "engines.vllm.weight_channel:VLLMWeightChannel", {"backend": backend, "bucket_mb": bucket_mb}, [url]
+        )
         stats = [trainer.push_weights(f"v{i}") for i in range(PUSHES + 1)][1:]
         row["vime_push_s"] = statistics.median(s["push_s"] for s in stats)
+        for phases, tag in ((stats, "keep"), (abort, "abort")):  # the timeline of one push, per control call
+            for k in sorted({k for s in phases for k in s if k.startswith("phase/")}):
+                row[f"timeline_{tag}/{k[6:]}"] = statistics.median(s.get(k, 0.0) for s in phases)
         row["vime_transfer_s"] = statistics.median(s["transfer_s"] for s in stats)
         row["vime_push_s_all"] = [s["push_s"] for s in stats]
         row["vime_verify_s"] = statistics.median(s["verify_s"] for s in stats)  # inside push_s (weights.verify)

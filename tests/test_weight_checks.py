@@ -5,6 +5,7 @@ servers (the shared two-engine fixture) except where a test says otherwise."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -265,3 +266,32 @@ def test_fingerprint_adds_up_over_fused_and_sharded_parameters_and_names_what_di
     lost = worker(qkv, norm)
     lost["where"] = {**where, "norm.weight": None}
     assert check(sent, [lost], "e") == ["e: the engine has no parameter for 'norm.weight' (dropped on load)"]
+
+
+def test_keep_mode_push_leaves_no_old_kv_for_new_requests(qwen2_engines, model_dir):
+    """weights.pause_mode keep freezes in-flight requests, so their KV blocks stay held, and vLLM's plain prefix-cache
+    reset fails while blocks are held (it answers success=false): a new request with the same prompt then reused the
+    prompt KV computed with the old weights. The push preempts the frozen requests instead (they recompute their
+    context with the new weights on resume), so the new request is computed from the new weights only."""
+    import threading
+
+    engine, url = qwen2_engines.engines[0], qwen2_engines.urls()[0]
+    prompt = [1, *range(100, 356)]  # two whole KV blocks (128 tokens each on vLLM-CPU) and one more token
+    new_dir, sd = new_weights(model_dir, "qwen2", seed=13)
+    long = SamplingParams(max_tokens=1700, seed=3, extra={"ignore_eos": True})
+    out: list = []
+    inflight = threading.Thread(target=lambda: out.append(asyncio.run(engine.generate([prompt], long))))
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60, "pause_mode": "keep"}, [url])
+    try:
+        inflight.start()
+        time.sleep(0.5)  # its 1,700 tokens take seconds here
+        ch.push(buckets(sd), "keep-v1")
+        assert inflight.is_alive(), f"the long request ended before the push ended: nothing was in flight {out}"
+        worst, _ = engine_vs_hf(engine, hf(new_dir), prompt)
+    finally:
+        inflight.join(timeout=120)
+        ch.close()
+    (((c,),),) = out
+    assert len(c.token_ids) == 1700, c.finish_reason
+    assert {"keep-v1"} < set(c.weight_versions), "the long request did not span the push"
+    assert worst < 1e-3, f"a new request after the push differs from the new weights by {worst}: old-weight KV reused"

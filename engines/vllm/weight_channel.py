@@ -317,7 +317,7 @@ class VLLMWeightChannel:
             if self.new_finish_api:  # vLLM >= 0.27 keeps the version in the engine (0.26: the client does)
                 self._all("/update_weight_version", {"new_version": version})
             if self.cfg.pause_mode == "keep":  # abort and wait cleared the caches when pausing (vLLM's pause)
-                self._all("/reset_prefix_cache")  # KV computed with the old weights must not be reused
+                self._reset_prefix_cache()
             t_sent = time.perf_counter()
             if self.cfg.verify:
                 self.verify(version, self.engine_sums)
@@ -355,6 +355,19 @@ class VLLMWeightChannel:
             "changed_frac": d["changed"] / max(1, d["elements"]),
             "full_bytes": float(d["full_bytes"]),
         }
+
+    def _reset_prefix_cache(self) -> None:
+        """No KV computed with the old weights may be reused. Frozen requests (keep mode) hold their KV blocks, and
+        a plain reset fails while any block is held (vLLM answers success=false) and leaves every cached prefix
+        hittable, so the frozen requests are preempted too: they recompute their context with the new weights
+        when they resume (their sampled tokens stay, tagged with the old version). vLLM 0.32's pause already does
+        this; on 0.26 keep mode ignores the pause's cache clearing."""
+        answers = self._all("/reset_prefix_cache", params={"reset_running_requests": "true"})
+        failed = [u for u, a in zip(self.urls, answers) if not (a or {}).get("success", False)]
+        if failed:
+            raise WeightPushError(
+                f"prefix cache of {failed} not reset after the push: new requests could reuse KV of the old weights"
+            )
 
     def verify(self, version: str, answers: list[Any] | None = None) -> None:
         """Every engine's parameters against what this push sent (`answers`: the sums the engines returned with
