@@ -1,11 +1,11 @@
 """The sender side of the weight-transfer channel, driving vLLM's RL routes over HTTP.
 
-One control flow for every backend: pause → per bucket one `/collective_rpc vime_update` (vLLM's own worker
-start/update/finish of the weight-transfer session, with the backend's data plane: a gloo or NCCL broadcast, a
-CUDA-IPC staging buffer, a safetensors file; the last bucket also returns the engines' weight sums) → the version
-(vLLM >= 0.27) → prefix-cache reset (keep mode; abort and wait clear it when pausing) → verify → resume. A push is
-latency-bound, so control round trips are what it costs: a one-bucket push makes three in abort mode (pause,
-update, resume), where the routes one by one made seven. It runs in the process that holds the tensors (trainer
+One control flow for every backend: pause (vLLM's level-0 sleep) → per bucket one `/collective_rpc vime_update`
+(vLLM's own worker start/update/finish of the weight-transfer session, with the backend's data plane: a gloo or
+NCCL broadcast, a CUDA-IPC staging buffer, a safetensors file; the last bucket also returns the engines' weight
+sums) → the version (vLLM >= 0.27) → prefix-cache reset → verify → resume. A push is latency-bound, so control
+round trips are what it costs: a one-bucket push makes four short ones, where the routes one by one made seven
+and `/pause` alone costs 20 ms. It runs in the process that holds the tensors (trainer
 rank 0, or a test's transformers model). Any failure raises `WeightPushError` and leaves the engines paused: they
 may hold half-updated weights and must be restarted and re-synced, never resumed.
 """
@@ -103,11 +103,13 @@ class VLLMWeightChannel:
             raise WeightPushError(f"{url}{path} -> {r.status_code}: {r.text[:400]}")
         return r.json() if r.content else None
 
-    def _all(self, path: str, json: Any = None, params: dict[str, Any] | None = None) -> list[Any]:
+    def _all(
+        self, path: str, json: Any = None, params: dict[str, Any] | None = None, label: str | None = None
+    ) -> list[Any]:
         t0 = time.perf_counter()
         futs = [self.pool.submit(self._post, u, path, json, params) for u in self.urls]
         out = [f.result(timeout=self.cfg.timeout_s) for f in futs]
-        self._took(path.strip("/"), t0)
+        self._took(label or path.strip("/"), t0)
         return out
 
     def _took(self, phase: str, t0: float) -> None:
@@ -124,7 +126,15 @@ class VLLMWeightChannel:
         return [self.pool.submit(self._post, u, "/collective_rpc", body) for u in self.urls]
 
     def _landed(self, futs: list[Future[Any]], last: bool, t0: float) -> None:
-        answers = [f.result(timeout=self.cfg.timeout_s) for f in futs]
+        try:
+            answers = [f.result(timeout=self.cfg.timeout_s) for f in futs]
+        except WeightPushError as e:
+            if "vime_update" in str(e):  # a server started without vime's worker extension
+                raise WeightPushError(
+                    f"{e} — vime's weight channel needs its worker extension on every vLLM server "
+                    "(--worker-extension-cls engines.vllm.worker_ext.VimeWorkerExtension; vime-started servers have it)"
+                ) from e
+            raise
         if last and self.cfg.verify:
             self.engine_sums = answers
         self._took("update", t0)
@@ -306,7 +316,9 @@ class VLLMWeightChannel:
         nbytes, self.sent, self.sum_s, self.names, self.engine_sums, self.timeline = 0, {}, 0.0, [], None, {}
         self.delta_stats = dict.fromkeys(self.delta_stats, 0)
         try:
-            self._all("/pause", params={"mode": self.cfg.pause_mode})
+            # vLLM's level-0 sleep is its pause without the 20 ms asyncio.sleep `/pause` ends with (and without its
+            # cache clearing, done below once the weights are in); `/wake_up?tags=scheduling` is its resume
+            self._all("/sleep", params={"level": 0, "mode": self.cfg.pause_mode}, label="pause")
             t_pause = time.perf_counter()
             if self.cfg.delta:
                 self.against, self.base.version = self._delta_base(), None  # the base changes as buckets go
@@ -316,8 +328,7 @@ class VLLMWeightChannel:
                 raise WeightPushError(f"weight push of version {version!r} has no tensors")
             if self.new_finish_api:  # vLLM >= 0.27 keeps the version in the engine (0.26: the client does)
                 self._all("/update_weight_version", {"new_version": version})
-            if self.cfg.pause_mode == "keep":  # abort and wait cleared the caches when pausing (vLLM's pause)
-                self._reset_prefix_cache()
+            self._reset_prefix_cache()
             t_sent = time.perf_counter()
             if self.cfg.verify:
                 self.verify(version, self.engine_sums)
@@ -333,7 +344,7 @@ class VLLMWeightChannel:
             raise
         except Exception as e:  # a broken broadcast, a timeout, a dead engine
             raise WeightPushError(f"weight push of version {version!r} failed: {type(e).__name__}: {e}") from e
-        self._all("/resume")
+        self._all("/wake_up", params={"tags": "scheduling"}, label="resume")
         t1 = time.perf_counter()
         return {
             **{f"phase/{k}_s": v for k, v in self.timeline.items()},
@@ -361,7 +372,7 @@ class VLLMWeightChannel:
         a plain reset fails while any block is held (vLLM answers success=false) and leaves every cached prefix
         hittable, so the frozen requests are preempted too: they recompute their context with the new weights
         when they resume (their sampled tokens stay, tagged with the old version). vLLM 0.32's pause already does
-        this; on 0.26 keep mode ignores the pause's cache clearing."""
+        this; on 0.26 keep mode ignores the pause's cache clearing; the level-0 sleep clears nothing."""
         answers = self._all("/reset_prefix_cache", params={"reset_running_requests": "true"})
         failed = [u for u, a in zip(self.urls, answers) if not (a or {}).get("success", False)]
         if failed:

@@ -30,6 +30,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
+from engines.vllm.cpu_threads import one_thread
 from engines.vllm.delta import FULL, Base, apply, bit_sum, typed, wire_bytes
 
 
@@ -204,8 +205,13 @@ class GlooWeightTransferEngine(_ReloadingEngine):
 
     @staticmethod
     def trainer_send_weights(iterator: Iterator[tuple[str, torch.Tensor]], trainer_args: dict[str, Any]) -> None:
-        """The trainer's side (rank 0 of `trainer_args["group"]`): one packed broadcast per bucket."""
-        trainer_args["group"].broadcast(pack(list(iterator)), root=0).wait()
+        """The trainer's side (rank 0 of `trainer_args["group"]`): one packed broadcast per bucket. Packed on one
+        thread: the engines busy-spin while they wait for it, and torch's two-thread copy then took ~90 ms for the
+        tiny model's 0.7 MB instead of 0.1 ms (`cpu_threads.py`)."""
+        tensors = list(iterator)
+        with one_thread(all(t.device.type == "cpu" for _, t in tensors)):
+            data = pack(tensors)
+        trainer_args["group"].broadcast(data, root=0).wait()
 
     def shutdown(self) -> None:
         self.pg = None
