@@ -200,5 +200,5 @@ def test_loop_over_pd_topology(ray_cluster, repo_root, model_dir, tmp_path):
     result = train(cfg, progress=False)
     row = next(r for r in result["history"] if "rollout/reward" in r)
     assert row["engines/prefill_servers"] == 1 and row["engines/decode_servers"] == 1
-    assert row["engines/kv/external_kv_transfer"] > 0 and row["engines/ttft_mean_s"] > 0
+    assert row["engines/kv/external_kv_transfer"] > 0 and row["engines/ttft_mean_s"] > 0, row
     assert row["consistency/max_abs_diff"] < 1e-3 and row["sync/bytes"] > 0

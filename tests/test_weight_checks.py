@@ -290,7 +290,10 @@ def test_keep_mode_push_leaves_no_old_kv_for_new_requests(qwen2_engines, model_d
         worst, _ = engine_vs_hf(engine, hf(new_dir), prompt)
     finally:
         inflight.join(timeout=120)
-        ch.close()
+        try:  # the fixture's weights back, for the tests after
+            ch.push(buckets(load_file(str(model_dir("qwen2") / "model.safetensors"))), "restored")
+        finally:
+            ch.close()
     (((c,),),) = out
     assert len(c.token_ids) == 1700, c.finish_reason
     assert {"keep-v1"} < set(c.weight_versions), "the long request did not span the push"

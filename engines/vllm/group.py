@@ -308,9 +308,11 @@ class VLLMEngineGroup:
         }
         sums: dict[str, float] = {}
         for s in self.servers:
-            try:
-                text = httpx.get(s.base_url + "/metrics", timeout=5, headers=auth_headers()).text
-            except httpx.HTTPError:
+            try:  # a busy server on two cores can take seconds to answer; a skipped one would skew the deltas
+                text = httpx.get(s.base_url + "/metrics", timeout=30, headers=auth_headers()).text
+            except httpx.HTTPError as e:
+                log.warning("engine metrics of %s not read (this step's engine counters miss it): %s", s.base_url, e)
+                out["engines/metrics_unread"] = out.get("engines/metrics_unread", 0.0) + 1.0
                 continue
             for line in text.splitlines():
                 if line.startswith("vllm:prompt_tokens_by_source_total{"):
