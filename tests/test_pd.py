@@ -143,6 +143,37 @@ def test_engine_adapter_over_router_and_weight_push_reaches_both(pd, model_dir):
     assert max(abs(a - b) for a, b in zip(cs[0].logprobs, lp)) < 1e-3
 
 
+def metric_sum(url: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in ENGINE_HTTP.get(url + "/metrics").text.splitlines()
+        if line.startswith((name + "{", name + " "))
+    )
+
+
+def test_n_samples_each_pull_their_own_prefill(pd, model_dir):
+    """n > 1 through P/D: sent as one request, the prefill server computed n copies, the router handed the decode
+    server one copy's KV address, all n decode children read it (the prefill released it after the first read:
+    "Potentially invalid KV blocks ... retrieved by a decode worker") and the other n-1 copies stayed held until
+    their 30 s lease ran out — the next weight push's pause waited for them (23 s a push in the P/D loop test)."""
+    prefill, decode = pd.urls()
+    prompt = [7 + (i * 13) % 480 for i in range(70)]
+    late = metric_sum(prefill, "vllm:nixl_num_notifications_after_expiry")
+    before = kv_tokens(decode)
+    params = SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=11)
+    (cs,) = asyncio.run(pd.engines[0].generate([prompt], params))
+    assert len(cs) == 4 and len({tuple(c.token_ids) for c in cs}) > 1, [c.token_ids for c in cs]
+    assert kv_tokens(decode)["external_kv_transfer"] - before["external_kv_transfer"] == 4 * len(prompt)
+    deadline, usage = time.monotonic() + 15, None  # the lease is 30 s: blocks still held at 15 s were never read
+    while time.monotonic() < deadline:
+        usage = metric_sum(prefill, "vllm:kv_cache_usage_perc")
+        if usage == 0:
+            break
+        time.sleep(0.5)
+    assert usage == 0, f"the prefill server still holds KV blocks ({usage:.1%} of its cache) no decode read"
+    assert metric_sum(prefill, "vllm:nixl_num_notifications_after_expiry") == late, "a decode read released blocks"
+
+
 def test_router_is_no_way_around_the_engine_guard(pd, model_dir):
     """vllm-router forwards any path to both servers with its own key; that key is good for generation only, so
     a caller without the run's secret can generate through the router but not pause, sleep or update an engine."""

@@ -81,7 +81,9 @@ def test_generation_spanning_a_push_carries_both_versions(qwen2_engines, model_d
     eng = qwen2_engines.engines[0]
     before = asyncio.run(eng.weight_version())
     _, sd = new_weights(model_dir, "qwen2", seed=7)
-    n = 300
+    # long enough that the push lands mid-generation even on a loaded machine (300 tokens were over before the
+    # pause reached the engine once in CI); the prompt is 7 tokens, the fixture's context 2048
+    n = 1800
     params = SamplingParams(max_tokens=n, seed=2, extra={"ignore_eos": True})
     # connected before the generation starts: the push begins with the pause, so it lands mid-generation
     ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60, "pause_mode": "keep"}, qwen2_engines.urls())
@@ -95,17 +97,18 @@ def test_generation_spanning_a_push_carries_both_versions(qwen2_engines, model_d
                 pushed = asyncio.create_task(asyncio.to_thread(ch.push, buckets(sd), "span"))
             last = c
         assert pushed is not None, f"the generation ended after {seen} tokens, before the push began"
-        await pushed
-        return last
+        stats = await pushed
+        return last, stats
 
     try:
-        c = asyncio.run(generate_across_a_push())
+        c, stats = asyncio.run(generate_across_a_push())
     finally:
         ch.close()
     v = c.weight_versions
     assert len(v) == len(c.token_ids) == n, (len(v), len(c.token_ids))
     switch = v.index("span") if "span" in v else None
-    assert switch is not None and switch >= 4, v  # the tokens before the push keep the old version
+    # the tokens before the push keep the old version
+    assert switch is not None and switch >= 4, f"no token sampled by the pushed weights; push {stats}, versions {v}"
     assert v == [before] * switch + ["span"] * (n - switch), v  # one switch, old then new
 
 

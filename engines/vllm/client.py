@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -88,6 +89,7 @@ class VLLMClient(LoopHTTP):
         route_sources: list[str] | None = None,
         native_routes: bool = False,
         explain: Callable[[], str] | None = None,
+        one_sample_per_request: bool = False,
     ):
         self.base_url = base_url
         self.explain = explain  # a router's log tail: its 5xx answers say little ("No available workers")
@@ -100,6 +102,8 @@ class VLLMClient(LoopHTTP):
         self.route_sources = route_sources  # behind a router: the servers whose recorded routes R3 merges
         # R3 from vLLM's own output (`enable_return_routed_experts`, vLLM 0.26 GPU); else vime's capture hook
         self.native_routes = native_routes
+        # P/D: a request's KV is handed from the prefill to the decode server once, so n samples go as n requests
+        self.one_sample_per_request = one_sample_per_request
         self.local_version: str | None = None if version >= (0, 27, 0) and route == "generate" else "default"
 
     async def _post(
@@ -117,6 +121,8 @@ class VLLMClient(LoopHTTP):
     async def complete_one(
         self, prompt_ids: list[int], params: SamplingParams, session: str | None = None
     ) -> list[Completion]:
+        if params.n > 1 and self.one_sample_per_request:
+            return await self.one_by_one(prompt_ids, params, session)
         sp = sampling_payload(params)
         sampled_by = self.local_version  # at the start: a push during the request makes later tokens newer, never older
         body = {
@@ -150,6 +156,19 @@ class VLLMClient(LoopHTTP):
         if params.routed_experts:
             await self._attach_routes(body["vllm_xargs"][ROUTES_TAG], prompt_ids, out)
         return out
+
+    async def one_by_one(
+        self, prompt_ids: list[int], params: SamplingParams, session: str | None = None
+    ) -> list[Completion]:
+        """n samples as n requests, seeded as vLLM seeds a request's n children (seed + index). Sent as one
+        request through a P/D router, the prefill server computes n copies of the prompt's KV, the decode server
+        learns the address of one, all n children read that one (released after the first read) and the other
+        n - 1 stay held until their lease (30 s) runs out, stalling the next pause."""
+        seeds = [None if params.seed is None else params.seed + i for i in range(params.n)]
+        parts = await asyncio.gather(
+            *(self.complete_one(prompt_ids, replace(params, n=1, seed=s), session) for s in seeds)
+        )
+        return [c for part in parts for c in part]
 
     async def generate_one(
         self, prompt_ids: list[int], params: SamplingParams, session: str | None = None

@@ -43,6 +43,7 @@ class VLLMEngine(ServedEngine):
         model: str = "",
         route_sources: list[str] | None = None,
         native_routes: bool = False,
+        one_sample_per_request: bool = False,
     ):
         client = VLLMClient(
             server.base_url,
@@ -53,6 +54,7 @@ class VLLMEngine(ServedEngine):
             route_sources=route_sources,
             native_routes=native_routes,
             explain=server.log_tail if isinstance(server, VLLMRouter) else None,
+            one_sample_per_request=one_sample_per_request,
         )
         super().__init__(server, client)
         self._router_lock = asyncio.Lock()
@@ -255,7 +257,12 @@ class VLLMEngineGroup:
                 raise
             self.engines = [
                 VLLMEngine(
-                    self.router, c.request_timeout_s, route="completions", model=self.model_path, route_sources=urls
+                    self.router,
+                    c.request_timeout_s,
+                    route="completions",
+                    model=self.model_path,
+                    route_sources=urls,
+                    one_sample_per_request=pd,
                 )
             ]
         else:
