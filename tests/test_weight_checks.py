@@ -79,6 +79,33 @@ def test_every_push_is_verified_and_a_corrupted_engine_tensor_is_named(qwen2_eng
         assert engine_vs_hf(eng, hf(model_dir("qwen2")), FRESH)[0] < 1e-3
 
 
+def test_an_engine_one_small_step_behind_is_not_verified(qwen2_engines, model_dir):
+    """The silent failure a push check is for: the engine holds last step's weights. One Adam step at lr 1e-6 moves
+    each weight by ~1e-6, inside the float sums' rounding bound (sqrt(n·Σw²) x 1e-6): the exact bit sums see it."""
+    urls = qwen2_engines.urls()
+    _, sd = new_weights(model_dir, "qwen2", seed=7)
+    g = torch.Generator().manual_seed(3)
+    stepped = {n: t + 1e-6 * torch.randint(0, 2, t.shape, generator=g).mul(2).sub(1) for n, t in sd.items()}
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    stale = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60, "verify": False}, urls[1:])
+    try:
+        ch.push(buckets(stepped), "step1")
+        stale.push(buckets(sd), "step1")  # the second engine back on step 0's weights, reporting step 1
+        with pytest.raises(WeightPushError) as e:
+            ch.verify("step1")
+    finally:
+        ch.close()
+        stale.close()
+    msg = str(e.value)
+    assert "not verified" in msg and urls[0] + ":" not in msg, msg
+    assert msg.count(f"{urls[1]}: engine parameter") >= 5, msg  # (5 shown, the rest counted)
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    try:  # the fixture's weights back for the tests after
+        ch.push(buckets(load_file(str(model_dir("qwen2") / "model.safetensors"))), "restored")
+    finally:
+        ch.close()
+
+
 def _step(sd, g, step, frac=0.02):
     """A training step's worth of change: `frac` of each tensor's elements move; every 7th step one tensor moves
     whole (a delta would be larger than the tensor: it travels in full)."""
@@ -258,6 +285,12 @@ def test_fingerprint_adds_up_over_fused_and_sharded_parameters_and_names_what_di
     assert "'a.qkv.weight' (from a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)" in bad
     (bad,) = check(sent, [worker(qkv, norm), worker(qkv, norm * 1.001)], "e")  # one worker's replica drifted
     assert "'norm.weight'" in bad
+    # one element one ulp off, the parameter cut over two workers: within the float bound, not the bit sum's
+    nudged = qkv.clone()
+    nudged[5, 2] = torch.nextafter(nudged[5, 2], torch.tensor(float("inf")))
+    (bad,) = check(sent, [worker(nudged[:12], norm), worker(nudged[12:], norm)], "e")
+    assert "'a.qkv.weight'" in bad and "Σbits" in bad
+    assert check(sent, [worker(nudged.bfloat16(), norm.bfloat16(), "bfloat16")], "e") == []  # another dtype: bound
     rows_only = worker(qkv, norm)  # a packed CPU kernel too large to read back whole: its row sums only
     rows_only["params"]["a.qkv.weight"]["sums"][1] = None
     assert check(sent, [rows_only], "e") == []

@@ -1,15 +1,19 @@
 """Every push verified: after the last bucket the engine and the sender agree on a fingerprint of every tensor
 pushed, or the push fails naming the tensors that disagree.
 
-The fingerprint is additive (Σw and Σw², summed in float64), because an engine changes the layout of what it
-loads: HF tensors stacked into one fused parameter (q/k/v → qkv_proj, gate/up → gate_up_proj, every expert →
-w13/w2), cut over tensor- or expert-parallel workers, padded with zeros (vocab rows), shuffled into a kernel's
-format. Sums survive all of these, so the sender sums what it sent, each engine worker sums the parameters those
-tensors landed in, and the two must match per parameter. It catches a tensor the engine dropped (a name it did
-not know), one that arrived damaged or not at all, and a parameter changed on the engine since; it does not see
-a permutation inside one parameter, nor state kept beside the parameters (the CPU backend's pre-packed copies,
-which `worker_ext` rebuilds on every push). Both sides sum alike (rows of `ROW` elements in float32, then
-float64), so an engine holding the sender's dtype differs only in summation order.
+The fingerprint is additive (Σw and Σw², summed in float64, and Σbits: the elements' bit patterns read as
+integers, summed exactly modulo 2⁶⁴), because an engine changes the layout of what it loads: HF tensors stacked
+into one fused parameter (q/k/v → qkv_proj, gate/up → gate_up_proj, every expert → w13/w2), cut over tensor- or
+expert-parallel workers, padded with zeros (vocab rows), shuffled into a kernel's format. Sums survive all of
+these, so the sender sums what it sent, each engine worker sums the parameters those tensors landed in, and the
+two must match per parameter. Float sums match only within a rounding bound that grows with the tensor
+(sqrt(n·Σw²) × 1e-6), which a stale engine one small optimiser step behind passes (lr 1e-6 moves a weight by
+~5e-5 of its size); an integer sum does not depend on the order it is added in, so where both sides hold one
+dtype it must match exactly and one element one ulp off fails it. It catches a tensor the engine dropped (a name
+it did not know), one that arrived damaged or not at all, and a parameter changed on the engine since; it does
+not see a permutation inside one parameter, nor state kept beside the parameters (the CPU backend's pre-packed
+copies, which `worker_ext` rebuilds on every push). Both sides sum alike (rows of `ROW` elements in float32,
+then float64), so an engine holding the sender's dtype differs only in summation order.
 """
 
 from __future__ import annotations
@@ -41,9 +45,19 @@ def _parts(t: torch.Tensor) -> list[torch.Tensor]:
     return out + ([flat[cut:].view(1, -1)] if cut < flat.numel() else [])
 
 
-def tensor_sums(tensors: list[torch.Tensor]) -> list[list[float]]:
-    """[Σw, Σw²] per tensor, read back in one transfer (the tensors may be on a GPU). Two reductions per tensor
-    and a handful for the lot: a GPU bucket of hundreds of tensors costs launches, not bandwidth."""
+INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+MOD = 1 << 64
+
+
+def bit_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ of the elements' bit patterns as signed integers, in int64 (wrapping): one read of the tensor."""
+    return t.reshape(-1).view(INT_OF_WIDTH[t.element_size()]).sum(dtype=torch.int64)
+
+
+def tensor_sums(tensors: list[torch.Tensor]) -> list[list[float | int]]:
+    """[Σw, Σw², Σbits mod 2⁶⁴] per tensor, read back in one transfer (the tensors may be on a GPU). Three
+    reductions per tensor and a handful for the lot: a GPU bucket of hundreds of tensors costs launches, not
+    bandwidth."""
     if not tensors:
         return []
     dev = tensors[0].device
@@ -62,7 +76,8 @@ def tensor_sums(tensors: list[torch.Tensor]) -> list[list[float]]:
             at = torch.repeat_interleave(torch.tensor(owner), torch.tensor(count)).to(dev)
             out[:, 0].index_add_(0, at, torch.cat(sums).double())
             out[:, 1].index_add_(0, at, torch.cat(norms).double().square())
-        return out.cpu().tolist()
+        bits = torch.stack([bit_sum(t) for t in tensors]).cpu().tolist()
+        return [[s, q, b % MOD] for (s, q), b in zip(out.cpu().tolist(), bits)]
 
 
 # ---- engine worker side -------------------------------------------------------------------------------------
@@ -124,7 +139,7 @@ def engine_sums(model: torch.nn.Module, names: list[str]) -> dict[str, Any]:
     info = {}
     for p, (v, numel, row_sums), s in zip(held, values, sums):
         dtype = str(v.dtype).replace("torch.", "")
-        info[p] = {"sums": [s[0], None] if row_sums else s, "numel": numel, "dtype": dtype}
+        info[p] = {"sums": [s[0], None, None] if row_sums else s, "numel": numel, "dtype": dtype}
     return {"where": where, "params": info}
 
 
@@ -138,13 +153,16 @@ def rtol(sent_dtype: str, engine_dtype: str, row_sums: bool) -> float:
     return max(SAME_DTYPE_RTOL, *(4 * torch.finfo(getattr(torch, d)).eps for d in dtypes))
 
 
-def disagreement(expected: list[float], numel: int, got: list[float | None], tol: float) -> bool:
-    s, q = expected
+def disagreement(expected: list[Any], numel: int, got: list[Any], tol: float, exact: bool) -> bool:
+    """Whether an engine parameter's sums `got` differ from the sums of what was sent: the bit sums exactly where
+    both sides hold one dtype (`exact`), the float sums within `tol` of their scale."""
+    s, q, bits = expected
     scale = (max(numel, 1) * max(q, 0.0)) ** 0.5  # ≥ Σ|w|
     assert got[0] is not None
     if got[1] is None:  # only row sums were read back
         return abs(got[0] - s) > tol * scale + 1e-12
-    return abs(got[0] - s) > tol * scale + 1e-12 or abs(got[1] - q) > 2 * tol * q + 1e-12
+    off = abs(got[0] - s) > tol * scale + 1e-12 or abs(got[1] - q) > 2 * tol * q + 1e-12
+    return off or (exact and got[2] is not None and got[2] != bits)
 
 
 def check(sent: dict[str, tuple[list[float], int, str]], workers: list[dict[str, Any]], url: str) -> list[str]:
@@ -160,20 +178,29 @@ def check(sent: dict[str, tuple[list[float], int, str]], workers: list[dict[str,
         if name in where:
             groups[where[name]].append(name)
     for p, names in sorted(groups.items()):
-        expected = [sum(sent[n][0][i] for n in names) for i in (0, 1)]
+        expected = [*(sum(sent[n][0][i] for n in names) for i in (0, 1)), sum(sent[n][0][2] for n in names) % MOD]
         numel = sum(sent[n][1] for n in names)
         held = [w["params"][p] for w in workers if p in w["params"]]
         row_sums = any(h["sums"][1] is None for h in held)
         tol = rtol(sent[names[0]][2], held[0]["dtype"], row_sums)
+        exact = not row_sums and all(sent[n][2] == held[0]["dtype"] for n in names)
         if all(h["numel"] >= numel for h in held):  # every worker holds all of it (replicated, maybe padded)
             copies = [h["sums"] for h in held]
         else:  # cut over workers (TP, EP): the parts add up
-            copies = [[sum(h["sums"][0] for h in held), None if row_sums else sum(h["sums"][1] for h in held)]]
+            copies = [[sum(h["sums"][0] for h in held), *parts_sum(held, row_sums)]]
         for got in copies:
-            if disagreement(expected, numel, got, tol):
+            if disagreement(expected, numel, got, tol, exact):
                 problems.append(
                     f"{url}: engine parameter {p!r} (from {', '.join(names)}) holds Σw={got[0]:.9g}, "
-                    f"Σw²={got[1]}; the sender sent Σw={expected[0]:.9g}, Σw²={expected[1]:.9g}"
+                    f"Σw²={got[1]}, Σbits={got[2]}; the sender sent Σw={expected[0]:.9g}, Σw²={expected[1]:.9g}, "
+                    f"Σbits={expected[2]}"
                 )
                 break
     return problems
+
+
+def parts_sum(held: list[dict[str, Any]], row_sums: bool) -> list[Any]:
+    """[Σw², Σbits] of a parameter cut over workers: the parts' sums added."""
+    if row_sums:
+        return [None, None]
+    return [sum(h["sums"][1] for h in held), sum(h["sums"][2] for h in held) % MOD]
