@@ -7,8 +7,10 @@ gateway, metrics) and registers how each one stops, so a failure anywhere stops 
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,10 @@ from vime.specs import engine_spec, make_critic, make_engine_group, make_trainer
 from vime.step_metrics import EngineCounters
 from vime.supervise import SupervisedPool
 from vime.sync import WeightSync
+
+log = logging.getLogger(__name__)
+# on the way out, how long to wait for ranks still starting before leaving them to their placement group's removal
+RANKS_START_WAIT_S = 120.0
 
 
 class Parts(contextlib.ExitStack):
@@ -89,12 +95,14 @@ class Parts(contextlib.ExitStack):
             sleep_mode=sleeps,
         )
         self.callback(self.engines.stop)
+        # the ranks start while the engines do: each takes tens of seconds (imports, weights) and neither needs
+        # the other before the weight channel connects
+        pool = ThreadPoolExecutor(1, thread_name_prefix="vime-ranks")
+        ranks = pool.submit(self._start_ranks, t, c, (pg, trainer_idx), (pg, critic_idx))
+        pool.shutdown(wait=False)
+        self.callback(self._stop_ranks, ranks)
         self.engines.start()
-        self.trainer = make_trainer(t, cfg.model.path, placement=(pg, trainer_idx))
-        self.callback(self.trainer.shutdown)
-        if c is not None:
-            self.critic = make_critic(c, cfg.model.path, placement=(pg, critic_idx))
-            self.callback(self.critic.shutdown)
+        ranks.result()
         # engines stop before the ranks (stop is idempotent): a rank interrupted mid-push (SIGTERM, an error) is
         # waiting on the engines, and their going away ends its wait instead of the rank's shutdown timeout
         self.callback(self.engines.stop)
@@ -129,6 +137,19 @@ class Parts(contextlib.ExitStack):
         self.engine_counters = EngineCounters(self.engines)
         self.metrics = MetricsLogger(self.out, wandb_project=cfg.run.wandb_project)
         self.callback(self.metrics.close)
+
+    def _start_ranks(self, t: Any, c: Any, trainer_at: tuple[Any, list[int]], critic_at: tuple[Any, list[int]]) -> None:
+        self.trainer = make_trainer(t, self.cfg.model.path, placement=trainer_at)
+        if c is not None:
+            self.critic = make_critic(c, self.cfg.model.path, placement=critic_at)
+
+    def _stop_ranks(self, starting: Future[None]) -> None:
+        """On the way out, also while the ranks are still starting: what started is shut down."""
+        if not wait([starting], timeout=RANKS_START_WAIT_S).done:  # its own error is raised where the start waited
+            log.warning("trainer ranks still starting after %.0f s: left to their placement group", RANKS_START_WAIT_S)
+        for part in (self.critic, getattr(self, "trainer", None)):
+            if part is not None:
+                part.shutdown()
 
     def progress_bar(self, it: Any, desc: str) -> Any:
         from tqdm import tqdm
