@@ -10,7 +10,7 @@ import httpx
 
 from vime.secret import auth_headers
 
-ENGINE_HTTP = httpx.Client(headers=auth_headers())  # the engines vime starts want the run's secret
+ENGINE_HTTP = httpx.Client(headers=auth_headers(), timeout=30)  # the run's secret; 30 s: a loaded server is slow
 
 
 def pd_completion(prefill_url: str, decode_url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:

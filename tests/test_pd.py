@@ -22,7 +22,7 @@ from vime.secret import auth_headers
 from vime.specs import make_engine_group
 from vime.types import Sample, SamplingParams
 
-ENGINE_HTTP = httpx.Client(headers=auth_headers())  # the engines vime starts want the run's secret
+ENGINE_HTTP = httpx.Client(headers=auth_headers(), timeout=30)  # the run's secret; 30 s: a loaded server is slow
 
 pytestmark = pytest.mark.slow
 ARCH = "qwen3_moe"
