@@ -95,6 +95,14 @@ def bucket_for(nbytes: int) -> int:
     return whole if roomy else 4096
 
 
+def engine_memory_fraction(nbytes: int) -> float:
+    """The engine's share of the card: its weights plus 6 GB (KV for a 1,024-token context, activations), at
+    least 0.3 — so trainer and engine both fit at 14B on an 80 GB card."""
+    import torch
+
+    return round(max(0.3, (nbytes + 6e9) / torch.cuda.get_device_properties(0).total_memory), 3)
+
+
 def round_trips(url: str, n: int = 10) -> dict[str, float]:
     """The floor a push stands on: one bare control round trip to the workers (API server -> EngineCore ->
     worker and back) and a pause + resume pair, medians of n."""
@@ -145,7 +153,7 @@ def bench_size(size: str, out_dir: Path, backend: str = "ipc", engine_env: dict[
             "enforce_eager": True,
             "dtype": "bfloat16",
             "max_model_len": 1024,
-            "gpu_memory_utilization": 0.3,
+            "gpu_memory_utilization": engine_memory_fraction(nbytes),
             "worker_extension_cls": "engines.vllm.worker_ext.VimeWorkerExtension",
             "weight_transfer_config": {"backend": "vime_ipc" if backend == "ipc" else backend},
         },
@@ -207,7 +215,7 @@ def trainer_side(
     from vime.types import Sample
 
     tcfg = TrainerConfig(
-        world_size=1, gpus_per_rank=1, dtype="bfloat16", lr=1e-3, micro_batch_size=8, optimizer=size != "7b"
+        world_size=1, gpus_per_rank=1, dtype="bfloat16", lr=1e-3, micro_batch_size=8, optimizer=size in ("0.5b", "1.5b")
     )
     t = time.perf_counter()
     trainer = make_trainer(tcfg, str(path))

@@ -301,6 +301,40 @@ def test_fingerprint_adds_up_over_fused_and_sharded_parameters_and_names_what_di
     assert check(sent, [lost], "e") == ["e: the engine has no parameter for 'norm.weight' (dropped on load)"]
 
 
+def test_a_parameter_held_in_the_dtype_it_was_sent_in_is_checked_by_its_bit_sums_alone():
+    """Where an engine parameter holds what it got in the dtype it got it in, both sides take only the exact bit
+    sums (one read of each tensor, not three); the float sums stay for a dtype change. The sender learns which
+    names those are from the engines' last answer, and a check that needs float sums it did not take fails."""
+    from engines.vllm.fingerprint import check, engine_sums, tensor_sums
+
+    g = torch.Generator().manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.LayerNorm(80))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    sd = {n: p.detach().clone() for n, p in model.named_parameters()}
+    names = list(sd)
+    full = tensor_sums(list(sd.values()))
+    bits_only = tensor_sums(list(sd.values()), [False] * len(sd))
+    assert [b[2] for b in bits_only] == [f[2] for f in full] and all(b[:2] == [None, None] for b in bits_only)
+
+    answer = engine_sums(model, names, ["float32"] * len(names))
+    assert all(p["sums"][:2] == [None, None] for p in answer["params"].values())  # exact: bits only
+    lean = {n: (s, sd[n].numel(), "float32") for n, s in zip(names, bits_only)}
+    assert check(lean, [answer], "e") == []
+    with torch.no_grad():  # one element one ulp off on the engine
+        w = model[0].weight
+        w[3, 7] = torch.nextafter(w[3, 7], torch.tensor(float("inf")))
+    (bad,) = check(lean, [engine_sums(model, names, ["float32"] * len(names))], "e")
+    assert "'0.weight'" in bad and "Σbits" in bad
+
+    widened = engine_sums(model, names, ["bfloat16"] * len(names))  # sent as bf16, held as fp32: float sums
+    assert all(p["sums"][0] is not None for p in widened["params"].values())
+    (first, *_) = check({n: (s, sd[n].numel(), "bfloat16") for n, s in zip(names, bits_only)}, [widened], "e")
+    assert "float sums the sender did not take" in first
+    assert engine_sums(model, names)["params"]["0.bias"]["sums"][0] is not None  # no dtypes said: all sums
+
+
 def test_keep_mode_push_leaves_no_old_kv_for_new_requests(qwen2_engines, model_dir):
     """weights.pause_mode keep freezes in-flight requests, so their KV blocks stay held, and vLLM's plain prefix-cache
     reset fails while blocks are held (it answers success=false): a new request with the same prompt then reused the

@@ -41,7 +41,7 @@ class Size:
     init_std: float = 0.1
 
 
-# The last three have the real Qwen2.5 shapes (GPU benchmarks); their tokenizer stays small (ids above it are
+# From 0.5b on they have the real Qwen2.5 shapes (GPU benchmarks); their tokenizer stays small (ids above it are
 # never sampled by a trained policy, but a random one may emit them — they decode to "").
 SIZES = {
     "tiny": Size(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512),
@@ -54,6 +54,12 @@ SIZES = {
     ),
     "7b": Size(
         hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152064, tie=False, init_std=0.02
+    ),
+    "14b": Size(
+        hidden=5120, intermediate=13824, layers=48, heads=40, kv_heads=8, vocab=152064, tie=False, init_std=0.02
+    ),
+    "32b": Size(
+        hidden=5120, intermediate=27648, layers=64, heads=40, kv_heads=8, vocab=152064, tie=False, init_std=0.02
     ),
 }
 TOKENIZER_VOCAB = 512

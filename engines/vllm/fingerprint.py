@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -54,19 +55,20 @@ def bit_sum(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(INT_OF_WIDTH[t.element_size()]).sum(dtype=torch.int64)
 
 
-def tensor_sums(tensors: list[torch.Tensor]) -> list[list[float | int]]:
-    """[Σw, Σw², Σbits mod 2⁶⁴] per tensor, read back in one transfer (the tensors may be on a GPU). Three
-    reductions per tensor and a handful for the lot: a GPU bucket of hundreds of tensors costs launches, not
-    bandwidth."""
+def tensor_sums(tensors: list[torch.Tensor], floats: list[bool] | None = None) -> list[list[Any]]:
+    """[Σw, Σw², Σbits mod 2⁶⁴] per tensor, read back in one transfer (the tensors may be on a GPU); where
+    `floats[i]` is False only the bit sum ([None, None, Σbits]): one read of the tensor instead of three. A GPU
+    bucket of hundreds of tensors costs launches more than bandwidth."""
     if not tensors:
         return []
     dev = tensors[0].device
     if any(t.device != dev for t in tensors):
         raise ValueError(f"tensor_sums takes tensors on one device, got {sorted({str(t.device) for t in tensors})}")
+    want = [True] * len(tensors) if floats is None else floats
     with one_thread(dev.type == "cpu"), torch.no_grad():
         sums, norms, owner, count = [], [], [], []
         for i, t in enumerate(tensors):
-            for rows in _parts(t):
+            for rows in _parts(t) if want[i] else []:
                 sums.append(rows.sum(1, dtype=torch.float32))
                 norms.append(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32))
                 owner.append(i)
@@ -76,8 +78,12 @@ def tensor_sums(tensors: list[torch.Tensor]) -> list[list[float | int]]:
             at = torch.repeat_interleave(torch.tensor(owner), torch.tensor(count)).to(dev)
             out[:, 0].index_add_(0, at, torch.cat(sums).double())
             out[:, 1].index_add_(0, at, torch.cat(norms).double().square())
-        bits = torch.stack([bit_sum(t) for t in tensors]).cpu().tolist()
-        return [[s, q, b % MOD] for (s, q), b in zip(out.cpu().tolist(), bits)]
+        bits = torch.stack([bit_sum(t) for t in tensors])
+        floats_back = out.cpu().tolist() if sums else [[None, None]] * len(tensors)
+        return [
+            [s, q, b % MOD] if w else [None, None, b % MOD]
+            for (s, q), b, w in zip(floats_back, bits.cpu().tolist(), want)
+        ]
 
 
 # ---- engine worker side -------------------------------------------------------------------------------------
@@ -126,21 +132,30 @@ def computed_with(model: torch.nn.Module, name: str, param: torch.Tensor) -> tup
     return rows, rows.numel() * k, True
 
 
-def engine_sums(model: torch.nn.Module, names: list[str]) -> dict[str, Any]:
-    """This worker's side: where each pushed name landed and, per parameter, [Σw, Σw²] (Σw² None where only row
-    sums could be read), its size and dtype."""
+def engine_sums(model: torch.nn.Module, names: list[str], dtypes: list[str] | None = None) -> dict[str, Any]:
+    """This worker's side: where each pushed name landed and, per parameter, [Σw, Σw², Σbits] (Σw² None where
+    only row sums could be read). `dtypes` (what each name was sent as): a parameter that holds all it got in the
+    dtype it got it in is checked by its bit sum alone, so only that is summed ([None, None, Σbits])."""
     params = dict(model.named_parameters())
     stacked = stacked_names(model)
     where = {n: param_for(n, params, stacked) for n in names}
     held = sorted({p for p in where.values() if p})
+    sent_as: dict[str, set[str]] = defaultdict(set)
+    for n, d in zip(names, dtypes or []):
+        if where[n]:
+            sent_as[where[n]].add(d)
     with torch.no_grad():
         values = [computed_with(model, p, params[p].detach()) for p in held]
-        sums = tensor_sums([v for v, _, _ in values])
+        exact = [not rows and sent_as.get(p) == {dtype_name(v)} for p, (v, _, rows) in zip(held, values)]
+        sums = tensor_sums([v for v, _, _ in values], [not e for e in exact])
     info = {}
     for p, (v, numel, row_sums), s in zip(held, values, sums):
-        dtype = str(v.dtype).replace("torch.", "")
-        info[p] = {"sums": [s[0], None, None] if row_sums else s, "numel": numel, "dtype": dtype}
+        info[p] = {"sums": [s[0], None, None] if row_sums else s, "numel": numel, "dtype": dtype_name(v)}
     return {"where": where, "params": info}
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
 
 
 # ---- sender side --------------------------------------------------------------------------------------------
@@ -155,17 +170,19 @@ def rtol(sent_dtype: str, engine_dtype: str, row_sums: bool) -> float:
 
 def disagreement(expected: list[Any], numel: int, got: list[Any], tol: float, exact: bool) -> bool:
     """Whether an engine parameter's sums `got` differ from the sums of what was sent: the bit sums exactly where
-    both sides hold one dtype (`exact`), the float sums within `tol` of their scale."""
+    both sides hold one dtype (`exact`; the engine then sums only those), the float sums within `tol` of their
+    scale otherwise (the caller makes sure the sender summed floats wherever the engine did)."""
     s, q, bits = expected
+    if got[0] is None:  # the engine summed the bits only
+        return not exact or got[2] != bits
     scale = (max(numel, 1) * max(q, 0.0)) ** 0.5  # ≥ Σ|w|
-    assert got[0] is not None
     if got[1] is None:  # only row sums were read back
         return abs(got[0] - s) > tol * scale + 1e-12
     off = abs(got[0] - s) > tol * scale + 1e-12 or abs(got[1] - q) > 2 * tol * q + 1e-12
     return off or (exact and got[2] is not None and got[2] != bits)
 
 
-def check(sent: dict[str, tuple[list[float], int, str]], workers: list[dict[str, Any]], url: str) -> list[str]:
+def check(sent: dict[str, tuple[list[Any], int, str]], workers: list[dict[str, Any]], url: str) -> list[str]:
     """What disagrees between the tensors sent (name → sums, numel, dtype) and one engine's workers' answers."""
     where: dict[str, str] = {}
     for w in workers:
@@ -178,29 +195,56 @@ def check(sent: dict[str, tuple[list[float], int, str]], workers: list[dict[str,
         if name in where:
             groups[where[name]].append(name)
     for p, names in sorted(groups.items()):
-        expected = [*(sum(sent[n][0][i] for n in names) for i in (0, 1)), sum(sent[n][0][2] for n in names) % MOD]
-        numel = sum(sent[n][1] for n in names)
         held = [w["params"][p] for w in workers if p in w["params"]]
-        row_sums = any(h["sums"][1] is None for h in held)
+        floats = [sent[n][0][0] is not None for n in names]
+        if not all(floats) and any(h["sums"][0] is not None for h in held):
+            problems.append(
+                f"{url}: engine parameter {p!r} (from {', '.join(names)}, {held[0]['dtype']}) is checked by float "
+                "sums the sender did not take this push (it took bit sums only, as the last push's answer allowed: "
+                "the engine changed since); the next push takes them"
+            )
+            continue
+        bits = sum(sent[n][0][2] for n in names) % MOD
+        expected = [*(sum(sent[n][0][i] for n in names) if all(floats) else None for i in (0, 1)), bits]
+        numel = sum(sent[n][1] for n in names)
+        row_sums = any(h["sums"][1] is None and h["sums"][0] is not None for h in held)
         tol = rtol(sent[names[0]][2], held[0]["dtype"], row_sums)
         exact = not row_sums and all(sent[n][2] == held[0]["dtype"] for n in names)
         if all(h["numel"] >= numel for h in held):  # every worker holds all of it (replicated, maybe padded)
             copies = [h["sums"] for h in held]
         else:  # cut over workers (TP, EP): the parts add up
-            copies = [[sum(h["sums"][0] for h in held), *parts_sum(held, row_sums)]]
+            copies = [parts_sum(held, row_sums)]
         for got in copies:
             if disagreement(expected, numel, got, tol, exact):
                 problems.append(
-                    f"{url}: engine parameter {p!r} (from {', '.join(names)}) holds Σw={got[0]:.9g}, "
-                    f"Σw²={got[1]}, Σbits={got[2]}; the sender sent Σw={expected[0]:.9g}, Σw²={expected[1]:.9g}, "
-                    f"Σbits={expected[2]}"
+                    f"{url}: engine parameter {p!r} (from {', '.join(names)}) holds Σw={fmt(got[0])}, "
+                    f"Σw²={fmt(got[1])}, Σbits={got[2]}; the sender sent Σw={fmt(expected[0])}, "
+                    f"Σw²={fmt(expected[1])}, Σbits={expected[2]}"
                 )
                 break
     return problems
 
 
+def fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.9g}"
+
+
 def parts_sum(held: list[dict[str, Any]], row_sums: bool) -> list[Any]:
-    """[Σw², Σbits] of a parameter cut over workers: the parts' sums added."""
-    if row_sums:
-        return [None, None]
-    return [sum(h["sums"][1] for h in held), sum(h["sums"][2] for h in held) % MOD]
+    """[Σw, Σw², Σbits] of a parameter cut over workers: the parts' sums added (None where not summed)."""
+
+    def add(i: int) -> Any:
+        return None if any(h["sums"][i] is None for h in held) else sum(h["sums"][i] for h in held)
+
+    bits = add(2)
+    return [add(0), None if row_sums else add(1), None if bits is None else bits % MOD]
+
+
+def float_checked(engines: Iterable[list[dict[str, Any]]]) -> set[str]:
+    """The names some engine worker checked by float sums (it answered Σw for their parameter)."""
+    return {
+        n
+        for workers in engines
+        for w in workers
+        for n, p in w["where"].items()
+        if p in w["params"] and w["params"][p]["sums"][0] is not None
+    }

@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -27,7 +26,7 @@ import torch
 
 from engines.vllm.cpu_threads import one_thread
 from engines.vllm.delta import Base, encode
-from engines.vllm.fingerprint import check, tensor_sums
+from engines.vllm.fingerprint import check, float_checked, tensor_sums
 from engines.vllm.server import vllm_version
 from vime.placement import free_port, listening_socket
 from vime.secret import auth_headers
@@ -82,6 +81,10 @@ class VLLMWeightChannel:
         self.sent: dict[str, tuple[list[float], int, str]] = {}  # this push's tensors: sums, numel, dtype
         self.sum_s = 0.0  # time spent summing them
         self.names: list[str] = []  # this push's tensor names so far (the last bucket asks the engines' sums)
+        self.dtypes: list[str] = []  # and the dtypes they were sent as
+        # names the engines check by float sums (a dtype change, row sums read back); None: not known yet (all).
+        # The rest are checked by their exact bit sums alone, which is all either side then computes.
+        self.float_names: set[str] | None = None
         self.engine_sums: list[Any] | None = None  # every engine's answer to that
         self.timeline: dict[str, float] = {}  # seconds per control call of this push (summed over buckets)
         if self.cfg.delta and self.cfg.backend != "gloo":
@@ -119,9 +122,10 @@ class VLLMWeightChannel:
         """Every engine loads one bucket (`vime_update`: vLLM's start/update/finish in one round trip); the last
         one also answers the sums that verify this push."""
         self.names += meta["names"]
+        self.dtypes += meta["dtype_names"]
         kwargs = {"update_info": meta, "start": first, "finish": last}
         if last and self.cfg.verify:
-            kwargs["sums"] = self.names
+            kwargs |= {"sums": self.names, "sum_dtypes": self.dtypes}
         body = {"method": "vime_update", "kwargs": kwargs}
         return [self.pool.submit(self._post, u, "/collective_rpc", body) for u in self.urls]
 
@@ -151,7 +155,7 @@ class VLLMWeightChannel:
             self._connect_ipc()
         else:
             self._all("/init_weight_transfer_engine", {"init_info": {}})
-        self.connected = True
+        self.connected, self.float_names = True, None
 
     def _connect_broadcast(self, backend: str) -> None:
         """One group: the sender is rank 0, every engine worker joins at its rank offset."""
@@ -177,17 +181,9 @@ class VLLMWeightChannel:
             for i, u in enumerate(self.urls)
         ]
         if backend == "gloo":
-            from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+            from engines.vllm.worker_ext import gloo_group
 
-            self.pg = stateless_init_torch_distributed_process_group(
-                self.master_address,
-                port,
-                0,
-                world,
-                backend="gloo",
-                timeout=timedelta(seconds=self.cfg.timeout_s),
-                listen_socket=sock,
-            )
+            self.pg = gloo_group(self.master_address, port, 0, world, self.cfg.timeout_s, listen_socket=sock)
         else:  # vLLM's own NCCL engine, trainer side
             from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
 
@@ -212,7 +208,8 @@ class VLLMWeightChannel:
         if not self.cfg.verify:
             return
         t0 = time.perf_counter()
-        for (name, t), sums in zip(bucket, tensor_sums([t.detach() for _, t in bucket])):
+        floats = [self.float_names is None or n in self.float_names for n, _ in bucket]
+        for (name, t), sums in zip(bucket, tensor_sums([t.detach() for _, t in bucket], floats)):
             self.sent[name] = (sums, t.numel(), str(t.dtype).replace("torch.", ""))
         self.sum_s += time.perf_counter() - t0
 
@@ -313,7 +310,8 @@ class VLLMWeightChannel:
         if not self.connected:
             self.connect()
         t0 = time.perf_counter()
-        nbytes, self.sent, self.sum_s, self.names, self.engine_sums, self.timeline = 0, {}, 0.0, [], None, {}
+        nbytes, self.sent, self.sum_s, self.engine_sums, self.timeline = 0, {}, 0.0, None, {}
+        self.names, self.dtypes = [], []
         self.delta_stats = dict.fromkeys(self.delta_stats, 0)
         try:
             # vLLM's level-0 sleep is its pause without the 20 ms asyncio.sleep `/pause` ends with (and without its
@@ -371,8 +369,8 @@ class VLLMWeightChannel:
         """No KV computed with the old weights may be reused. Frozen requests (keep mode) hold their KV blocks, and
         a plain reset fails while any block is held (vLLM answers success=false) and leaves every cached prefix
         hittable, so the frozen requests are preempted too: they recompute their context with the new weights
-        when they resume (their sampled tokens stay, tagged with the old version). vLLM 0.32's pause already does
-        this; on 0.26 keep mode ignores the pause's cache clearing; the level-0 sleep clears nothing."""
+        when they resume (their sampled tokens stay, tagged with the old version). The level-0 sleep that pauses
+        clears nothing (vLLM 0.26 and 0.32 alike)."""
         answers = self._all("/reset_prefix_cache", params={"reset_running_requests": "true"})
         failed = [u for u, a in zip(self.urls, answers) if not (a or {}).get("success", False)]
         if failed:
@@ -384,13 +382,16 @@ class VLLMWeightChannel:
         """Every engine's parameters against what this push sent (`answers`: the sums the engines returned with
         the last bucket; asked again when absent); engines that disagree stay paused."""
         if answers is None:
-            answers = self._all("/collective_rpc", {"method": "vime_weight_sums", "kwargs": {"names": list(self.sent)}})
+            kwargs = {"names": list(self.sent), "dtypes": [d for _, _, d in self.sent.values()]}
+            answers = self._all("/collective_rpc", {"method": "vime_weight_sums", "kwargs": kwargs})
         problems = [p for url, a in zip(self.urls, answers) for p in check(self.sent, a["results"], url)]
+        self.float_names = None if problems else float_checked(a["results"] for a in answers)
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             raise WeightPushError(f"weight push of version {version!r} not verified: " + "; ".join(problems[:5]) + more)
 
     def close(self) -> None:
+        self.float_names = None
         self.pg = None
         self.staging = None
         self.connected = False

@@ -164,6 +164,18 @@ class _ReloadingEngine(WeightTransferEngine):
         self.receive_weights(self.parse_update_info(update_info))
 
 
+def gloo_group(host: str, port: int, rank: int, world: int, timeout_s: float, **kw: Any) -> Any:
+    """vLLM's stateless gloo group; its `timeout` argument came with vLLM 0.27 (0.26, the GPU line, keeps gloo's
+    30 min default — the HTTP timeout still bounds a push)."""
+    import inspect
+
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group as init
+
+    if "timeout" in inspect.signature(init).parameters:
+        kw["timeout"] = timedelta(seconds=timeout_s)
+    return init(host, port, rank, world, backend="gloo", **kw)
+
+
 class GlooWeightTransferEngine(_ReloadingEngine):
     init_info_cls = GlooInitInfo
     update_info_cls = TensorsUpdateInfo
@@ -173,17 +185,10 @@ class GlooWeightTransferEngine(_ReloadingEngine):
         self.pg = None
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
-        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
-
         pc = self.parallel_config
         rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
-        self.pg = stateless_init_torch_distributed_process_group(
-            init_info.master_address,
-            init_info.master_port,
-            rank,
-            init_info.world_size,
-            backend="gloo",
-            timeout=timedelta(seconds=init_info.timeout_s),
+        self.pg = gloo_group(
+            init_info.master_address, init_info.master_port, rank, init_info.world_size, init_info.timeout_s
         )
 
     def receive_weights(self, u: TensorsUpdateInfo) -> None:
@@ -260,7 +265,12 @@ class VimeWorkerExtension:
     finish_weight_update: Any
 
     def vime_update(
-        self, update_info: dict[str, Any], start: bool, finish: bool, sums: list[str] | None = None
+        self,
+        update_info: dict[str, Any],
+        start: bool,
+        finish: bool,
+        sums: list[str] | None = None,
+        sum_dtypes: list[str] | None = None,
     ) -> dict[str, Any] | None:
         """One bucket of a push in one control round trip instead of up to four: the worker's own start / update /
         finish of vLLM's weight-transfer session (what the RL routes call one by one), and after the last bucket
@@ -271,7 +281,7 @@ class VimeWorkerExtension:
         self.update_weights(update_info)
         if finish:
             self.finish_weight_update()
-        return None if sums is None else self.vime_weight_sums(sums)
+        return None if sums is None else self.vime_weight_sums(sums, sum_dtypes)
 
     def vime_routes_on(self) -> bool:
         """Start recording the experts every token is routed to (idempotent; per server process)."""
@@ -287,14 +297,14 @@ class VimeWorkerExtension:
         return None if rec is None else rec.take(tag)
 
     def vime_refresh_tied_lm_head(self) -> int:
-        return refresh_tied_lm_head(self.model_runner.model)
+        return refresh_tied_lm_head(self.model_runner.get_model())
 
-    def vime_weight_sums(self, names: list[str]) -> dict[str, Any]:
+    def vime_weight_sums(self, names: list[str], dtypes: list[str] | None = None) -> dict[str, Any]:
         """Where each pushed tensor landed and the sums of those parameters (`fingerprint.py`: every push is
-        checked against what the sender sent)."""
+        checked against what the sender sent; `dtypes`, what each was sent as, spares the float sums)."""
         from engines.vllm.fingerprint import engine_sums
 
-        return engine_sums(self.model_runner.model, names)
+        return engine_sums(self.model_runner.get_model(), names, dtypes)
 
     def vime_delta_version(self) -> str | None:
         """The version this worker's kept base makes up (None: none, or a push since did not commit)."""
