@@ -47,11 +47,15 @@ def copy_gbps(nbytes: int = 2 << 30) -> float:
 
 
 def ensure_model(size: str) -> Path:
+    import torch
+
     from vime.models import make_model
 
     path = MODELS / f"qwen2-{size}"
     if not (path / "config.json").exists():
         make_model("qwen2", size, path, dtype="bfloat16", device="cuda")
+        gc.collect()
+        torch.cuda.empty_cache()  # the engine and the baseline's copy need that memory (14B on an 80 GB card)
     return path
 
 
