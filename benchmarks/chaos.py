@@ -24,7 +24,9 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVER = "vllm.entrypoints.openai.api_server"
+sys.path.insert(0, str(ROOT))
+
+from engines.vllm.server import SERVER_MODULE as SERVER  # noqa: E402
 
 
 def processes(tag: str) -> list[psutil.Process]:

@@ -38,7 +38,7 @@ cleanup() {  # nothing of a finished or killed part may keep GPU memory
       [[ $keep == *" $p "* ]] || kill -9 "$p" 2>/dev/null
     done
   else  # patterns bracketed: never match this shell
-    pkill -9 -f "[v]llm.entrypoints"; pkill -9 -f "[E]ngineCore"; pkill -9 -f "[v]llm-router"
+    pkill -9 -f "[v]llm.entrypoints"; pkill -9 -f "[e]ngines.vllm.serve_main"; pkill -9 -f "[E]ngineCore"; pkill -9 -f "[v]llm-router"
     pkill -9 -f "[e]ngines.sglang.launch"; pkill -9 -f "[s]glang::"
     ray stop --force >/dev/null 2>&1
     nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null

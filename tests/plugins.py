@@ -46,6 +46,7 @@ async def disrupt_first_rollout(prompts, ctx, how):
 
     import psutil
 
+    from engines.vllm.server import SERVER_MODULE
     from vime.rollout.default import generate_groups
 
     if KILLED or ctx.params.n == 1:
@@ -54,7 +55,7 @@ async def disrupt_first_rollout(prompts, ctx, how):
     server = next(
         p
         for p in psutil.process_iter(["cmdline"])
-        if "vllm.entrypoints.openai.api_server" in (p.info["cmdline"] or []) and port in p.info["cmdline"]
+        if SERVER_MODULE in (p.info["cmdline"] or []) and port in p.info["cmdline"]
     )  # found first: the scan is slow under load, and the disruption must land while the step's requests run
     pids = [server.pid, *(c.pid for c in server.children(recursive=True))]
     task = asyncio.ensure_future(generate_groups(prompts, ctx))

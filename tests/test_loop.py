@@ -8,6 +8,7 @@ import math
 import psutil
 import pytest
 
+from engines.vllm.server import SERVER_MODULE
 from vime.config import load_config
 from vime.loop import train
 from vime.rollout.faults import RolloutFailure
@@ -37,11 +38,7 @@ def recipe(repo_root, model_dir, tmp_path, *extra):
 
 
 def vllm_procs():
-    return [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "vllm.entrypoints.openai.api_server" in " ".join(p.info["cmdline"] or [])
-    ]
+    return [p for p in psutil.process_iter(["cmdline"]) if SERVER_MODULE in " ".join(p.info["cmdline"] or [])]
 
 
 def alive_actors(ray):

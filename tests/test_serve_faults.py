@@ -14,6 +14,7 @@ import pytest
 from conftest import start_engines
 from transformers import AutoTokenizer
 
+from engines.vllm.server import SERVER_MODULE
 from vime.gateway.config import GatewayConfig
 from vime.gateway.server import Gateway
 from vime.secret import auth_headers
@@ -89,7 +90,7 @@ def test_a_server_killed_while_starting_is_started_again(model_dir, tmp_path, ca
         while not killed and time.monotonic() < deadline:
             for p in psutil.process_iter(["cmdline"]):
                 cmd = p.info["cmdline"] or []
-                if "vllm.entrypoints.openai.api_server" in cmd and model in cmd:
+                if SERVER_MODULE in cmd and model in cmd:
                     time.sleep(2)  # well into its start-up, long before it is healthy
                     os.kill(p.pid, signal.SIGKILL)
                     killed.append(p.pid)

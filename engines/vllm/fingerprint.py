@@ -2,17 +2,18 @@
 pushed, or the push fails naming the tensors that disagree.
 
 The fingerprint is additive (Σw and Σw², summed in float64, and Σbits: the elements' bit patterns read as
-integers, summed exactly modulo 2⁶⁴), because an engine changes the layout of what it loads: HF tensors stacked
-into one fused parameter (q/k/v → qkv_proj, gate/up → gate_up_proj, every expert → w13/w2), cut over tensor- or
-expert-parallel workers, padded with zeros (vocab rows), shuffled into a kernel's format. Sums survive all of
-these, so the sender sums what it sent, each engine worker sums the parameters those tensors landed in, and the
-two must match per parameter. Float sums match only within a rounding bound that grows with the tensor
-(sqrt(n·Σw²) × 1e-6), which a stale engine one small optimiser step behind passes (lr 1e-6 moves a weight by
-~5e-5 of its size); an integer sum does not depend on the order it is added in, so where both sides hold one
-dtype it must match exactly and one element one ulp off fails it. It catches a tensor the engine dropped (a name
-it did not know), one that arrived damaged or not at all, and a parameter changed on the engine since; it does
-not see a permutation inside one parameter, nor state kept beside the parameters (the CPU backend's pre-packed
-copies, which `worker_ext` rebuilds on every push). Both sides sum alike (rows of `ROW` elements in float32,
+integers, summed exactly modulo 2³², 2⁶⁴ for 8-byte elements), because an engine changes the layout of what it
+loads: HF tensors stacked into one fused parameter (q/k/v → qkv_proj, gate/up → gate_up_proj, every expert →
+w13/w2), cut over tensor- or expert-parallel workers, padded with zeros (vocab rows), shuffled into a kernel's
+format. Sums survive all of these, so the sender sums what it sent, each engine worker sums the parameters those
+tensors landed in, and the two must match per parameter. Float sums match only within a rounding bound that grows
+with the tensor (sqrt(n·Σw²) × 1e-6), which a stale engine one small optimiser step behind passes (lr 1e-6 moves
+a weight by ~5e-5 of its size); an integer sum does not depend on the order it is added in, so where both sides
+hold one dtype it must match exactly and one element one ulp off fails it — there the bit sums are all either
+side computes (one read of each tensor instead of three). It catches a tensor the engine dropped (a name it did
+not know), one that arrived damaged or not at all, and a parameter changed on the engine since; it does not see
+a permutation inside one parameter, nor state kept beside the parameters (the CPU backend's pre-packed copies,
+which `worker_ext` rebuilds on every push). Both sides take float sums alike (rows of `ROW` elements in float32,
 then float64), so an engine holding the sender's dtype differs only in summation order.
 """
 
@@ -47,16 +48,24 @@ def _parts(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-MOD = 1 << 64
+
+
+def bits_mod(dtype: str) -> int:
+    """The modulus of a dtype's bit sum: 2³² up to 4-byte elements (one changed element moves the sum by less
+    than 2³², so never by a multiple of it), 2⁶⁴ for 8-byte ones."""
+    return 1 << (64 if torch.empty((), dtype=getattr(torch, dtype)).element_size() == 8 else 32)
 
 
 def bit_sum(t: torch.Tensor) -> torch.Tensor:
-    """Σ of the elements' bit patterns as signed integers, in int64 (wrapping): one read of the tensor."""
-    return t.reshape(-1).view(INT_OF_WIDTH[t.element_size()]).sum(dtype=torch.int64)
+    """Σ of the elements' bit patterns as signed integers, wrapping in int32 (int64 for 8-byte elements): one
+    read of the tensor. An int32 accumulator, not int64: a CPU sums int32 into int64 30× slower than it sums
+    floats (0.14 s for 25M elements against 5 ms), and the bits sums were most of a CPU push's check."""
+    acc = torch.int64 if t.element_size() == 8 else torch.int32
+    return t.reshape(-1).view(INT_OF_WIDTH[t.element_size()]).sum(dtype=acc).to(torch.int64)
 
 
 def tensor_sums(tensors: list[torch.Tensor], floats: list[bool] | None = None) -> list[list[Any]]:
-    """[Σw, Σw², Σbits mod 2⁶⁴] per tensor, read back in one transfer (the tensors may be on a GPU); where
+    """[Σw, Σw², Σbits mod 2³² (2⁶⁴)] per tensor, read back in one transfer (the tensors may be on a GPU); where
     `floats[i]` is False only the bit sum ([None, None, Σbits]): one read of the tensor instead of three. A GPU
     bucket of hundreds of tensors costs launches more than bandwidth."""
     if not tensors:
@@ -80,9 +89,10 @@ def tensor_sums(tensors: list[torch.Tensor], floats: list[bool] | None = None) -
             out[:, 1].index_add_(0, at, torch.cat(norms).double().square())
         bits = torch.stack([bit_sum(t) for t in tensors])
         floats_back = out.cpu().tolist() if sums else [[None, None]] * len(tensors)
+        mods = [bits_mod(dtype_name(t)) for t in tensors]
         return [
-            [s, q, b % MOD] if w else [None, None, b % MOD]
-            for (s, q), b, w in zip(floats_back, bits.cpu().tolist(), want)
+            [s, q, b % m] if w else [None, None, b % m]
+            for (s, q), b, w, m in zip(floats_back, bits.cpu().tolist(), want, mods)
         ]
 
 
@@ -204,7 +214,8 @@ def check(sent: dict[str, tuple[list[Any], int, str]], workers: list[dict[str, A
                 "the engine changed since); the next push takes them"
             )
             continue
-        bits = sum(sent[n][0][2] for n in names) % MOD
+        mod = bits_mod(sent[names[0]][2])
+        bits = sum(sent[n][0][2] for n in names) % mod
         expected = [*(sum(sent[n][0][i] for n in names) if all(floats) else None for i in (0, 1)), bits]
         numel = sum(sent[n][1] for n in names)
         row_sums = any(h["sums"][1] is None and h["sums"][0] is not None for h in held)
@@ -213,7 +224,7 @@ def check(sent: dict[str, tuple[list[Any], int, str]], workers: list[dict[str, A
         if all(h["numel"] >= numel for h in held):  # every worker holds all of it (replicated, maybe padded)
             copies = [h["sums"] for h in held]
         else:  # cut over workers (TP, EP): the parts add up
-            copies = [parts_sum(held, row_sums)]
+            copies = [parts_sum(held, row_sums, mod)]
         for got in copies:
             if disagreement(expected, numel, got, tol, exact):
                 problems.append(
@@ -229,14 +240,14 @@ def fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.9g}"
 
 
-def parts_sum(held: list[dict[str, Any]], row_sums: bool) -> list[Any]:
+def parts_sum(held: list[dict[str, Any]], row_sums: bool, mod: int) -> list[Any]:
     """[Σw, Σw², Σbits] of a parameter cut over workers: the parts' sums added (None where not summed)."""
 
     def add(i: int) -> Any:
         return None if any(h["sums"][i] is None for h in held) else sum(h["sums"][i] for h in held)
 
     bits = add(2)
-    return [add(0), None if row_sums else add(1), None if bits is None else bits % MOD]
+    return [add(0), None if row_sums else add(1), None if bits is None else bits % mod]
 
 
 def float_checked(engines: Iterable[list[dict[str, Any]]]) -> set[str]:

@@ -1,8 +1,9 @@
 """One vLLM OpenAI server as a child process (`engines.common.process.ServerProcess`: start, wait for health,
 stop with no orphan left behind); this file says only how vLLM is launched.
 
-The server is `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script is broken in the CPU
-dist), with dev mode on (the RL routes) and vime's guard in front of every route.
+The server is vLLM's `vllm.entrypoints.openai.api_server` (the `vllm` console script is broken in the CPU dist),
+run through `engines.vllm.serve_main` (its spawned engine core and workers then skip the API server's imports),
+with dev mode on (the RL routes) and vime's guard in front of every route.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from engines.common.process import (  # noqa: F401 - re-exported: the vLLM tests
     spawn,
     to_cli_flags,
 )
+
+# vLLM's api_server run from a module of vime's: its spawned engine core and workers skip the API server's imports
+SERVER_MODULE = "engines.vllm.serve_main"
 
 
 def vllm_version() -> tuple[int, int, int]:
@@ -57,7 +61,7 @@ class VLLMServer(ServerProcess):
         return [
             sys.executable,
             "-m",
-            "vllm.entrypoints.openai.api_server",
+            SERVER_MODULE,
             "--model",
             self.model_path,
             "--host",
