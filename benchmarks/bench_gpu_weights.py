@@ -255,6 +255,14 @@ def trainer_side(
         row["vime_verify_s"] = statistics.median(s["verify_s"] for s in stats)  # inside push_s (weights.verify)
         row["verify_share_of_push"] = row["vime_verify_s"] / row["vime_push_s"]
         row["vime_verify_engine_s"] = statistics.median(s["verify_engine_s"] for s in stats)  # the engines' side
+        trainer.connect_weights(  # the check's whole cost: the same pushes unverified
+            "engines.vllm.weight_channel:VLLMWeightChannel",
+            {"backend": backend, "bucket_mb": bucket_mb, "verify": False},
+            [url],
+        )
+        off = [trainer.push_weights(f"u{i}") for i in range(PUSHES + 1)][1:]
+        row["vime_push_unverified_s"] = statistics.median(s["push_s"] for s in off)
+        row["verify_cost_share"] = 1 - row["vime_push_unverified_s"] / row["vime_push_s"]
         ids, lp = engine_logprobs(url, version, prompt)
         (tlp,) = trainer.logprobs([Sample(prompt_ids=prompt, response_ids=ids, logprobs=lp)], 1.0)
         row["engine_vs_trainer_max_abs"] = max(abs(a - b) for a, b in zip(lp, tlp))

