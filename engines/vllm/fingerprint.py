@@ -152,8 +152,8 @@ def engine_sums(model: torch.nn.Module, names: list[str], dtypes: list[str] | No
     held = sorted({p for p in where.values() if p})
     sent_as: dict[str, set[str]] = defaultdict(set)
     for n, d in zip(names, dtypes or []):
-        if where[n]:
-            sent_as[where[n]].add(d)
+        if (p := where[n]) is not None:
+            sent_as[p].add(d)
     with torch.no_grad():
         values = [computed_with(model, p, params[p].detach()) for p in held]
         exact = [not rows and sent_as.get(p) == {dtype_name(v)} for p, (v, _, rows) in zip(held, values)]
