@@ -50,10 +50,10 @@ def _parts(t: torch.Tensor) -> list[torch.Tensor]:
 INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def bits_mod(dtype: str) -> int:
-    """The modulus of a dtype's bit sum: 2³² up to 4-byte elements (one changed element moves the sum by less
-    than 2³², so never by a multiple of it), 2⁶⁴ for 8-byte ones."""
-    return 1 << (64 if torch.empty((), dtype=getattr(torch, dtype)).element_size() == 8 else 32)
+def bits_mod(width: int) -> int:
+    """The modulus of the bit sum of `width`-byte elements: 2³² up to 4 bytes (one changed element moves the sum by
+    less than 2³², so never by a multiple of it), 2⁶⁴ for 8-byte ones."""
+    return 1 << (64 if width == 8 else 32)
 
 
 def bit_sum(t: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def tensor_sums(tensors: list[torch.Tensor], floats: list[bool] | None = None) -
             out[:, 1].index_add_(0, at, torch.cat(norms).double().square())
         bits = torch.stack([bit_sum(t) for t in tensors])
         floats_back = out.cpu().tolist() if sums else [[None, None]] * len(tensors)
-        mods = [bits_mod(dtype_name(t)) for t in tensors]
+        mods = [bits_mod(t.element_size()) for t in tensors]
         return [
             [s, q, b % m] if w else [None, None, b % m]
             for (s, q), b, w, m in zip(floats_back, bits.cpu().tolist(), want, mods)
@@ -214,7 +214,7 @@ def check(sent: dict[str, tuple[list[Any], int, str]], workers: list[dict[str, A
                 "the engine changed since); the next push takes them"
             )
             continue
-        mod = bits_mod(sent[names[0]][2])
+        mod = bits_mod(getattr(torch, sent[names[0]][2]).itemsize)
         bits = sum(sent[n][0][2] for n in names) % mod
         expected = [*(sum(sent[n][0][i] for n in names) if all(floats) else None for i in (0, 1)), bits]
         numel = sum(sent[n][1] for n in names)

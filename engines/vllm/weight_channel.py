@@ -26,7 +26,7 @@ import torch
 
 from engines.vllm.cpu_threads import one_thread
 from engines.vllm.delta import Base, encode
-from engines.vllm.fingerprint import check, float_checked, tensor_sums
+from engines.vllm.fingerprint import check, dtype_name, float_checked, tensor_sums
 from engines.vllm.server import vllm_version
 from vime.placement import free_port, listening_socket
 from vime.secret import auth_headers
@@ -52,7 +52,7 @@ def marked(buckets: Iterable[Bucket]) -> Iterator[tuple[Bucket, bool, bool]]:
 def bucket_meta(bucket: Bucket) -> dict[str, Any]:
     return {
         "names": [n for n, _ in bucket],
-        "dtype_names": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+        "dtype_names": [dtype_name(t) for _, t in bucket],
         "shapes": [list(t.shape) for _, t in bucket],
     }
 
@@ -210,7 +210,7 @@ class VLLMWeightChannel:
         t0 = time.perf_counter()
         floats = [self.float_names is None or n in self.float_names for n, _ in bucket]
         for (name, t), sums in zip(bucket, tensor_sums([t.detach() for _, t in bucket], floats)):
-            self.sent[name] = (sums, t.numel(), str(t.dtype).replace("torch.", ""))
+            self.sent[name] = (sums, t.numel(), dtype_name(t))
         self.sum_s += time.perf_counter() - t0
 
     def _delta_bucket(self, bucket: Bucket, meta: dict[str, Any]) -> tuple[dict[str, Any], Bucket]:
