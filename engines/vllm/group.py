@@ -13,6 +13,7 @@ from typing import Any, Self
 import httpx
 
 from engines.common.engine import ServedEngine
+from engines.common.process import log_tail
 from engines.common.servers import External, launch, launch_retrying, pick
 from engines.vllm.client import EngineRequestError, VLLMClient
 from engines.vllm.config import VLLMEngineConfig
@@ -98,7 +99,9 @@ class VLLMEngine(ServedEngine):
         async with self._router_lock:
             if epoch == self._router_epoch:
                 log.warning(
-                    "vllm-router lost its healthy servers from its table; restarting it (%s)", self.server.log_path
+                    "vllm-router lost its healthy servers from its table; restarting it (%s ends with:\n%s)",
+                    self.server.log_path,
+                    log_tail(self.server.log_path, 8),
                 )
                 await asyncio.to_thread(self.server.restart)
                 self._router_epoch += 1
