@@ -4,6 +4,7 @@
 #   smoke    imports, the 0.5b model, one vLLM start (fills the kernel caches)
 #   loop     one GPU: pytest -m gpu (SKIP_PYTEST=1: not), configs/grpo_gpu.yaml (+ report), trainer vs bare Megatron-core
 #   bench    one GPU: rollout vs bare vLLM, colocated weight update vs vLLM's IPC push ($SIZES, default 0.5b 1.5b 7b)
+#   weights  one GPU: the weight-update benchmark alone ($SIZES; a size's model is made on the GPU when missing)
 #   single   loop then bench on GPU 0 (a one-GPU machine)
 #   pair     loop on GPU 0 and bench on GPU 1 at the same time (a two-GPU machine: half the wall time)
 #   multi    two GPUs: $PARTS of tp (Megatron TP=2/DP=2), nccl (split-placement push), grpo_nccl
@@ -19,7 +20,7 @@
 # Results (JSON, PNG, logs) go to /tmp/results/PHASE and are re-packed into $OUT/PHASE.tgz after every part, so a
 # call cut off at its limit still returns what finished.
 set -uo pipefail
-phase=${1:?usage: device_run.sh smoke|loop|bench|single|pair|multi|async1|variants|sglang}
+phase=${1:?usage: device_run.sh smoke|loop|bench|weights|single|pair|multi|async1|variants|sglang}
 here=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 RAY_DEDUP_LOGS=0
@@ -85,6 +86,8 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
 " ;;
   loop) export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; model05; loop ;;
   bench) export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; model05; bench ;;
+  weights) export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+    step weights ${WEIGHTS_TIMEOUT:-560} $py benchmarks/bench_gpu_weights.py ${SIZES:-0.5b 1.5b 7b} ;;
   single) export CUDA_VISIBLE_DEVICES=0; model05; loop; bench ;;
   pair)  # two branches, each with its own GPU, Ray cluster (RAY_TMPDIR) and cleanup scope
     model05

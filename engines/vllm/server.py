@@ -47,7 +47,13 @@ class VLLMServer(ServerProcess):
 
     def launch_env(self) -> dict[str, str]:
         # dev mode serves the RL routes (pause, collective_rpc, sleep); the guard keeps them behind the secret
-        return {"VLLM_SERVER_DEV_MODE": "1"}
+        env = {"VLLM_SERVER_DEV_MODE": "1"}
+        if self.args.get("distributed_executor_backend") == "uni":
+            # vLLM's CPU platform silently turns `uni` into `mp` unless this is "0" (what vLLM's own uni executor
+            # asks for); the server's engine core then runs the model itself: one process and one vLLM import
+            # fewer per server, and no worker busy-spinning on its queue after every request
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        return env
 
     def command(self) -> list[str]:
         args = dict(self.args)
