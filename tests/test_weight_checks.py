@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_weights import CACHED, FRESH, buckets, engine_vs_hf, hf, new_weights
 
 from engines.vllm.weight_channel import VLLMWeightChannel
+from vime.secret import auth_headers
 from vime.types import SamplingParams
 from vime.weights import WeightPushError
 
@@ -30,8 +32,14 @@ def test_every_push_is_verified_and_a_corrupted_engine_tensor_is_named(qwen2_eng
     ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
     rogue = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60, "verify": False}, urls[:1])
     try:
-        stats = ch.push(buckets(sd), "ok")
+        bs = buckets(sd)
+        stats = ch.push(bs, "ok")
         assert stats["verify_s"] > 0 and sorted(ch.sent) == sorted(sd)
+        # one control call per bucket (`/vime/push`); the engines' own timeline of the push comes back with them
+        assert stats["control_calls"] == len(bs), stats
+        for phase in ("pause", "update", "reset_prefix_cache", "check", "resume"):
+            assert stats[f"phase/engine_{phase}_s"] > 0, stats
+        assert not any(sleeping(u) for u in urls)
         # one tensor changed on the first engine after the push, through the engine's own weight-transfer routes,
         # by a sender that does not verify: the engines still report the version, only the fingerprint sees it
         rogue.push([[(bad, sd[bad] * 1.01)]], "ok")
@@ -58,6 +66,7 @@ def test_every_push_is_verified_and_a_corrupted_engine_tensor_is_named(qwen2_eng
     finally:
         ch.close()
     assert all(f"{u}: engine parameter {bad!r}" in str(e.value) for u in urls), str(e.value)
+    assert all(sleeping(u) for u in urls)  # a push that failed its check never resumes the engines
     monkeypatch.undo()
 
     # a tensor the engine does not know is never silently dropped (vLLM 0.32 refuses it itself; where a model's
@@ -75,8 +84,16 @@ def test_every_push_is_verified_and_a_corrupted_engine_tensor_is_named(qwen2_eng
         ch.push(buckets(load_file(str(model_dir("qwen2") / "model.safetensors"))), "restored")
     finally:
         ch.close()
+    assert not any(sleeping(u) for u in urls)
     for eng in qwen2_engines.engines:
         assert engine_vs_hf(eng, hf(model_dir("qwen2")), FRESH)[0] < 1e-3
+
+
+def sleeping(url: str) -> bool:
+    """Whether the engine's scheduler is paused (vLLM's `/is_sleeping` covers the level-0 sleep a push pauses with)."""
+    r = httpx.get(url + "/is_sleeping", headers=auth_headers(), timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["is_sleeping"]
 
 
 def test_an_engine_one_small_step_behind_is_not_verified(qwen2_engines, model_dir):

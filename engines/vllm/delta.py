@@ -14,8 +14,11 @@ the weights in host memory on each side.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from engines.vllm.cpu_threads import one_thread
 
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 FULL = -1  # a tensor's entry in `counts` when it travels whole
@@ -123,3 +126,31 @@ class Base:
             held.copy_(t)
         else:
             self.tensors[name] = t.detach().to("cpu", copy=True).contiguous()
+
+
+def encode_bucket(
+    base: Base, bucket: list[tuple[str, torch.Tensor]], against: str | None, stats: dict[str, int]
+) -> tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]:
+    """The sender's side of one bucket: per tensor its changed elements against `base` (the whole tensor when
+    `against` is None: no version every engine holds), the update's extra fields and the wire; the tensors become
+    the next base, and `stats` counts elements, changed elements and full bytes."""
+    counts, checks, wire = [], [], []
+    with one_thread(all(t.device.type == "cpu" for _, t in bucket)):
+        for name, t in bucket:
+            enc = encode(t, base.tensors.get(name) if against is not None else None)
+            counts.append(enc.count)
+            checks.append(enc.check)
+            wire += [(name, p) for p in enc.payload]
+            stats["elements"] += t.numel()
+            stats["changed"] += enc.changed
+            stats["full_bytes"] += t.numel() * t.element_size()
+            base.keep(name, t)
+    return {"counts": counts, "checks": checks, "base": against, "keep": True}, wire
+
+
+def report(stats: dict[str, int], against: str | None) -> dict[str, float]:
+    return {
+        "delta": float(against is not None),  # 0: pushed in full (no base every engine holds)
+        "changed_frac": stats["changed"] / max(1, stats["elements"]),
+        "full_bytes": float(stats["full_bytes"]),
+    }

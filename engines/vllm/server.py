@@ -61,7 +61,7 @@ class VLLMServer(ServerProcess):
             args.setdefault("enable_scale_out", True)
         # --middleware is an append flag (one per import path); the guard comes last, so it runs first
         extra = args.pop("middleware", None) or []
-        middleware = [*([extra] if isinstance(extra, str) else extra)]
+        middleware = [*([extra] if isinstance(extra, str) else extra), "engines.vllm.push_route.PushRoute"]
         if self.guard:
             middleware.append("engines.vllm.guard.EngineGuard")
         return [

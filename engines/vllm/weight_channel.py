@@ -1,13 +1,15 @@
-"""The sender side of the weight-transfer channel, driving vLLM's RL routes over HTTP.
+"""The sender side of the weight-transfer channel, driving vLLM servers over HTTP.
 
-One control flow for every backend: pause (vLLM's level-0 sleep) → per bucket one `/collective_rpc vime_update`
-(vLLM's own worker start/update/finish of the weight-transfer session, with the backend's data plane: a gloo or
-NCCL broadcast, a CUDA-IPC staging buffer, a safetensors file; the last bucket also returns the engines' weight
-sums) → the version (vLLM >= 0.27) → prefix-cache reset → verify → resume. A push is latency-bound, so control
-round trips are what it costs: a one-bucket push makes four short ones, where the routes one by one made seven
-and `/pause` alone costs 20 ms. It runs in the process that holds the tensors (trainer
-rank 0, or a test's transformers model). Any failure raises `WeightPushError` and leaves the engines paused: they
-may hold half-updated weights and must be restarted and re-synced, never resumed.
+One control flow for every backend: per staging round (per bucket; one per push when the model fits the buffer)
+one `POST /vime/push` to every engine (`push_route.py`, in the engine's API server): pause on the first round,
+then vLLM's own worker start/update/finish of the weight-transfer session (`vime_update`) with the backend's data
+plane — a gloo or NCCL broadcast, a CUDA-IPC staging buffer, a safetensors file; on the last round also the
+version (vLLM >= 0.27), the prefix-cache reset, the check of the engine's weight sums against the sums sent along,
+and the resume. A push is latency-bound, so control round trips are what it costs: a one-bucket push is one
+round trip, where vLLM's routes one by one made seven and `/pause` alone costs 20 ms. It runs in the process
+that holds the tensors (trainer rank 0, or a test's transformers model). Any failure raises `WeightPushError`
+and leaves the engines paused: they may hold half-updated weights and must be restarted and re-synced, never
+resumed.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from typing import Any
 import httpx
 import torch
 
-from engines.vllm.cpu_threads import one_thread
-from engines.vllm.delta import Base, encode
+from engines.vllm import delta
+from engines.vllm.delta import Base
 from engines.vllm.fingerprint import check, dtype_name, float_checked, tensor_sums
+from engines.vllm.push_route import PATH as PUSH_PATH
 from engines.vllm.server import vllm_version
 from vime.placement import free_port, listening_socket
 from vime.secret import auth_headers
@@ -85,7 +88,8 @@ class VLLMWeightChannel:
         # names the engines check by float sums (a dtype change, row sums read back); None: not known yet (all).
         # The rest are checked by their exact bit sums alone, which is all either side then computes.
         self.float_names: set[str] | None = None
-        self.engine_sums: list[Any] | None = None  # every engine's answer to that
+        self.version = ""  # the version being pushed
+        self.calls = 0  # control calls (HTTP round trips to every engine) this push made
         self.timeline: dict[str, float] = {}  # seconds per control call of this push (summed over buckets)
         if self.cfg.delta and self.cfg.backend != "gloo":
             raise ValueError(
@@ -110,38 +114,74 @@ class VLLMWeightChannel:
         self, path: str, json: Any = None, params: dict[str, Any] | None = None, label: str | None = None
     ) -> list[Any]:
         t0 = time.perf_counter()
+        self.calls += 1
         futs = [self.pool.submit(self._post, u, path, json, params) for u in self.urls]
         out = [f.result(timeout=self.cfg.timeout_s) for f in futs]
         self._took(label or path.strip("/"), t0)
         return out
 
     def _took(self, phase: str, t0: float) -> None:
-        self.timeline[phase] = self.timeline.get(phase, 0.0) + time.perf_counter() - t0
+        self._took_s(phase, time.perf_counter() - t0)
 
-    def _update(self, meta: dict[str, Any], first: bool, last: bool) -> list[Future[Any]]:
-        """Every engine loads one bucket (`vime_update`: vLLM's start/update/finish in one round trip); the last
-        one also answers the sums that verify this push."""
+    def _took_s(self, phase: str, seconds: float) -> None:
+        self.timeline[phase] = self.timeline.get(phase, 0.0) + seconds
+
+    def _round(self, meta: dict[str, Any], tensors: Bucket, first: bool, last: bool, send: Any = None) -> None:
+        """One round on every engine: its `/vime/push` call, the backend's data plane (`send`) and the sender's sums
+        for `verify` — summed while the engines load, except on the last round, whose call carries them all."""
+        t0 = time.perf_counter()
+        if last:
+            self._record(tensors)
+        futs = self._step(meta, first, last)
+        if send is not None:
+            send()
+        if not last:
+            self._record(tensors)
+        self._landed(futs, last, t0)
+
+    def _step(self, meta: dict[str, Any], first: bool, last: bool) -> list[Future[Any]]:
+        self.calls += 1
         self.names += meta["names"]
         self.dtypes += meta["dtype_names"]
-        kwargs = {"update_info": meta, "start": first, "finish": last}
-        if last and self.cfg.verify:
-            kwargs |= {"sums": self.names, "sum_dtypes": self.dtypes}
-        body = {"method": "vime_update", "kwargs": kwargs}
-        return [self.pool.submit(self._post, u, "/collective_rpc", body) for u in self.urls]
+        update: dict[str, Any] = {"update_info": meta, "start": first, "finish": last}
+        step: dict[str, Any] = {"update": update, "pause": self.cfg.pause_mode if first else None, "last": last}
+        if last:
+            if self.cfg.verify:
+                update |= {"sums": self.names, "sum_dtypes": self.dtypes}
+                step["expect"] = self.sent
+            if self.new_finish_api:
+                step["version"] = self.version
+            if self.cfg.delta:  # once verified, what both sides kept is this version's base
+                step["commit"] = self.version
+        return [self.pool.submit(self._post, u, PUSH_PATH, {**step, "label": u}) for u in self.urls]
 
     def _landed(self, futs: list[Future[Any]], last: bool, t0: float) -> None:
         try:
             answers = [f.result(timeout=self.cfg.timeout_s) for f in futs]
         except WeightPushError as e:
-            if "vime_update" in str(e):  # a server started without vime's worker extension
+            if "vime_update" in str(e) or " 404" in str(e):  # a server started without vime's extension or route
                 raise WeightPushError(
-                    f"{e} — vime's weight channel needs its worker extension on every vLLM server "
-                    "(--worker-extension-cls engines.vllm.worker_ext.VimeWorkerExtension; vime-started servers have it)"
+                    f"{e} — vime's weight channel needs its worker extension and push route on every vLLM server "
+                    "(--worker-extension-cls engines.vllm.worker_ext.VimeWorkerExtension --middleware "
+                    "engines.vllm.push_route.PushRoute; vime-started servers have both)"
                 ) from e
             raise
-        if last and self.cfg.verify:
-            self.engine_sums = answers
-        self._took("update", t0)
+        self._took("round", t0)
+        for k in {k for a in answers for k in a["phases"]}:  # the engines work side by side: the slowest counts
+            self._took_s(f"engine_{k}", max(a["phases"].get(k, 0.0) for a in answers))
+        if last:
+            self._finished(answers)
+
+    def _finished(self, answers: list[dict[str, Any]]) -> None:
+        problems = [p for a in answers for p in a["problems"]]
+        if self.cfg.verify:
+            sums = [w for a in answers for w in a["results"] if w]
+            self.engine_sum_s = max((w.get("sum_s", 0.0) for w in sums), default=0.0)
+            self.float_names = None if problems else float_checked(a["results"] for a in answers)
+        self._fail_if(problems)
+        if self.new_finish_api and any(a.get("weight_version") != self.version for a in answers):
+            got = [a.get("weight_version") for a in answers]
+            raise WeightPushError(f"engines report weight versions {got} after pushing {self.version!r}")
 
     def connect(self) -> None:
         backend = self.cfg.backend
@@ -213,22 +253,6 @@ class VLLMWeightChannel:
             self.sent[name] = (sums, t.numel(), dtype_name(t))
         self.sum_s += time.perf_counter() - t0
 
-    def _delta_bucket(self, bucket: Bucket, meta: dict[str, Any]) -> tuple[dict[str, Any], Bucket]:
-        """What a delta push sends for one bucket: per tensor its changed elements against the base the engines
-        hold (or the whole tensor), and the tensors become the next base."""
-        counts, checks, wire = [], [], []
-        with one_thread(all(t.device.type == "cpu" for _, t in bucket)):
-            for name, t in bucket:
-                enc = encode(t, self.base.tensors.get(name) if self.against is not None else None)
-                counts.append(enc.count)
-                checks.append(enc.check)
-                wire += [(name, p) for p in enc.payload]
-                self.delta_stats["elements"] += t.numel()
-                self.delta_stats["changed"] += enc.changed
-                self.delta_stats["full_bytes"] += t.numel() * t.element_size()
-                self.base.keep(name, t)
-        return {**meta, "counts": counts, "checks": checks, "base": self.against, "keep": True}, wire
-
     def _delta_base(self) -> str | None:
         """The version a delta can be against: the one this side last pushed, if every engine worker holds it."""
         if self.base.version is None:
@@ -240,43 +264,40 @@ class VLLMWeightChannel:
     def _send_bucket(self, bucket: Bucket, first: bool, last: bool) -> int:
         if self.cfg.backend == "ipc":  # describes each round itself (a bucket may not fit the buffer at once)
             return self._send_ipc(bucket, first, last)
-        t0 = time.perf_counter()
         meta = bucket_meta(bucket)
         wire = bucket
         if self.cfg.delta:
-            meta, wire = self._delta_bucket(bucket, meta)
-        if self.cfg.backend in ("gloo", "nccl"):  # engines block in the update until the broadcast lands
-            futs = self._update({**meta, "packed": True} if self.cfg.backend == "nccl" else meta, first, last)
-            nbytes = sum(t.numel() * t.element_size() for _, t in wire)
-            if self.cfg.backend == "gloo":
-                from engines.vllm.worker_ext import GlooWeightTransferEngine
+            extra, wire = delta.encode_bucket(self.base, bucket, self.against, self.delta_stats)
+            meta |= extra
+        if self.cfg.backend == "gloo":  # engines block in the update until the broadcast lands
+            from engines.vllm.worker_ext import GlooWeightTransferEngine
 
-                GlooWeightTransferEngine.trainer_send_weights(iter(wire), {"group": self.pg})
-            else:
-                from vllm.distributed.weight_transfer.nccl_engine import (
-                    NCCLTrainerSendWeightsArgs,
-                    NCCLWeightTransferEngine,
-                )
-
-                NCCLWeightTransferEngine.trainer_send_weights(
-                    iter([(n, t.detach().contiguous()) for n, t in bucket]),
-                    NCCLTrainerSendWeightsArgs(group=self.pg, packed=True),
-                )
-                torch.cuda.synchronize()
-            self._record(bucket)
-            self._landed(futs, last, t0)
-            return nbytes
+            send = {"group": self.pg}
+            self._round(
+                meta, bucket, first, last, lambda: GlooWeightTransferEngine.trainer_send_weights(iter(wire), send)
+            )
+            return sum(t.numel() * t.element_size() for _, t in wire)
+        if self.cfg.backend == "nccl":
+            self._round({**meta, "packed": True}, bucket, first, last, lambda: self._send_nccl(bucket))
+            return sum(t.numel() * t.element_size() for _, t in bucket)
         from engines.vllm.worker_ext import DiskWeightTransferEngine
 
         path = os.path.join(self.cfg.disk_dir, f"vime-{uuid.uuid4().hex}.safetensors")
         DiskWeightTransferEngine.trainer_send_weights(iter(bucket), {"path": path})
         try:
-            futs = self._update({**meta, "path": path}, first, last)
-            self._record(bucket)
-            self._landed(futs, last, t0)
+            self._round({**meta, "path": path}, bucket, first, last)
             return os.path.getsize(path)
         finally:
             os.unlink(path)
+
+    def _send_nccl(self, bucket: Bucket) -> None:
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerSendWeightsArgs, NCCLWeightTransferEngine
+
+        NCCLWeightTransferEngine.trainer_send_weights(
+            iter([(n, t.detach().contiguous()) for n, t in bucket]),
+            NCCLTrainerSendWeightsArgs(group=self.pg, packed=True),
+        )
+        torch.cuda.synchronize()
 
     def _send_ipc(self, bucket: Bucket, first: bool, last: bool) -> int:
         """Copy tensors into the staging buffer (device to device) and have the engines load views of it;
@@ -295,10 +316,7 @@ class VLLMWeightChannel:
             if part and (t is None or off + nbytes > cap):
                 torch.cuda.synchronize()
                 self._took("copy", t0)
-                t0, final = time.perf_counter(), last and t is None
-                futs = self._update(bucket_meta(part), first, final)
-                self._record(part)  # summed on the GPU while the engines load the round
-                self._landed(futs, final, t0)
+                self._round(bucket_meta(part), part, first, last and t is None)
                 sent, off, part, first, t0 = sent + off, 0, [], False, time.perf_counter()
             if t is not None:
                 self.staging[off : off + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
@@ -310,85 +328,54 @@ class VLLMWeightChannel:
         if not self.connected:
             self.connect()
         t0 = time.perf_counter()
-        nbytes, self.sent, self.sum_s, self.engine_sums, self.timeline = 0, {}, 0.0, None, {}
-        self.names, self.dtypes = [], []
+        nbytes, self.sent, self.sum_s, self.engine_sum_s, self.timeline = 0, {}, 0.0, 0.0, {}
+        self.names, self.dtypes, self.version, self.calls = [], [], version, 0
         self.delta_stats = dict.fromkeys(self.delta_stats, 0)
         try:
-            # vLLM's level-0 sleep is its pause without the 20 ms asyncio.sleep `/pause` ends with (and without its
-            # cache clearing, done below once the weights are in); `/wake_up?tags=scheduling` is its resume
-            self._all("/sleep", params={"level": 0, "mode": self.cfg.pause_mode}, label="pause")
-            t_pause = time.perf_counter()
             if self.cfg.delta:
                 self.against, self.base.version = self._delta_base(), None  # the base changes as buckets go
-            for bucket, first, last in marked(buckets):
+            for bucket, first, last in marked(b for b in buckets if b):  # the last round must carry the finish
                 nbytes += self._send_bucket(bucket, first, last)
             if not self.names:
                 raise WeightPushError(f"weight push of version {version!r} has no tensors")
-            if self.new_finish_api:  # vLLM >= 0.27 keeps the version in the engine (0.26: the client does)
-                self._all("/update_weight_version", {"new_version": version})
-            self._reset_prefix_cache()
-            t_sent = time.perf_counter()
-            if self.cfg.verify:
-                self.verify(version, self.engine_sums)
-            t_verified = time.perf_counter()
-            if self.new_finish_api:
-                got = [self.http.get(u + "/weight_info").json()["weight_version"] for u in self.urls]
-                if any(v != version for v in got):
-                    raise WeightPushError(f"engines report weight versions {got} after pushing {version!r}")
-            if self.cfg.delta:  # verified: what both sides kept is this version's base
-                self._all("/collective_rpc", {"method": "vime_delta_commit", "kwargs": {"version": version}})
+            if self.cfg.delta:
                 self.base.version = version
         except WeightPushError:
             raise
         except Exception as e:  # a broken broadcast, a timeout, a dead engine
             raise WeightPushError(f"weight push of version {version!r} failed: {type(e).__name__}: {e}") from e
-        self._all("/wake_up", params={"tags": "scheduling"}, label="resume")
-        t1 = time.perf_counter()
+        push_s = time.perf_counter() - t0
+        tl = self.timeline
+        control = sum(tl.get(f"engine_{k}", 0.0) for k in ("pause", "check", "commit", "resume"))
+        verify_engine = self.engine_sum_s + tl.get("engine_check", 0.0)
         return {
-            **{f"phase/{k}_s": v for k, v in self.timeline.items()},
-            "push_s": t1 - t0,
-            "pause_s": t_pause - t0,
-            "transfer_s": t_sent - t_pause,
-            "verify_s": t_verified - t_sent + self.sum_s,  # the sender's sums too, overlapped with the loads
-            "verify_engine_s": t_verified - t_sent,
+            **{f"phase/{k}_s": v for k, v in tl.items()},
+            "push_s": push_s,
+            "pause_s": tl.get("engine_pause", 0.0),
+            "transfer_s": push_s - control,  # the rounds, less what the engines spent pausing, checking, resuming
+            "verify_s": verify_engine + self.sum_s,  # the sender's sums too (overlapped with the loads but the last)
+            "verify_engine_s": verify_engine,
             "bytes": float(nbytes),
-            "mb_per_s": nbytes / 1e6 / max(1e-9, t_sent - t_pause),
-        } | self._delta_report()
+            "control_calls": float(self.calls),
+            "mb_per_s": nbytes / 1e6 / max(1e-9, push_s - control),
+        } | (delta.report(self.delta_stats, self.against) if self.cfg.delta else {})
 
-    def _delta_report(self) -> dict[str, float]:
-        if not self.cfg.delta:
-            return {}
-        d = self.delta_stats
-        return {
-            "delta": float(self.against is not None),  # 0: pushed in full (no base every engine holds)
-            "changed_frac": d["changed"] / max(1, d["elements"]),
-            "full_bytes": float(d["full_bytes"]),
-        }
-
-    def _reset_prefix_cache(self) -> None:
-        """No KV computed with the old weights may be reused. Frozen requests (keep mode) hold their KV blocks, and
-        a plain reset fails while any block is held (vLLM answers success=false) and leaves every cached prefix
-        hittable, so the frozen requests are preempted too: they recompute their context with the new weights
-        when they resume (their sampled tokens stay, tagged with the old version). The level-0 sleep that pauses
-        clears nothing (vLLM 0.26 and 0.32 alike)."""
-        answers = self._all("/reset_prefix_cache", params={"reset_running_requests": "true"})
-        failed = [u for u, a in zip(self.urls, answers) if not (a or {}).get("success", False)]
-        if failed:
-            raise WeightPushError(
-                f"prefix cache of {failed} not reset after the push: new requests could reuse KV of the old weights"
-            )
-
-    def verify(self, version: str, answers: list[Any] | None = None) -> None:
-        """Every engine's parameters against what this push sent (`answers`: the sums the engines returned with
-        the last bucket; asked again when absent); engines that disagree stay paused."""
-        if answers is None:
-            kwargs = {"names": list(self.sent), "dtypes": [d for _, _, d in self.sent.values()]}
-            answers = self._all("/collective_rpc", {"method": "vime_weight_sums", "kwargs": kwargs})
+    def verify(self, version: str) -> None:
+        """Every engine's parameters against what the last push sent, asked again (a push checks itself; this
+        checks later that nothing changed an engine since); engines that disagree stay as they are."""
+        kwargs = {"names": list(self.sent), "dtypes": [d for _, _, d in self.sent.values()]}
+        answers = self._all("/collective_rpc", {"method": "vime_weight_sums", "kwargs": kwargs})
         problems = [p for url, a in zip(self.urls, answers) for p in check(self.sent, a["results"], url)]
         self.float_names = None if problems else float_checked(a["results"] for a in answers)
+        self.version = version
+        self._fail_if(problems)
+
+    def _fail_if(self, problems: list[str]) -> None:
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise WeightPushError(f"weight push of version {version!r} not verified: " + "; ".join(problems[:5]) + more)
+            raise WeightPushError(
+                f"weight push of version {self.version!r} not verified: " + "; ".join(problems[:5]) + more
+            )
 
     def close(self) -> None:
         self.float_names = None

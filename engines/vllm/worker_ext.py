@@ -17,6 +17,7 @@ the reload never rebuilds: the tied lm_head and MoE experts (without it log-prob
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -272,16 +273,19 @@ class VimeWorkerExtension:
         sums: list[str] | None = None,
         sum_dtypes: list[str] | None = None,
     ) -> dict[str, Any] | None:
-        """One bucket of a push in one control round trip instead of up to four: the worker's own start / update /
-        finish of vLLM's weight-transfer session (what the RL routes call one by one), and after the last bucket
-        the sums `verify` checks. A push is latency-bound (~15 ms a round trip through API server, EngineCore
-        and worker); the data plane is unchanged."""
+        """One round of a push (`push_route.py` calls it): the worker's own start / update / finish of vLLM's
+        weight-transfer session (what the RL routes call one by one), and after the last round the sums the
+        push is checked by, with the seconds they took."""
         if start:
             self.start_weight_update()
         self.update_weights(update_info)
         if finish:
             self.finish_weight_update()
-        return None if sums is None else self.vime_weight_sums(sums, sum_dtypes)
+        if sums is None:
+            return None
+        t = time.perf_counter()
+        answer = self.vime_weight_sums(sums, sum_dtypes)
+        return answer | {"sum_s": time.perf_counter() - t}
 
     def vime_routes_on(self) -> bool:
         """Start recording the experts every token is routed to (idempotent; per server process)."""
