@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import exit_on_sigterm, write
+from benchmarks.common import card_slug, exit_on_sigterm, write
 
 PUSHES = 5
 MODELS = Path(os.environ.get("VIME_MODELS", "models"))
@@ -275,24 +275,34 @@ def trainer_side(
         trainer.shutdown()
 
 
-def plot(rows: list[dict], out: Path, card: str) -> None:
+def plot(rows: list[dict], out: Path, card: str, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [1000 * r["vllm_ipc_s"] for r in rows], 0.4, label="vLLM IPC push (HF model)")
-    ax.bar([i + 0.2 for i in x], [1000 * r["vime_push_s"] for r in rows], 0.4, label="vime push (Megatron, ipc)")
-    for i, r in enumerate(rows):
-        ax.text(i + 0.2, 1000 * r["vime_push_s"], f"{r['vime_over_vllm']:.2f}x", ha="center", va="bottom", fontsize=8)
+    bars = [
+        ("vllm_ipc_s", "vLLM IPC push (HF model)"),
+        ("vime_push_s", "vime push, verified (Megatron, ipc)"),
+        ("vime_push_unverified_s", "vime push, unverified"),
+    ]
+    w = 0.8 / len(bars)
+    for j, (key, label) in enumerate(bars):
+        xs = [i + (j - 1) * w for i in x]
+        ax.bar(xs, [1000 * r.get(key, 0.0) for r in rows], w, label=label)
+        if key != "vllm_ipc_s":
+            for xi, r in zip(xs, rows):
+                if key in r:
+                    ratio = r[key] / r["vllm_ipc_s"]
+                    ax.text(xi, 1000 * r[key], f"{ratio:.2f}x", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(x), [r["size"] for r in rows])
     ax.set_ylabel("ms per weight update")
     ax.set_title(f"colocated weight update, {card}", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "gpu_weights.png", dpi=110)
+    fig.savefig(out / f"{name}.png", dpi=110)
     plt.close(fig)
 
 
@@ -305,6 +315,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sizes = sys.argv[1:] or ["0.5b", "1.5b", "7b"]
     card = torch.cuda.get_device_name(0)
+    name = os.environ.get("VIME_BENCH_NAME", f"gpu_weights_{card_slug()}")
     ceiling = copy_gbps()
     print(f"{card}: device copy {ceiling:.0f} GB/s (read+write)", flush=True)
     ensure_ray()
@@ -322,10 +333,10 @@ def main() -> None:
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if not k.endswith("_all")},
             flush=True,
         )
-        write("gpu_weights", {"card": card, "copy_gb_per_s": ceiling, "pushes": PUSHES, "rows": rows}, out)
+        write(name, {"card": card, "copy_gb_per_s": ceiling, "pushes": PUSHES, "rows": rows}, out)
     good = [r for r in rows if "vime_push_s" in r]
     if good:
-        plot(good, out, card)
+        plot(good, out, card, name)
 
 
 if __name__ == "__main__":

