@@ -195,6 +195,7 @@ def test_router_is_no_way_around_the_engine_guard(pd, model_dir):
         ("/pause", None),
         ("/sleep", None),
         ("/collective_rpc", {"method": "vime_refresh_tied_lm_head"}),
+        ("/vime/push", {"update": {}, "pause": "abort"}),
         ("/start_weight_update", None),
         ("/init_weight_transfer_engine", {"init_info": {}}),
     ]:

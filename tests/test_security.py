@@ -18,6 +18,7 @@ ADMIN = [
     ("POST", "/pause", None),
     ("POST", "/sleep", None),
     ("POST", "/collective_rpc", {"method": "vime_refresh_tied_lm_head"}),
+    ("POST", "/vime/push", {"update": {}, "pause": "abort"}),  # vime's own push route pauses and loads too
     ("POST", "/init_weight_transfer_engine", {"init_info": {}}),
     ("POST", "/start_weight_update", None),
     ("POST", "/reset_prefix_cache", None),

@@ -382,3 +382,12 @@ def test_keep_mode_push_leaves_no_old_kv_for_new_requests(qwen2_engines, model_d
     assert len(c.token_ids) == 1700, c.finish_reason
     assert {"keep-v1"} < set(c.weight_versions), "the long request did not span the push"
     assert worst < 1e-3, f"a new request after the push differs from the new weights by {worst}: old-weight KV reused"
+
+
+def test_push_route_names_a_bad_field_and_leaves_the_engine_running(qwen2_engines):
+    """`/vime/push` checks its body before it touches the engine: a bad field is a 422 naming it, nothing paused."""
+    url = qwen2_engines.urls()[0]
+    for body, field in (({"update": {}, "pause": "sideways"}, "pause"), ({"update": {}, "sums": []}, "sums")):
+        r = httpx.post(url + "/vime/push", json=body, headers=auth_headers(), timeout=30)
+        assert r.status_code == 422 and field in r.json()["error"], r.text
+    assert not sleeping(url)
