@@ -30,6 +30,33 @@ def run_processes(marker: str) -> list[str]:
     return out
 
 
+FINALIZER_SIGTERM = """
+import os, signal, sys, time
+from vime import cli
+cli._sigterm_to_exit()
+class Loop:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs inside this finalizer
+        sum(range(10_000))
+try:
+    Loop()
+    time.sleep(10)
+except SystemExit as e:
+    print("exit", e.code, flush=True)
+    raise
+print("survived the SIGTERM", flush=True)
+"""
+
+
+def test_a_sigterm_that_lands_in_a_finalizer_still_stops_the_run():
+    """Seen in a full run: the SIGTERM handler ran inside an asyncio loop's `__del__`, whose exception Python drops,
+    and the run trained on for two minutes. The handler delivers the signal again after the finalizer."""
+    r = subprocess.run(
+        [sys.executable, "-c", FINALIZER_SIGTERM], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 143 and "exit 143" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
 def test_sigterm_mid_training_exits_143_with_nothing_left(repo_root, model_dir, tmp_path):
     marker = f"sigterm-test-{os.getpid()}"
     log = tmp_path / "train.log"

@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import signal
 import sys
 import threading
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -83,9 +85,22 @@ def _parser() -> argparse.ArgumentParser:
 _terminated = threading.Event()
 
 
-def _on_sigterm(*_: object) -> None:
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     _terminated.set()
+    if _in_finalizer(frame):
+        # an exception raised in a finalizer is printed and dropped: an asyncio loop's `__del__` once took the
+        # SIGTERM this way and the run trained on. Deliver it again once the finalizer is over.
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
     sys.exit(143)
+
+
+def _in_finalizer(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _sigterm_to_exit() -> None:
@@ -96,8 +111,6 @@ def _sigterm_to_exit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     if os.getcwd() not in sys.path:  # plug-ins like `examples.x:fn` resolve from where vime is run, as with -m
         sys.path.insert(0, os.getcwd())
     argv = list(sys.argv[1:] if argv is None else argv)
