@@ -352,6 +352,50 @@ def test_a_parameter_held_in_the_dtype_it_was_sent_in_is_checked_by_its_bit_sums
     assert engine_sums(model, names)["params"]["0.bias"]["sums"][0] is not None  # no dtypes said: all sums
 
 
+def test_bit_sums_of_2_byte_weights_are_word_sums_that_add_up_and_see_every_element():
+    """bf16 bit sums read 4-byte words (two elements) for speed: the definition is pinned against numpy, a one-ulp
+    change at an even or odd position shows, fused even pieces add up exactly, and a piece of odd length (whose
+    pairs would shift its neighbours') is checked by float sums on both sides instead of failing a good push."""
+    import numpy as np
+
+    from engines.vllm.fingerprint import bit_sum, check, engine_sums, tensor_sums
+
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(7, 5, generator=g).bfloat16()  # 35 elements: 17 words and a lone element
+    raw = t.view(torch.int16).reshape(-1).numpy().astype(np.int64)
+    words = raw[:34:2] & 0xFFFF | raw[1:34:2] << 16  # little-endian pairs as unsigned 32-bit words
+    want = (int(words.sum()) + int(raw[34])) % 2**32
+    assert int(bit_sum(t)) % 2**32 == want
+    assert int(bit_sum(t[1:].reshape(-1)[1:])) % 2**32 == int(bit_sum(t[1:].reshape(-1)[1:].clone())) % 2**32
+    for i in (10, 11, 34):  # low half, high half, the lone element
+        nudged = t.clone().view(-1)
+        nudged.view(torch.int16)[i] += 1  # one bf16 ulp
+        assert int(bit_sum(nudged)) % 2**32 != want, i
+
+    class Fused(torch.nn.Module):
+        packed_modules_mapping = {"qk": ["q", "k"], "uv": ["u", "v"]}  # as vLLM models declare their fused loads
+
+    q, k = torch.randn(6, 4, generator=g).bfloat16(), torch.randn(2, 4, generator=g).bfloat16()
+    u, v = torch.randn(3, 3, generator=g).bfloat16(), torch.randn(1, 3, generator=g).bfloat16()  # u: odd length
+    model, layer = Fused(), torch.nn.Module()
+    model.layer, layer.qk, layer.uv = layer, torch.nn.Linear(4, 8, bias=False), torch.nn.Linear(3, 4, bias=False)
+    layer.qk.weight.data, layer.uv.weight.data = torch.cat([q, k]), torch.cat([u, v])
+    names = [f"layer.{n}.weight" for n in "qkuv"]
+    dtypes = ["bfloat16", "bfloat16", None, None]  # the sender's mark (`pairs_split`): check u and v by float sums
+    floats = [False, False, True, True]
+    sent = {n: (s, t.numel(), "bfloat16") for n, t, s in zip(names, (q, k, u, v), tensor_sums([q, k, u, v], floats))}
+    got = engine_sums(model, names, dtypes)
+    assert got["params"]["layer.qk.weight"]["sums"][:2] == [None, None], got  # even pieces in their dtype: bits
+    assert got["params"]["layer.uv.weight"]["sums"][0] is not None, got  # odd pieces: float sums
+    assert check(sent, [got], "e") == []
+    (bad,) = check(sent, [engine_sums(model, names, ["bfloat16"] * 4)], "e")  # unmarked: u's pairs shift v's
+    assert "'layer.uv.weight'" in bad
+    with torch.no_grad():
+        layer.qk.weight.view(-1).view(torch.int16)[13] += 1
+    (bad,) = check(sent, [engine_sums(model, names, dtypes)], "e")
+    assert "'layer.qk.weight'" in bad and "Σbits" in bad
+
+
 def test_keep_mode_push_leaves_no_old_kv_for_new_requests(qwen2_engines, model_dir):
     """weights.pause_mode keep freezes in-flight requests, so their KV blocks stay held, and vLLM's plain prefix-cache
     reset fails while blocks are held (it answers success=false): a new request with the same prompt then reused the

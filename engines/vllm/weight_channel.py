@@ -15,6 +15,7 @@ resumed.
 from __future__ import annotations
 
 import base64
+import math
 import os
 import pickle
 import time
@@ -28,7 +29,7 @@ import torch
 
 from engines.vllm import delta
 from engines.vllm.delta import Base
-from engines.vllm.fingerprint import check, dtype_name, float_checked, tensor_sums
+from engines.vllm.fingerprint import check, dtype_name, float_checked, pairs_split, tensor_sums
 from engines.vllm.push_route import PATH as PUSH_PATH
 from engines.vllm.server import vllm_version
 from vime.placement import free_port, listening_socket
@@ -84,7 +85,7 @@ class VLLMWeightChannel:
         self.sent: dict[str, tuple[list[float], int, str]] = {}  # this push's tensors: sums, numel, dtype
         self.sum_s = 0.0  # time spent summing them
         self.names: list[str] = []  # this push's tensor names so far (the last bucket asks the engines' sums)
-        self.dtypes: list[str] = []  # and the dtypes they were sent as
+        self.dtypes: list[str | None] = []  # and the dtypes they were sent as (None: check by float sums)
         # names the engines check by float sums (a dtype change, row sums read back); None: not known yet (all).
         # The rest are checked by their exact bit sums alone, which is all either side then computes.
         self.float_names: set[str] | None = None
@@ -142,7 +143,11 @@ class VLLMWeightChannel:
     def _step(self, meta: dict[str, Any], first: bool, last: bool) -> list[Future[Any]]:
         self.calls += 1
         self.names += meta["names"]
-        self.dtypes += meta["dtype_names"]
+        # a piece whose bit sum does not add up with its neighbours' is checked by float sums (`pairs_split`)
+        self.dtypes += [
+            None if pairs_split(getattr(torch, d).itemsize, math.prod(shape)) else d
+            for d, shape in zip(meta["dtype_names"], meta["shapes"])
+        ]
         update: dict[str, Any] = {"update_info": meta, "start": first, "finish": last}
         step: dict[str, Any] = {"update": update, "pause": self.cfg.pause_mode if first else None, "last": last}
         if last:

@@ -271,7 +271,7 @@ class VimeWorkerExtension:
         start: bool,
         finish: bool,
         sums: list[str] | None = None,
-        sum_dtypes: list[str] | None = None,
+        sum_dtypes: list[str | None] | None = None,
     ) -> dict[str, Any] | None:
         """One round of a push (`push_route.py` calls it): the worker's own start / update / finish of vLLM's
         weight-transfer session (what the RL routes call one by one), and after the last round the sums the
@@ -303,7 +303,7 @@ class VimeWorkerExtension:
     def vime_refresh_tied_lm_head(self) -> int:
         return refresh_tied_lm_head(self.model_runner.get_model())
 
-    def vime_weight_sums(self, names: list[str], dtypes: list[str] | None = None) -> dict[str, Any]:
+    def vime_weight_sums(self, names: list[str], dtypes: list[str | None] | None = None) -> dict[str, Any]:
         """Where each pushed tensor landed and the sums of those parameters (`fingerprint.py`: every push is
         checked against what the sender sent; `dtypes`, what each was sent as, spares the float sums)."""
         from engines.vllm.fingerprint import engine_sums
