@@ -121,7 +121,7 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
       cp /tmp/runs/async/$m/metrics.jsonl "$VIME_BENCH_OUT/async_run_${m}_metrics.jsonl"; done 2>/dev/null ;;
   sglang)
     export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} VIME_SGLANG_PYTHONPATH=${VIME_SGLANG_PYTHONPATH:-/tmp/site_sgl}
-    model05
+    [ "${PARTS:-}" = moe_r3 ] || model05
     for part in ${PARTS:-suite serve grpo}; do
       case $part in
         suite) step suite 420 $py -m pytest -q -x -m gpu tests/test_engine_suite.py -k gpu -p no:cacheprovider ;;
@@ -130,14 +130,17 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
             --engines ${ENGINES:-vllm sglang}
           cp /tmp/runs/engines_*/metrics.jsonl "$VIME_BENCH_OUT/" 2>/dev/null ;;
         moe_r3)  # routing replay on and off on a random 0.5B-shaped $MOE_ARCH (qwen3_moe, glm4_moe, deepseek_v3)
-          arch=${MOE_ARCH:-qwen3_moe}; m=$VIME_MODELS/${arch//_/-}-0.5b; name=()
-          [ "$arch" = qwen3_moe ] || name=(--name "$arch")
+          arch=${MOE_ARCH:-qwen3_moe}; m=$VIME_MODELS/${arch//_/-}-0.5b
+          recipe=${MOE_RECIPE:-configs/grpo_moe_gpu.yaml}; env=()  # an SGLang server needs its own site first
+          label=$arch; [[ $recipe == *sglang* ]] || label=${arch}_vllm  # moe_r3_<card>[_<label>].json
+          name=(); [ "$label" = qwen3_moe ] || name=(--name "$label")
           [ -f $m/config.json ] || $py -m vime.cli make-model --arch $arch --size 0.5b --dtype bfloat16 --device cuda \
             --out $m
-          recipe=${MOE_RECIPE:-configs/grpo_moe_gpu.yaml}; env=()  # an SGLang server needs its own site first
           [[ $recipe == *sglang* ]] && env=(--set "engine.env.PYTHONPATH=$VIME_SGLANG_PYTHONPATH:$PWD")
           step moe_r3_$arch ${MOE_TIMEOUT:-540} $py benchmarks/moe_r3.py --gpu --recipe $recipe --steps ${MOE_STEPS:-10} \
-            --sft-steps ${MOE_SFT:-20} --out /tmp/runs/moe_r3_$arch --set model.path=$m "${name[@]}" "${env[@]}" ;;
+            --sft-steps ${MOE_SFT:-20} --out /tmp/runs/moe_r3_$arch --set model.path=$m "${name[@]}" "${env[@]}"
+          (cd /tmp/runs && find moe_r3_$arch \( -name '*.log' -o -name '*.jsonl' \) -print0 |
+            tar --null -czf "$VIME_BENCH_OUT/moe_r3_${arch}_logs.tgz" -T -); pack ;;
       esac
     done
     [ -f "$VIME_BENCH_OUT/engines_serve.json" ] && [ -f "$VIME_BENCH_OUT/engines_grpo.json" ] &&
