@@ -8,6 +8,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import hf_response_logprobs, make_samples, start_engines
@@ -37,7 +38,8 @@ def test_route_merge_takes_prompt_routes_from_the_prefill_server_and_refuses_gap
         "1_cmpl-vime-1-0-def": {"positions": [2], "experts": [[[6, 7]]]},
     }
     a, b = merge([prefill, decode], 2, [4, 3])
-    assert a == [[[0, 1]], [[2, 3]], [[6, 7]], [[1, 2]]] and b == [[[0, 1]], [[2, 3]], [[6, 7]]]
+    assert a.dtype == b.dtype == np.int16  # vime.types.Routes
+    assert a.tolist() == [[[0, 1]], [[2, 3]], [[6, 7]], [[1, 2]]] and b.tolist() == [[[0, 1]], [[2, 3]], [[6, 7]]]
     with pytest.raises(RoutesError, match=r"child 0: no routes for 2 of 4 positions .*enable_prefix_caching"):
         merge([decode], 2, [4, 3])
 

@@ -122,7 +122,7 @@ def test_routing_replay_routes_span_both_servers_and_equal_transformers(pd, mode
     for s in samples:
         tokens = s.prompt_ids + s.response_ids
         ref = hf_topk(model, tokens)[: len(tokens) - 1]
-        got = [[set(ks) for ks in pos] for pos in s.routed_experts or []]
+        got = [[set(ks) for ks in pos] for pos in (s.routed_experts if s.routed_experts is not None else [])]
         wrong = [(t, got[t], ref[t]) for t in range(len(ref)) if t >= len(got) or got[t] != ref[t]]
         assert len(got) == len(ref) and not wrong, (len(got), len(ref), wrong[:3])
 

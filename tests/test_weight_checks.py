@@ -356,6 +356,8 @@ def test_bit_sums_of_2_byte_weights_are_word_sums_that_add_up_and_see_every_elem
     """bf16 bit sums read 4-byte words (two elements) for speed: the definition is pinned against numpy, a one-ulp
     change at an even or odd position shows, fused even pieces add up exactly, and a piece of odd length (whose
     pairs would shift its neighbours') is checked by float sums on both sides instead of failing a good push."""
+    from typing import ClassVar
+
     import numpy as np
 
     from engines.vllm.fingerprint import bit_sum, check, engine_sums, tensor_sums
@@ -372,8 +374,8 @@ def test_bit_sums_of_2_byte_weights_are_word_sums_that_add_up_and_see_every_elem
         nudged.view(torch.int16)[i] += 1  # one bf16 ulp
         assert int(bit_sum(nudged)) % 2**32 != want, i
 
-    class Fused(torch.nn.Module):
-        packed_modules_mapping = {"qk": ["q", "k"], "uv": ["u", "v"]}  # as vLLM models declare their fused loads
+    class Fused(torch.nn.Module):  # as vLLM models declare their fused loads
+        packed_modules_mapping: ClassVar[dict[str, list[str]]] = {"qk": ["q", "k"], "uv": ["u", "v"]}
 
     q, k = torch.randn(6, 4, generator=g).bfloat16(), torch.randn(2, 4, generator=g).bfloat16()
     u, v = torch.randn(3, 3, generator=g).bfloat16(), torch.randn(1, 3, generator=g).bfloat16()  # u: odd length

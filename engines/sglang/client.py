@@ -64,7 +64,7 @@ def finish(meta: dict[str, Any]) -> str:
     return kind if kind in ("stop", "length") else "abort"
 
 
-def decode_routes(meta: dict[str, Any], rows: int, topk: int) -> list[Any]:
+def decode_routes(meta: dict[str, Any], rows: int, topk: int) -> np.ndarray:
     """SGLang's `meta_info.routed_experts` (`return_routed_experts`): base64 of int32 [prompt + output - 1, layers,
     k], every layer (a dense one's rows mean nothing)."""
     blob = meta.get("routed_experts")
@@ -77,7 +77,7 @@ def decode_routes(meta: dict[str, Any], rows: int, topk: int) -> list[Any]:
         raise EngineRequestError(
             f"SGLang's routed_experts holds {flat.size} ids, not {rows} positions x layers x {topk}"
         )
-    return flat.reshape(rows, -1, topk).astype(np.int64).tolist()
+    return flat.reshape(rows, -1, topk).astype(np.int16)
 
 
 def parse_item(item: dict[str, Any], version: str) -> Completion:

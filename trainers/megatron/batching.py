@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 # micro-batch field <- sample field, one value per response token (`logprobs` are the engine's, as sampled;
@@ -69,15 +70,14 @@ def engine_routes(samples: list[dict[str, Any]], length: int) -> torch.Tensor | 
     """The experts the engine routed each position to, [b, s, layers, k] (int16; -1 where the engine gave
     none: padding, the last token, samples without routes, which the router then routes live), or None when no
     sample of the micro-batch has routes."""
-    given = [s.get("routed_experts") for s in samples]
-    first = next((g for g in given if g), None)
+    given = [None if g is None else np.asarray(g, dtype=np.int16) for g in (s.get("routed_experts") for s in samples)]
+    first = next((g for g in given if g is not None and g.size), None)
     if first is None:
         return None
-    layers, k = len(first[0]), len(first[0][0])
-    out = torch.full((len(samples), length, layers, k), -1, dtype=torch.int16)
+    out = torch.full((len(samples), length, *first.shape[1:]), -1, dtype=torch.int16)
     for i, g in enumerate(given):
-        if g:
-            out[i, : len(g)] = torch.tensor(g, dtype=torch.int16)
+        if g is not None and g.size:
+            out[i, : len(g)] = torch.from_numpy(g)
     return out
 
 
