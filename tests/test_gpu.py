@@ -192,3 +192,60 @@ def test_gateway_structured_output_and_responses_on_the_gpu_vllm(tmp_path):
             assert r2.model_extra["prompt_token_ids"][: len(p1) + len(o1)] == p1 + o1
     finally:
         group.stop()
+
+
+def test_mla_engine_rederives_its_absorbed_attention_on_a_push(tmp_path):
+    """DeepSeek-V3's multi-latent attention keeps weights derived from `kv_b_proj` at load (W_UK and W_UV absorbed
+    into the attention kernel); a push that updated the parameter but not those would leave the engine computing
+    with the old model's attention while its parameters, and the push's check, say new. vLLM's layerwise reload
+    re-runs the attention layer's post-load processing; this pushes a whole second random model into a running
+    GPU engine and compares its log-probs with transformers' for that model, before (far) and after (close)."""
+    import asyncio
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from engines.vllm.config import VLLMEngineConfig
+    from engines.vllm.weight_channel import VLLMWeightChannel
+    from vime.models import make_model
+    from vime.specs import make_engine_group
+    from vime.types import Sample, SamplingParams
+
+    old = make_model("deepseek_v3", "small", tmp_path / "old", dtype="bfloat16", device="cuda", seed=0)
+    new = make_model("deepseek_v3", "small", tmp_path / "new", dtype="bfloat16", device="cuda", seed=1)
+    hf_new = AutoModelForCausalLM.from_pretrained(new, dtype=torch.float32).cuda().eval()
+    args = {"enforce_eager": True, "dtype": "bfloat16", "max_model_len": 512, "gpu_memory_utilization": 0.2}
+    group = make_engine_group(
+        VLLMEngineConfig(args=args, startup_timeout_s=400), str(old), str(tmp_path / "logs"), weights_backend="disk"
+    ).start()
+
+    def mean_gap_to_new() -> float:
+        (cs,) = asyncio.run(
+            group.engines[0].generate([[1, *range(40, 60)]], SamplingParams(n=4, max_tokens=16, seed=3))
+        )
+        gaps = []
+        for c in cs:
+            s = Sample.from_completion([1, *range(40, 60)], c)
+            ids = torch.tensor([s.prompt_ids + s.response_ids], device="cuda")
+            with torch.no_grad():
+                logp = torch.log_softmax(hf_new(ids).logits[0].double(), -1)
+            p = len(s.prompt_ids)
+            ref = logp[torch.arange(p - 1, ids.shape[1] - 1), ids[0, p:]].tolist()
+            gaps += [abs(a - b) for a, b in zip(c.logprobs, ref)]
+        return sum(gaps) / len(gaps)
+
+    try:
+        before = mean_gap_to_new()
+        sd = {k: v for f in sorted(new.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+        assert any(k.endswith("kv_b_proj.weight") for k in sd), sorted(sd)[:8]
+        items = sorted(sd.items())
+        ch = VLLMWeightChannel({"backend": "disk", "disk_dir": str(tmp_path)}, group.urls())
+        try:
+            ch.push([items[i : i + 40] for i in range(0, len(items), 40)], "mla1")
+        finally:
+            ch.close()
+        after = mean_gap_to_new()
+    finally:
+        group.stop()
+    assert after < 0.1 and before > 10 * after, (before, after)
