@@ -112,16 +112,14 @@ def tensor_sums(tensors: list[torch.Tensor], floats: list[bool] | None = None) -
 
 
 def stacked_bits(bits: list[torch.Tensor]) -> list[int]:
-    """The bit sums as Python ints, read back in one transfer: the int32 ones stacked and widened together (one
-    kernel for all, not one per tensor: a GPU bucket holds hundreds)."""
-    narrow = [i for i, b in enumerate(bits) if b.dtype == torch.int32]
-    out = torch.zeros(len(bits), dtype=torch.int64, device=bits[0].device)
-    if narrow:
-        out[torch.tensor(narrow, device=out.device)] = torch.stack([bits[i] for i in narrow]).to(torch.int64)
-    wide = [i for i, b in enumerate(bits) if b.dtype != torch.int32]
-    if wide:
-        out[torch.tensor(wide, device=out.device)] = torch.stack([bits[i] for i in wide])
-    return out.cpu().tolist()
+    """The bit sums as Python ints, one stack and one read-back per accumulator dtype (int32; int64 for 8-byte
+    elements), not one per tensor: a GPU bucket holds hundreds."""
+    out = [0] * len(bits)
+    for dtype in {b.dtype for b in bits}:
+        idx = [i for i, b in enumerate(bits) if b.dtype == dtype]
+        for i, v in zip(idx, torch.stack([bits[i] for i in idx]).tolist()):
+            out[i] = v
+    return out
 
 
 # ---- engine worker side -------------------------------------------------------------------------------------
