@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from engines.vllm.cpu_threads import one_thread
+from engines.vllm.graphs import captured
 
 EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 SAME_DTYPE_RTOL = 1e-6  # sums of identical values: only the summation order differs
@@ -82,10 +83,11 @@ def bit_sum(t: torch.Tensor) -> torch.Tensor:
     return flat.view(INT_OF_WIDTH[width]).sum(dtype=acc)
 
 
-def tensor_sums(tensors: list[torch.Tensor], floats: list[bool] | None = None) -> list[list[Any]]:
+def tensor_sums(tensors: list[torch.Tensor], floats: list[bool] | None = None, fixed: bool = False) -> list[list[Any]]:
     """[Σw, Σw², Σbits mod 2³² (2⁶⁴)] per tensor, read back in one transfer (the tensors may be on a GPU); where
     `floats[i]` is False only the bit sum ([None, None, Σbits]): one read of the tensor instead of three. A GPU
-    bucket of hundreds of tensors costs launches more than bandwidth."""
+    bucket of hundreds of tensors costs launches more than bandwidth: `fixed` (tensors that stay where they are
+    from call to call, an engine's parameters) launches the bit sums as one CUDA graph."""
     if not tensors:
         return []
     dev = tensors[0].device
@@ -105,7 +107,7 @@ def tensor_sums(tensors: list[torch.Tensor], floats: list[bool] | None = None) -
             at = torch.repeat_interleave(torch.tensor(owner), torch.tensor(count)).to(dev)
             out[:, 0].index_add_(0, at, torch.cat(sums).double())
             out[:, 1].index_add_(0, at, torch.cat(norms).double().square())
-        bits = stacked_bits([bit_sum(t) for t in tensors])
+        bits = graphed_bits(tensors) if fixed else stacked_bits([bit_sum(t) for t in tensors])
         floats_back = out.cpu().tolist() if sums else [[None, None]] * len(tensors)
         mods = [bits_mod(t.element_size()) for t in tensors]
         return [[s, q, b % m] if w else [None, None, b % m] for (s, q), b, w, m in zip(floats_back, bits, want, mods)]
@@ -118,6 +120,32 @@ def stacked_bits(bits: list[torch.Tensor]) -> list[int]:
     for dtype in {b.dtype for b in bits}:
         idx = [i for i, b in enumerate(bits) if b.dtype == dtype]
         for i, v in zip(idx, torch.stack([bits[i] for i in idx]).tolist()):
+            out[i] = v
+    return out
+
+
+GRAPHS: dict[tuple[Any, ...], Any] = {}  # the bit sums of one set of fixed tensors, captured (a few sets at most)
+
+
+def graphed_bits(tensors: list[torch.Tensor]) -> list[int]:
+    """`stacked_bits` of the tensors' bit sums, the kernels captured once per set of tensors and replayed after."""
+    if tensors[0].device.type != "cuda" or any(t.element_size() == 2 and t.storage_offset() % 2 for t in tensors):
+        return stacked_bits([bit_sum(t) for t in tensors])  # (an odd 2-byte offset would clone inside the graph)
+    key = tuple((t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) for t in tensors)
+    if key not in GRAPHS:
+        if len(GRAPHS) >= 4:
+            GRAPHS.pop(next(iter(GRAPHS)))
+        acc = [INT_OF_WIDTH[max(4, t.element_size())] for t in tensors]  # bit_sum's accumulator dtype
+        groups = [[i for i, a in enumerate(acc) if a == d] for d in sorted(set(acc), key=str)]
+
+        def launch() -> list[torch.Tensor]:
+            return [torch.stack([bit_sum(tensors[i]) for i in idx]) for idx in groups]
+
+        GRAPHS[key] = (captured(launch, tensors[0].device), groups)
+    run, groups = GRAPHS[key]
+    out = [0] * len(tensors)
+    for idx, stack in zip(groups, run()):
+        for i, v in zip(idx, stack.tolist()):
             out[i] = v
     return out
 
@@ -186,7 +214,7 @@ def engine_sums(model: torch.nn.Module, names: list[str], dtypes: list[str | Non
             not rows and sent_as.get(p) == {dtype_name(v)} and not pairs_split(v.element_size(), v.numel())
             for p, (v, _, rows) in zip(held, values)
         ]
-        sums = tensor_sums([v for v, _, _ in values], [not e for e in exact])
+        sums = tensor_sums([v for v, _, _ in values], [not e for e in exact], fixed=True)
     info = {}
     for p, (v, numel, row_sums), s in zip(held, values, sums):
         info[p] = {"sums": [s[0], None, None] if row_sums else s, "numel": numel, "dtype": dtype_name(v)}

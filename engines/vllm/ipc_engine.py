@@ -22,7 +22,9 @@ import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor
 from vllm.distributed.weight_transfer.base import WeightTransferInitInfo, WeightTransferUpdateInfo
 from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+from vllm.logger import init_logger
 
+from engines.vllm.load_plan import LoadPlan, model_memory, record
 from engines.vllm.worker_ext import views
 
 
@@ -37,6 +39,7 @@ class StagingUpdateInfo(WeightTransferUpdateInfo):
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
+    offsets: list[int] | None = None  # each tensor's byte offset in the buffer (None: end to end)
 
 
 def open_handle(handle_b64: str, device_index: int) -> torch.Tensor:
@@ -61,6 +64,9 @@ def open_handle(handle_b64: str, device_index: int) -> torch.Tensor:
     return rebuild_cuda_tensor(*args)
 
 
+logger = init_logger(__name__)
+
+
 class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
     init_info_cls = StagingInitInfo
 
@@ -68,6 +74,8 @@ class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
         super().__init__(*args, **kwargs)
         self.mode = "staging"
         self.buffer: torch.Tensor | None = None
+        # per layout of a round (names, dtypes, shapes, offsets): its recorded load, or why it cannot be replayed
+        self.plans: dict[tuple[Any, ...], LoadPlan | str] = {}
 
     def parse_update_info(self, update_dict: dict[str, Any]) -> Any:
         if self.mode == "vllm":
@@ -80,6 +88,7 @@ class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
     def init_transfer_engine(self, init_info: StagingInitInfo) -> None:
         self.mode = init_info.mode
         self.buffer = None
+        self.plans = {}
         if self.mode == "staging":
             if not init_info.handle:
                 raise ValueError("vime ipc init_info needs `handle` (the trainer's staging buffer)")
@@ -87,7 +96,8 @@ class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
         elif self.mode != "vllm":
             raise ValueError(f"vime ipc init_info.mode must be 'staging' or 'vllm', got {self.mode!r}")
 
-    # Staging mode loads straight into the live parameters (plain bf16/fp16 models need no post-processing);
+    # Staging mode loads straight into the live parameters (plain bf16/fp16 models need no post-processing): the
+    # first push of a layout through `load_weights`, recorded, the next ones by replaying it (`load_plan.py`);
     # the vLLM mode keeps the parent's layerwise reload.
     def start_weight_update(self) -> None:
         if self.mode == "vllm":
@@ -102,7 +112,19 @@ class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
             return super().receive_weights(update_info)
         if self.buffer is None:
             raise RuntimeError("vime ipc engine not initialised: call /init_weight_transfer_engine first")
-        self.model.load_weights(views(self.buffer, update_info.names, update_info.dtype_names, update_info.shapes))
+        u = update_info
+        key = (tuple(u.names), tuple(u.dtype_names), tuple(map(tuple, u.shapes)), tuple(u.offsets or ()))
+        plan = self.plans.get(key)
+        if isinstance(plan, LoadPlan) and plan.valid_for(model_memory(self.model)):
+            plan.replay()
+            return
+        tensors = views(self.buffer, u.names, u.dtype_names, u.shapes, u.offsets)
+        if isinstance(plan, str):  # this layout's load does more than copy: vLLM's loaders every time
+            self.model.load_weights(tensors)
+            return
+        self.plans[key] = record(self.model, self.buffer, lambda: self.model.load_weights(tensors))
+        if isinstance(self.plans[key], str):
+            logger.warning("vime ipc: pushes of this layout go through load_weights: %s", self.plans[key])
 
     def shutdown(self) -> None:
         self.buffer = None

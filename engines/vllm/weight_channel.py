@@ -32,6 +32,7 @@ from engines.vllm.delta import Base
 from engines.vllm.fingerprint import check, dtype_name, float_checked, pairs_split, tensor_sums
 from engines.vllm.push_route import PATH as PUSH_PATH
 from engines.vllm.server import vllm_version
+from engines.vllm.staging import Staging
 from vime.placement import free_port, listening_socket
 from vime.secret import auth_headers
 from vime.weights import WeightPushError, WeightsConfig
@@ -80,9 +81,9 @@ class VLLMWeightChannel:
         self.http = httpx.Client(timeout=self.cfg.timeout_s, headers=auth_headers())
         self.pool = ThreadPoolExecutor(max(4, len(self.urls) * 2))
         self.pg: Any = None  # gloo process group / NCCL communicator
-        self.staging: torch.Tensor | None = None  # ipc: the buffer engines map once
+        self.staging: Staging | None = None  # ipc: the buffer engines map once
         self.connected = False
-        self.sent: dict[str, tuple[list[float], int, str]] = {}  # this push's tensors: sums, numel, dtype
+        self.sent: dict[str, tuple[list[Any], int, str]] = {}  # this push's tensors: sums, numel, dtype
         self.sum_s = 0.0  # time spent summing them
         self.names: list[str] = []  # this push's tensor names so far (the last bucket asks the engines' sums)
         self.dtypes: list[str | None] = []  # and the dtypes they were sent as (None: check by float sums)
@@ -127,17 +128,21 @@ class VLLMWeightChannel:
     def _took_s(self, phase: str, seconds: float) -> None:
         self.timeline[phase] = self.timeline.get(phase, 0.0) + seconds
 
-    def _round(self, meta: dict[str, Any], tensors: Bucket, first: bool, last: bool, send: Any = None) -> None:
+    def _round(
+        self, meta: dict[str, Any], tensors: Bucket, first: bool, last: bool, record: Any = None, send: Any = None
+    ) -> None:
         """One round on every engine: its `/vime/push` call, the backend's data plane (`send`) and the sender's sums
-        for `verify` — summed while the engines load, except on the last round, whose call carries them all."""
+        for `verify` (`record`) — summed while the engines load, except on the last round, whose call carries them
+        all."""
         t0 = time.perf_counter()
+        record = record or self._record
         if last:
-            self._record(tensors)
+            record(tensors)
         futs = self._step(meta, first, last)
         if send is not None:
             send()
         if not last:
-            self._record(tensors)
+            record(tensors)
         self._landed(futs, last, t0)
 
     def _step(self, meta: dict[str, Any], first: bool, last: bool) -> list[Future[Any]]:
@@ -174,6 +179,8 @@ class VLLMWeightChannel:
         self._took("round", t0)
         for k in {k for a in answers for k in a["phases"]}:  # the engines work side by side: the slowest counts
             self._took_s(f"engine_{k}", max(a["phases"].get(k, 0.0) for a in answers))
+        for k in ("load", "sum"):  # inside engine_update: the workers' load and sums, less the RPC around them
+            self._took_s(f"worker_{k}", max((w.get(f"{k}_s", 0.0) for a in answers for w in a["results"]), default=0))
         if last:
             self._finished(answers)
 
@@ -242,9 +249,9 @@ class VLLMWeightChannel:
         """Allocate the staging buffer once and let every engine (on this GPU) map it."""
         from torch.multiprocessing.reductions import reduce_tensor
 
-        self.staging = torch.empty(self.cfg.bucket_mb << 20, dtype=torch.uint8, device="cuda")
+        self.staging = Staging(self.cfg.bucket_mb << 20, "cuda")
         uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-        handle = base64.b64encode(pickle.dumps({uuid: reduce_tensor(self.staging)[1]})).decode()
+        handle = base64.b64encode(pickle.dumps({uuid: reduce_tensor(self.staging.buffer)[1]})).decode()
         self._all("/init_weight_transfer_engine", {"init_info": {"mode": "staging", "handle": handle}})
 
     # ---- data plane ------------------------------------------------------------------------------------
@@ -279,11 +286,11 @@ class VLLMWeightChannel:
 
             send = {"group": self.pg}
             self._round(
-                meta, bucket, first, last, lambda: GlooWeightTransferEngine.trainer_send_weights(iter(wire), send)
+                meta, bucket, first, last, send=lambda: GlooWeightTransferEngine.trainer_send_weights(iter(wire), send)
             )
             return sum(t.numel() * t.element_size() for _, t in wire)
         if self.cfg.backend == "nccl":
-            self._round({**meta, "packed": True}, bucket, first, last, lambda: self._send_nccl(bucket))
+            self._round({**meta, "packed": True}, bucket, first, last, send=lambda: self._send_nccl(bucket))
             return sum(t.numel() * t.element_size() for _, t in bucket)
         from engines.vllm.worker_ext import DiskWeightTransferEngine
 
@@ -305,29 +312,35 @@ class VLLMWeightChannel:
         torch.cuda.synchronize()
 
     def _send_ipc(self, bucket: Bucket, first: bool, last: bool) -> int:
-        """Copy tensors into the staging buffer (device to device) and have the engines load views of it;
-        a bucket larger than the buffer goes in several rounds."""
+        """Copy the tensors into the staging buffer (device to device, one multi-tensor copy) and have the engines
+        load views of it; a bucket larger than the buffer goes in several rounds (`staging.py`)."""
         assert self.staging is not None
-        cap, sent, off = self.staging.numel(), 0, 0
-        part: Bucket = []
+        try:
+            rounds = self.staging.rounds(bucket)
+        except ValueError as e:
+            raise WeightPushError(str(e)) from e
+        for i, part in enumerate(rounds):
+            t0 = time.perf_counter()
+            views = self.staging.fill(part)
+            torch.cuda.synchronize()
+            self._took("copy", t0)
+            meta = bucket_meta(part) | {"offsets": list(self.staging.offsets)}
+            self._round(meta, views, first and i == 0, last and i == len(rounds) - 1, self._record_staging)
+        return sum(t.numel() * t.element_size() for _, t in bucket)
+
+    def _record_staging(self, views: Bucket) -> None:
+        """`_record` for a round in the staging buffer: the bit sums of all its tensors in two kernels."""
+        if not self.cfg.verify:
+            return
+        assert self.staging is not None
         t0 = time.perf_counter()
-        for name, t in [*bucket, ("", None)]:  # a sentinel flushes the last round
-            nbytes = 0 if t is None else t.numel() * t.element_size()
-            if nbytes > cap:
-                raise WeightPushError(
-                    f"tensor {name} ({nbytes >> 20} MiB) is larger than the ipc staging buffer "
-                    f"({cap >> 20} MiB): raise weights.bucket_mb"
-                )
-            if part and (t is None or off + nbytes > cap):
-                torch.cuda.synchronize()
-                self._took("copy", t0)
-                self._round(bucket_meta(part), part, first, last and t is None)
-                sent, off, part, first, t0 = sent + off, 0, [], False, time.perf_counter()
-            if t is not None:
-                self.staging[off : off + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
-                part.append((name, t))
-                off += nbytes
-        return sent
+        bits = self.staging.bit_sums()
+        floats = [self.float_names is None or n in self.float_names for n, _ in views]
+        with_floats = iter(tensor_sums([v for (_, v), f in zip(views, floats) if f]))
+        for (name, v), b, f in zip(views, bits, floats):
+            sums = [*next(with_floats)[:2], b] if f else [None, None, b]
+            self.sent[name] = (sums, v.numel(), dtype_name(v))
+        self.sum_s += time.perf_counter() - t0
 
     def push(self, buckets: Iterable[Bucket], version: str) -> dict[str, float]:
         if not self.connected:

@@ -54,11 +54,19 @@ def pack(tensors: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
     return torch.cat([t.detach().contiguous().cpu().view(-1).view(torch.uint8) for _, t in tensors])
 
 
-def views(buf: torch.Tensor, names: list[str], dtype_names: list[str], shapes: list[list[int]]):
+def views(
+    buf: torch.Tensor,
+    names: list[str],
+    dtype_names: list[str],
+    shapes: list[list[int]],
+    offsets: list[int] | None = None,
+) -> list[tuple[str, torch.Tensor]]:
+    """The tensors in `buf`, end to end or at the given byte offsets (the ipc staging buffer's aligned layout)."""
     out, off = [], 0
-    for name, dt, shape in zip(names, dtype_names, shapes):
+    for i, (name, dt, shape) in enumerate(zip(names, dtype_names, shapes)):
         dtype = getattr(torch, dt)
         nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        off = offsets[i] if offsets is not None else off
         out.append((name, typed(buf[off : off + nbytes], dtype).view(shape)))
         off += nbytes
     return out
@@ -272,20 +280,22 @@ class VimeWorkerExtension:
         finish: bool,
         sums: list[str] | None = None,
         sum_dtypes: list[str | None] | None = None,
-    ) -> dict[str, Any] | None:
+    ) -> dict[str, Any]:
         """One round of a push (`push_route.py` calls it): the worker's own start / update / finish of vLLM's
         weight-transfer session (what the RL routes call one by one), and after the last round the sums the
-        push is checked by, with the seconds they took."""
+        push is checked by; with the seconds the load (start to finish) and the sums took."""
+        t = time.perf_counter()
         if start:
             self.start_weight_update()
         self.update_weights(update_info)
         if finish:
             self.finish_weight_update()
+        load_s = time.perf_counter() - t
         if sums is None:
-            return None
+            return {"load_s": load_s}
         t = time.perf_counter()
         answer = self.vime_weight_sums(sums, sum_dtypes)
-        return answer | {"sum_s": time.perf_counter() - t}
+        return answer | {"load_s": load_s, "sum_s": time.perf_counter() - t}
 
     def vime_routes_on(self) -> bool:
         """Start recording the experts every token is routed to (idempotent; per server process)."""

