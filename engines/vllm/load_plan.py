@@ -130,7 +130,8 @@ class LoadPlan:
     """The copies and fills one layout's `load_weights` made, bound to live tensors and launched as one graph."""
 
     def __init__(self, recorder: Recorder, named: dict[str, torch.Tensor], source: torch.Tensor) -> None:
-        self.ptrs = pointers(named)
+        owners = {dst.owner for dst, *_ in recorder.copies} | {dst.owner for dst, _ in recorder.fills}
+        self.ptrs = {n: named[n].data_ptr() for n in owners}  # what it writes into must not move
         self.pairs = [
             (_view(named, dst), source[off:].view(dtype).as_strided(size, stride))
             for dst, off, size, stride, dtype in recorder.copies
@@ -145,8 +146,8 @@ class LoadPlan:
             dst.fill_(value)
 
     def valid_for(self, named: dict[str, torch.Tensor]) -> bool:
-        """Whether the model's tensors are still where they were recorded (nothing swapped or reallocated)."""
-        return pointers(named) == self.ptrs
+        """Whether the tensors it writes into are still where they were recorded (none swapped or reallocated)."""
+        return all(n in named and named[n].data_ptr() == p for n, p in self.ptrs.items())
 
     def replay(self) -> None:
         self.graph()
