@@ -85,8 +85,11 @@ class Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        for dst in _writes(func, args, kwargs):
-            self._note(func, args, dst)
+        try:
+            for dst in _writes(func, args, kwargs):
+                self._note(func, args, dst)
+        except Exception as e:  # noqa: BLE001 - a recording that cannot follow an op only costs the replay
+            self.problem = self.problem or f"{func} could not be recorded: {type(e).__name__}: {e}"
         return func(*args, **kwargs)
 
     def _note(self, func: Any, args: tuple[Any, ...], dst: torch.Tensor) -> None:
@@ -173,5 +176,5 @@ def record(model: torch.nn.Module, source: torch.Tensor, load: Callable[[], None
     try:
         with torch.no_grad():
             return LoadPlan(rec, after, source)
-    except RuntimeError as e:  # a view the recording cannot rebuild (an unaligned piece of the buffer)
+    except Exception as e:  # noqa: BLE001 - e.g. a view it cannot rebuild (an unaligned piece of the buffer)
         return f"the recorded copies cannot be replayed: {e}"
