@@ -19,6 +19,7 @@ import torch
 from engines.vllm.fingerprint import bit_sum, bits_mod
 
 CHUNK = 16 << 10  # bytes; a multiple of every element size, and small next to a tensor of a 0.5B model
+SLACK = 4096 * CHUNK  # room for the alignment of 4,096 tensors: a bucket of `nbytes` still fits in one round
 
 
 def aligned(nbytes: int) -> int:
@@ -35,7 +36,7 @@ class Staging:
     """The buffer the engines map once, and the layout of the round now in it."""
 
     def __init__(self, nbytes: int, device: torch.device | str = "cuda") -> None:
-        self.buffer = torch.zeros(aligned(nbytes) if nbytes > CHUNK else CHUNK, dtype=torch.uint8, device=device)
+        self.buffer = torch.zeros(aligned(nbytes) + SLACK, dtype=torch.uint8, device=device)
         self.layout: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...] = ()
         self.offsets: list[int] = []
         self.end = 0  # bytes of the buffer the round uses (whole chunks)
