@@ -88,14 +88,14 @@ def vllm_push(url: str, model) -> float:
 
 
 def bucket_for(nbytes: int) -> int:
-    """VIME_BUCKET_MB, else the whole model in one round where the card has room for a second copy next to trainer
-    and engine (> 100 GB: an H200 up to 14B), else 4 GiB (an H100's 7B in four rounds)."""
+    """VIME_BUCKET_MB, else the whole model in one round where the card has room for that copy next to trainer's
+    and engine's and 12 GB besides (an H100 up to 7B, an H200 up to 14B), else 4 GiB."""
     import torch
 
     if os.environ.get("VIME_BUCKET_MB"):
         return int(os.environ["VIME_BUCKET_MB"])
     whole = -(-nbytes // (1 << 30)) << 10
-    roomy = torch.cuda.get_device_properties(0).total_memory > 100e9 and nbytes < 32e9
+    roomy = 3 * nbytes + 12e9 < torch.cuda.get_device_properties(0).total_memory
     return whole if roomy else 4096
 
 
