@@ -4,7 +4,8 @@
 #   smoke    imports, the 0.5b model, one vLLM start (fills the kernel caches)
 #   loop     one GPU: pytest -m gpu (SKIP_PYTEST=1: not), configs/grpo_gpu.yaml (+ report), trainer vs bare Megatron-core
 #   bench    one GPU: rollout vs bare vLLM, colocated weight update vs vLLM's IPC push ($SIZES, default 0.5b 1.5b 7b)
-#   weights  one GPU: the weight-update benchmark alone ($SIZES; a size's model is made on the GPU when missing)
+#   weights  one GPU: the weight-update benchmark alone ($SIZES; a size's model is made on the GPU when missing), then
+#            benchmarks/bench_load_plan.py on $LOAD_PLAN_SIZES if set (e.g. "0.5b 7b": the models the first made)
 #   single   loop then bench on GPU 0 (a one-GPU machine)
 #   pair     loop on GPU 0 and bench on GPU 1 at the same time (a two-GPU machine: half the wall time)
 #   multi    two GPUs: $PARTS of tp (Megatron TP=2/DP=2), nccl (split-placement push), grpo_nccl
@@ -87,7 +88,8 @@ with VLLMServer('$VIME_MODELS/qwen2-0.5b', args={'enforce_eager': True, 'dtype':
   loop) export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; model05; loop ;;
   bench) export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; model05; bench ;;
   weights) export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
-    step weights ${WEIGHTS_TIMEOUT:-560} $py benchmarks/bench_gpu_weights.py ${SIZES:-0.5b 1.5b 7b} ;;
+    step weights ${WEIGHTS_TIMEOUT:-560} $py benchmarks/bench_gpu_weights.py ${SIZES:-0.5b 1.5b 7b}
+    [ -n "${LOAD_PLAN_SIZES:-}" ] && step load_plan 240 $py benchmarks/bench_load_plan.py $LOAD_PLAN_SIZES ;;
   single) export CUDA_VISIBLE_DEVICES=0; model05; loop; bench ;;
   pair)  # two branches, each with its own GPU, Ray cluster (RAY_TMPDIR) and cleanup scope
     model05

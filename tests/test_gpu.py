@@ -249,3 +249,23 @@ def test_mla_engine_rederives_its_absorbed_attention_on_a_push(tmp_path):
     finally:
         group.stop()
     assert after < 0.1 and before > 10 * after, (before, after)
+
+
+def test_replayed_load_and_captured_sums_on_the_gpu(tmp_path, repo_root):
+    """The ipc push's CUDA paths on vLLM's own Qwen2 (in a fresh process): the recorded load replayed as a CUDA graph
+    writes exactly what `load_weights` writes, the captured bit sums and the staging buffer's chunked sums equal
+    the per-tensor ones (`benchmarks/bench_load_plan.py` asserts all three)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VIME_MODELS": str(tmp_path), "VIME_BENCH_OUT": str(tmp_path / "out")}
+    r = subprocess.run(
+        [sys.executable, str(repo_root / "benchmarks" / "bench_load_plan.py"), "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "'replay_equals_load_weights': True" in r.stdout, r.stdout[-3000:]
