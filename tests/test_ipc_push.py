@@ -117,7 +117,7 @@ def test_replayed_load_writes_exactly_what_load_weights_writes(vllm_qwen2):
     st.fill(tensors)
     plan = record(model, st.buffer, lambda: load_all(model, cfg, st))
     assert isinstance(plan, LoadPlan), plan
-    assert len(plan.pairs) == len(tensors) and len(plan.fills) == 1  # q/k/v, gate/up as slices; the padded rows
+    assert plan.copies == len(tensors) and plan.fills == 1  # q/k/v, gate/up as slices; the padded rows
     first = snapshot(model)
 
     moved = [(n, t + 0.25 * randn(tuple(t.shape), torch.float32, i).bfloat16()) for i, (n, t) in enumerate(tensors)]
@@ -152,3 +152,26 @@ def test_a_load_that_converts_or_a_moved_parameter_is_not_replayed(vllm_qwen2):
     norm = dict(model.named_parameters())["model.norm.weight"]
     norm.data = norm.data.clone()
     assert not plan.valid_for(model_memory(model))
+
+
+def test_replay_keeps_the_order_of_writes_that_overlap():
+    """A loader that zeroes a parameter, copies into part of it and then over part of that copy: the replay must
+    end as the load did (fills and overlapping copies in their order, not all copies batched first)."""
+    model = torch.nn.Linear(4, 2, bias=False)
+    buf = torch.zeros(64, dtype=torch.uint8)
+
+    def load() -> None:
+        w, src = model.weight.data.view(-1), buf.view(torch.float32)
+        w.fill_(0.0)
+        w[:4].copy_(src[:4])
+        w[2:6].copy_(src[8:12])
+
+    buf.view(torch.float32).copy_(torch.arange(16, dtype=torch.float32))
+    plan = record(model, buf, load)
+    assert isinstance(plan, LoadPlan) and plan.copies == 2 and plan.fills == 1, plan
+    buf.view(torch.float32).copy_(torch.arange(16, dtype=torch.float32) * -3)
+    model.weight.data.fill_(5.0)
+    plan.replay()
+    replayed = model.weight.detach().clone()
+    load()
+    assert torch.equal(replayed, model.weight.detach()), (replayed, model.weight)

@@ -79,8 +79,8 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.memory = memory
         self.lo, self.hi = source.data_ptr(), source.data_ptr() + source.numel()
-        self.copies: list[tuple[Slice, int, tuple[int, ...], tuple[int, ...], torch.dtype]] = []
-        self.fills: list[tuple[Slice, float]] = []
+        # in the order they happened: (dst, (byte offset, size, stride, dtype) of the source) or (dst, fill value)
+        self.writes: list[tuple[Slice, tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype] | float]] = []
         self.problem: str | None = None
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
@@ -103,12 +103,12 @@ class Recorder(TorchDispatchMode):
             return
         src = args[1] if func in COPIES else None
         if isinstance(src, torch.Tensor) and self._from_buffer(src, dst):
-            self.copies.append((where, src.data_ptr() - self.lo, tuple(src.shape), tuple(src.stride()), src.dtype))
+            self.writes.append((where, (src.data_ptr() - self.lo, tuple(src.shape), tuple(src.stride()), src.dtype)))
             return
         if func in FILLS:
             value = FILLS[func](args)
             if isinstance(value, (int, float)):
-                self.fills.append((where, value))
+                self.writes.append((where, float(value)))
                 return
         self.problem = (
             f"{where.owner} is written by {func}, not as a plain copy out of the staging buffer (a conversion, a "
@@ -129,24 +129,43 @@ def pointers(named: dict[str, torch.Tensor]) -> dict[str, int]:
     return {n: t.data_ptr() for n, t in named.items()}
 
 
+def extent(s: Slice) -> tuple[str, int, int]:
+    """The element range [start, end) of its owner a slice can touch."""
+    return s.owner, s.offset, s.offset + 1 + sum((n - 1) * st for n, st in zip(s.size, s.stride) if n)
+
+
 class LoadPlan:
-    """The copies and fills one layout's `load_weights` made, bound to live tensors and launched as one graph."""
+    """The writes one layout's `load_weights` made, in their order, bound to live tensors and launched as one
+    graph: runs of copies into disjoint places as one multi-tensor copy each, fills between them as they came."""
 
     def __init__(self, recorder: Recorder, named: dict[str, torch.Tensor], source: torch.Tensor) -> None:
-        owners = {dst.owner for dst, *_ in recorder.copies} | {dst.owner for dst, _ in recorder.fills}
-        self.ptrs = {n: named[n].data_ptr() for n in owners}  # what it writes into must not move
-        self.pairs = [
-            (_view(named, dst), source[off:].view(dtype).as_strided(size, stride))
-            for dst, off, size, stride, dtype in recorder.copies
-        ]
-        self.fills = [(_view(named, dst), value) for dst, value in recorder.fills]
+        self.ptrs = {dst.owner: named[dst.owner].data_ptr() for dst, _ in recorder.writes}  # must not move
+        self.steps: list[list[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, float]] = []
+        touched: list[tuple[str, int, int]] = []  # what the current run of copies writes
+        for dst, what in recorder.writes:
+            view = _view(named, dst)
+            if isinstance(what, float):
+                self.steps.append((view, what))
+                continue
+            off, size, stride, dtype = what
+            src = source[off:].view(dtype).as_strided(size, stride)
+            owner, lo, hi = extent(dst)
+            run = self.steps[-1] if self.steps and isinstance(self.steps[-1], list) else None
+            if run is None or any(o == owner and lo < b and a < hi for o, a, b in touched):
+                run, touched = [], []  # a write over an earlier one of the run must come after it
+                self.steps.append(run)
+            run.append((view, src))
+            touched.append((owner, lo, hi))
+        self.copies = sum(len(s) for s in self.steps if isinstance(s, list))
+        self.fills = len(self.steps) - sum(isinstance(s, list) for s in self.steps)
         self.graph = captured(self._launch, source.device)
 
     def _launch(self) -> None:
-        if self.pairs:
-            torch._foreach_copy_([d for d, _ in self.pairs], [s for _, s in self.pairs])
-        for dst, value in self.fills:
-            dst.fill_(value)
+        for step in self.steps:
+            if isinstance(step, list):
+                torch._foreach_copy_([d for d, _ in step], [s for _, s in step])
+            else:
+                step[0].fill_(step[1])
 
     def valid_for(self, named: dict[str, torch.Tensor]) -> bool:
         """Whether the tensors it writes into are still where they were recorded (none swapped or reallocated)."""
