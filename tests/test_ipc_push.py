@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.vllm.fingerprint import bit_sum, bits_mod, dtype_name
+from engines.vllm.fingerprint import bit_sum, bits_mod, dtype_name, tensor_sums
 from engines.vllm.load_plan import LoadPlan, model_memory, record
 from engines.vllm.staging import CHUNK, Staging
 from engines.vllm.worker_ext import views
@@ -44,6 +44,9 @@ def test_staging_sums_every_layout_as_the_tensors_own_bit_sums():
     assert all(off % CHUNK == 0 for off in st.offsets)
     assert all(torch.equal(v, t) for (_, v), (_, t) in zip(placed, mixed))
     assert st.bit_sums() == expected_bits(mixed)
+    floats = [i % 2 == 0 for i in range(len(mixed))]  # what the channel records: Σw, Σw² only where asked
+    want = [s if f else [None, None, s[2]] for s, f in zip(tensor_sums([t for _, t in mixed]), floats)]
+    assert st.sums(floats) == want
 
     st.buffer[st.end :].fill_(7)  # beyond this round: must not count
     st.buffer[st.offsets[1] + 14 : st.offsets[2]].fill_(9)  # a gap: the next layout must clear it

@@ -14,9 +14,11 @@ staging buffer, after the copy.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from engines.vllm.fingerprint import bit_sum, bits_mod
+from engines.vllm.fingerprint import bit_sum, bits_mod, tensor_sums
 
 CHUNK = 16 << 10  # bytes; a multiple of every element size, and small next to a tensor of a 0.5B model
 SLACK = 4096 * CHUNK  # room for the alignment of 4,096 tensors: a bucket of `nbytes` still fits in one round
@@ -40,11 +42,19 @@ class Staging:
         self.layout: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...] = ()
         self.offsets: list[int] = []
         self.end = 0  # bytes of the buffer the round uses (whole chunks)
+        self._views: list[tuple[str, torch.Tensor]] = []  # the round's tensors in the buffer (made once per layout)
         self.owner = torch.zeros(0, dtype=torch.int64)  # per chunk: its tensor's index (n: not summed by chunks)
 
     @property
     def capacity(self) -> int:
         return self.buffer.numel()
+
+    def handle(self) -> dict[str, Any]:
+        """{GPU uuid: `reduce_tensor` args} of the buffer: what an engine on this GPU maps it by (`ipc_engine.py`)."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        dev = self.buffer.device
+        return {str(torch.cuda.get_device_properties(dev).uuid): reduce_tensor(self.buffer)[1]}
 
     def rounds(self, tensors: list[tuple[str, torch.Tensor]]) -> list[list[tuple[str, torch.Tensor]]]:
         """The tensors cut into rounds that each fit the buffer (in order)."""
@@ -74,30 +84,34 @@ class Staging:
                 self.offsets.append(off)
                 off += aligned(t.numel() * t.element_size())
             self.end = off
+            self._views = self._make_views()
             self.owner = self._owners()
-        dst = self.views()
+        dst = self._views
         srcs = [t.detach().contiguous() for _, t in part]
         torch._foreach_copy_([v for _, v in dst], srcs)
         return dst
 
     def views(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self._views)
+
+    def _make_views(self) -> list[tuple[str, torch.Tensor]]:
         out = []
         for (name, dtype, shape), off in zip(self.layout, self.offsets):
-            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            n = torch.Size(shape).numel() * dtype.itemsize
             out.append((name, self.buffer[off : off + n].view(dtype).view(shape)))
         return out
 
     def _owners(self) -> torch.Tensor:
         n = len(self.layout)
         owner = torch.full((self.end // CHUNK,), n, dtype=torch.int64)
-        for i, ((_, v), off) in enumerate(zip(self.views(), self.offsets)):
+        for i, ((_, v), off) in enumerate(zip(self._views, self.offsets)):
             if chunked(v):
                 owner[off // CHUNK : (off + aligned(v.numel() * v.element_size())) // CHUNK] = i
         return owner.to(self.buffer.device)
 
     def bit_sums(self) -> list[int]:
         """Σbits (`fingerprint.bit_sum`, modulo `bits_mod`) of every tensor of the round in the buffer."""
-        views = self.views()
+        views = self._views
         words = self.buffer[: self.end].view(torch.int32).view(-1, CHUNK // 4)
         sums = torch.zeros(len(views) + 1, dtype=torch.int32, device=self.buffer.device)
         sums.index_add_(0, self.owner, words.sum(1, dtype=torch.int32))
@@ -106,3 +120,9 @@ class Staging:
             if not chunked(v):
                 out[i] = int(bit_sum(v))
         return [s % bits_mod(v.element_size()) for s, (_, v) in zip(out, views)]
+
+    def sums(self, floats: list[bool]) -> list[list[Any]]:
+        """`fingerprint.tensor_sums` of the round's tensors: the bit sums by chunks, Σw and Σw² only where
+        `floats[i]` (the first push after connecting, or a parameter the engine checks by floats)."""
+        with_floats = iter(tensor_sums([v for (_, v), f in zip(self._views, floats) if f]))
+        return [[*next(with_floats)[:2], b] if f else [None, None, b] for b, f in zip(self.bit_sums(), floats)]

@@ -129,20 +129,18 @@ class VLLMWeightChannel:
         self.timeline[phase] = self.timeline.get(phase, 0.0) + seconds
 
     def _round(
-        self, meta: dict[str, Any], tensors: Bucket, first: bool, last: bool, record: Any = None, send: Any = None
+        self, meta: dict[str, Any], tensors: Bucket, first: bool, last: bool, send: Any = None, staged: bool = False
     ) -> None:
         """One round on every engine: its `/vime/push` call, the backend's data plane (`send`) and the sender's sums
-        for `verify` (`record`) — summed while the engines load, except on the last round, whose call carries them
-        all."""
+        for `verify` — summed while the engines load, except on the last round, whose call carries them all."""
         t0 = time.perf_counter()
-        record = record or self._record
         if last:
-            record(tensors)
+            self._record(tensors, staged)
         futs = self._step(meta, first, last)
         if send is not None:
             send()
         if not last:
-            record(tensors)
+            self._record(tensors, staged)
         self._landed(futs, last, t0)
 
     def _step(self, meta: dict[str, Any], first: bool, last: bool) -> list[Future[Any]]:
@@ -247,22 +245,25 @@ class VLLMWeightChannel:
 
     def _connect_ipc(self) -> None:
         """Allocate the staging buffer once and let every engine (on this GPU) map it."""
-        from torch.multiprocessing.reductions import reduce_tensor
-
         self.staging = Staging(self.cfg.bucket_mb << 20, "cuda")
-        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-        handle = base64.b64encode(pickle.dumps({uuid: reduce_tensor(self.staging.buffer)[1]})).decode()
+        handle = base64.b64encode(pickle.dumps(self.staging.handle())).decode()
         self._all("/init_weight_transfer_engine", {"init_info": {"mode": "staging", "handle": handle}})
 
     # ---- data plane ------------------------------------------------------------------------------------
-    def _record(self, bucket: Bucket) -> None:
-        """The bucket's fingerprints for `verify`, summed where the tensors are while the engines load them."""
+    def _record(self, bucket: Bucket, staged: bool = False) -> None:
+        """The bucket's fingerprints for `verify`, summed where the tensors are while the engines load them
+        (`staged`: the round in the ipc staging buffer, its bit sums in two kernels)."""
         if not self.cfg.verify:
             return
         t0 = time.perf_counter()
         floats = [self.float_names is None or n in self.float_names for n, _ in bucket]
-        for (name, t), sums in zip(bucket, tensor_sums([t.detach() for _, t in bucket], floats)):
-            self.sent[name] = (sums, t.numel(), dtype_name(t))
+        if staged:
+            assert self.staging is not None
+            sums = self.staging.sums(floats)
+        else:
+            sums = tensor_sums([t.detach() for _, t in bucket], floats)
+        for (name, t), s in zip(bucket, sums):
+            self.sent[name] = (s, t.numel(), dtype_name(t))
         self.sum_s += time.perf_counter() - t0
 
     def _delta_base(self) -> str | None:
@@ -325,22 +326,8 @@ class VLLMWeightChannel:
             torch.cuda.synchronize()
             self._took("copy", t0)
             meta = bucket_meta(part) | {"offsets": list(self.staging.offsets)}
-            self._round(meta, views, first and i == 0, last and i == len(rounds) - 1, self._record_staging)
+            self._round(meta, views, first and i == 0, last and i == len(rounds) - 1, staged=True)
         return sum(t.numel() * t.element_size() for _, t in bucket)
-
-    def _record_staging(self, views: Bucket) -> None:
-        """`_record` for a round in the staging buffer: the bit sums of all its tensors in two kernels."""
-        if not self.cfg.verify:
-            return
-        assert self.staging is not None
-        t0 = time.perf_counter()
-        bits = self.staging.bit_sums()
-        floats = [self.float_names is None or n in self.float_names for n, _ in views]
-        with_floats = iter(tensor_sums([v for (_, v), f in zip(views, floats) if f]))
-        for (name, v), b, f in zip(views, bits, floats):
-            sums = [*next(with_floats)[:2], b] if f else [None, None, b]
-            self.sent[name] = (sums, v.numel(), dtype_name(v))
-        self.sum_s += time.perf_counter() - t0
 
     def push(self, buckets: Iterable[Bucket], version: str) -> dict[str, float]:
         if not self.connected:
