@@ -199,8 +199,11 @@ def test_mla_engine_rederives_its_absorbed_attention_on_a_push(tmp_path):
     into the attention kernel); a push that updated the parameter but not those would leave the engine computing
     with the old model's attention while its parameters, and the push's check, say new. vLLM's layerwise reload
     re-runs the attention layer's post-load processing; this pushes a whole second random model into a running
-    GPU engine and compares its log-probs with transformers' for that model, before (far) and after (close)."""
+    GPU engine and compares it with an engine started on that model: the same sampled tokens and log-probs, and
+    as close to transformers' as the fresh engine is (a random bf16 MLA model is ~0.26 nats from transformers'
+    fp32 on an H100 either way, so transformers alone cannot say "close")."""
     import asyncio
+    from itertools import takewhile
 
     import torch
     from safetensors.torch import load_file
@@ -216,27 +219,29 @@ def test_mla_engine_rederives_its_absorbed_attention_on_a_push(tmp_path):
     new = make_model("deepseek_v3", "small", tmp_path / "new", dtype="bfloat16", device="cuda", seed=1)
     hf_new = AutoModelForCausalLM.from_pretrained(new, dtype=torch.float32).cuda().eval()
     args = {"enforce_eager": True, "dtype": "bfloat16", "max_model_len": 512, "gpu_memory_utilization": 0.2}
-    group = make_engine_group(
-        VLLMEngineConfig(args=args, startup_timeout_s=400), str(old), str(tmp_path / "logs"), weights_backend="disk"
-    ).start()
+    prompt = [1, *range(40, 60)]
 
-    def mean_gap_to_new() -> float:
-        (cs,) = asyncio.run(
-            group.engines[0].generate([[1, *range(40, 60)]], SamplingParams(n=4, max_tokens=16, seed=3))
-        )
+    def start(path):
+        cfg = VLLMEngineConfig(args=args, startup_timeout_s=400)
+        return make_engine_group(cfg, str(path), str(tmp_path / f"logs_{path.name}"), weights_backend="disk").start()
+
+    def sampled(group) -> list[list[tuple[int, float]]]:
+        (cs,) = asyncio.run(group.engines[0].generate([prompt], SamplingParams(n=4, max_tokens=16, seed=3)))
+        return [list(zip(Sample.from_completion(prompt, c).response_ids, c.logprobs)) for c in cs]
+
+    def gap_to_hf(samples: list[list[tuple[int, float]]]) -> float:
         gaps = []
-        for c in cs:
-            s = Sample.from_completion([1, *range(40, 60)], c)
-            ids = torch.tensor([s.prompt_ids + s.response_ids], device="cuda")
+        for s in samples:
+            ids = torch.tensor([prompt + [t for t, _ in s]], device="cuda")
             with torch.no_grad():
                 logp = torch.log_softmax(hf_new(ids).logits[0].double(), -1)
-            p = len(s.prompt_ids)
-            ref = logp[torch.arange(p - 1, ids.shape[1] - 1), ids[0, p:]].tolist()
-            gaps += [abs(a - b) for a, b in zip(c.logprobs, ref)]
+            ref = logp[torch.arange(len(prompt) - 1, ids.shape[1] - 1), ids[0, len(prompt) :]].tolist()
+            gaps += [abs(lp - r) for (_, lp), r in zip(s, ref)]
         return sum(gaps) / len(gaps)
 
+    group = start(old)
     try:
-        before = mean_gap_to_new()
+        before = sampled(group)
         sd = {k: v for f in sorted(new.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
         assert any(k.endswith("kv_b_proj.weight") for k in sd), sorted(sd)[:8]
         items = sorted(sd.items())
@@ -245,10 +250,23 @@ def test_mla_engine_rederives_its_absorbed_attention_on_a_push(tmp_path):
             ch.push([items[i : i + 40] for i in range(0, len(items), 40)], "mla1")
         finally:
             ch.close()
-        after = mean_gap_to_new()
+        after = sampled(group)
     finally:
         group.stop()
-    assert after < 0.1 and before > 10 * after, (before, after)
+    group = start(new)
+    try:
+        fresh = sampled(group)
+    finally:
+        group.stop()
+    same = [
+        (a[1], b[1]) for sa, sb in zip(after, fresh) for a, b in takewhile(lambda ab: ab[0][0] == ab[1][0], zip(sa, sb))
+    ]
+    total = sum(len(s) for s in fresh)
+    gap = sum(abs(a - b) for a, b in same) / max(1, len(same))
+    hf = {"before": gap_to_hf(before), "after": gap_to_hf(after), "fresh": gap_to_hf(fresh)}
+    report = f"to transformers {hf}; pushed vs fresh engine: {len(same)}/{total} tokens equal, mean |dlogp| {gap:.4f}"
+    assert len(same) >= 0.8 * total and gap < 0.02, report
+    assert hf["after"] <= 1.5 * hf["fresh"] + 0.02 and hf["before"] > 5 * hf["after"], report
 
 
 def test_replayed_load_and_captured_sums_on_the_gpu(tmp_path, repo_root):
