@@ -83,7 +83,7 @@ def bench(size: str, dev: str, repeats: int) -> dict:
 
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     with torch.no_grad():
-        plan = record(model, st.buffer, load)
+        plan = record(model, [st.buffer], load)
         assert isinstance(plan, LoadPlan), plan
         params = [p.detach() for p in model.parameters()]
         row = {

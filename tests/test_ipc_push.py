@@ -118,7 +118,7 @@ def test_replayed_load_writes_exactly_what_load_weights_writes(vllm_qwen2):
     model, cfg, tensors = vllm_qwen2
     st = Staging(4 << 20, "cpu")
     st.fill(tensors)
-    plan = record(model, st.buffer, lambda: load_all(model, cfg, st))
+    plan = record(model, [st.buffer], lambda: load_all(model, cfg, st))
     assert isinstance(plan, LoadPlan), plan
     assert plan.copies == len(tensors) and plan.fills == 1  # q/k/v, gate/up as slices; the padded rows
     first = snapshot(model)
@@ -145,12 +145,12 @@ def test_a_load_that_converts_or_a_moved_parameter_is_not_replayed(vllm_qwen2):
     model, cfg, tensors = vllm_qwen2
     st = Staging(8 << 20, "cpu")
     st.fill([(n, t.float()) for n, t in tensors])
-    why = record(model, st.buffer, lambda: load_all(model, cfg, st))
-    assert isinstance(why, str) and "model." in why and "staging buffer" in why, why
+    why = record(model, [st.buffer], lambda: load_all(model, cfg, st))
+    assert isinstance(why, str) and "model." in why and "plain copy out of a source" in why, why
     assert torch.equal(dict(model.named_parameters())["model.norm.weight"], dict(tensors)["model.norm.weight"])
 
     st.fill(tensors)
-    plan = record(model, st.buffer, lambda: load_all(model, cfg, st))
+    plan = record(model, [st.buffer], lambda: load_all(model, cfg, st))
     assert isinstance(plan, LoadPlan) and plan.valid_for(model_memory(model))
     norm = dict(model.named_parameters())["model.norm.weight"]
     norm.data = norm.data.clone()
@@ -170,7 +170,7 @@ def test_replay_keeps_the_order_of_writes_that_overlap():
         w[2:6].copy_(src[8:12])
 
     buf.view(torch.float32).copy_(torch.arange(16, dtype=torch.float32))
-    plan = record(model, buf, load)
+    plan = record(model, [buf], load)
     assert isinstance(plan, LoadPlan) and plan.copies == 2 and plan.fills == 1, plan
     buf.view(torch.float32).copy_(torch.arange(16, dtype=torch.float32) * -3)
     model.weight.data.fill_(5.0)
@@ -178,3 +178,87 @@ def test_replay_keeps_the_order_of_writes_that_overlap():
     replayed = model.weight.detach().clone()
     load()
     assert torch.equal(replayed, model.weight.detach()), (replayed, model.weight)
+
+
+def test_the_engine_reads_resident_weights_in_place_next_to_staged_ones(vllm_qwen2):
+    """The trainer's resident weights are read where they are (`sources`), the rest from the staging buffer, in one
+    round: vime's ipc engine (vLLM's Qwen2 on this CPU; the mapping itself is CUDA IPC, here the memory is this
+    process's) loads both, records the round and replays it after both changed in place, bit for bit what
+    `load_weights` writes; memory it never mapped fails the push naming the fix, and memory the trainer no longer
+    sends from is unmapped with the loads that read it."""
+    from vllm.config import WeightTransferConfig, set_current_vllm_config
+
+    from engines.vllm.ipc_engine import StagingIPCWeightTransferEngine, StagingUpdateInfo, placed
+
+    model, cfg, tensors = vllm_qwen2
+    staged, resident = tensors[::2], tensors[1::2]
+    st = Staging(4 << 20, "cpu")
+    st.fill(staged)
+    # the trainer's parameters, in one storage at their own offsets (as Megatron's contiguous parameter buffer)
+    sizes = [t.numel() * t.element_size() for _, t in resident]
+    memory = torch.cat([t.contiguous().view(-1).view(torch.uint8) for _, t in resident])
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    u = StagingUpdateInfo(
+        names=[n for n, _ in staged + resident],
+        dtype_names=[dtype_name(t) for _, t in staged + resident],
+        shapes=[list(t.shape) for _, t in staged + resident],
+        offsets=st.offsets + offsets,
+        sources=[""] * len(staged) + ["trainer"] * len(resident),
+    )
+    engine = StagingIPCWeightTransferEngine(WeightTransferConfig(backend="vime_ipc"), cfg, torch.device("cpu"), model)
+    engine.buffer = st.buffer
+    with set_current_vllm_config(cfg):
+        with pytest.raises(ValueError, match="never mapped .* reconnect the channel"):
+            engine.receive_weights(u)
+        engine.sources["trainer"] = memory  # what `new_sources` maps on a GPU
+        engine.receive_weights(u)  # recorded
+        (plan,) = engine.plans.values()
+        assert isinstance(plan, LoadPlan) and plan.copies == len(tensors), plan
+        params = dict(model.named_parameters())
+        name, first = next((n, t) for n, t in resident if n in params)  # a parameter loaded 1:1 from the trainer
+        assert torch.equal(params[name], first)
+
+        st.fill([(n, t * 2 - 1) for n, t in staged])  # both sources change in place
+        memory.view(torch.bfloat16).mul_(-3).add_(0.5)
+        engine.receive_weights(u)  # replayed
+        replayed = snapshot(model)
+        model.load_weights(placed(st.buffer, engine.sources, u))
+        loaded = snapshot(model)
+    assert all(torch.equal(replayed[n], loaded[n]) for n in loaded), [
+        n for n in loaded if not torch.equal(replayed[n], loaded[n])
+    ]
+    assert torch.equal(replayed[name], first * -3 + 0.5)
+
+    gone = StagingUpdateInfo(**{**u.__dict__, "drop": ["trainer"]})
+    with pytest.raises(ValueError, match="never mapped"):
+        engine.receive_weights(gone)
+    assert "trainer" not in engine.sources and not engine.plans
+
+
+def test_the_sender_maps_resident_memory_once_and_unmaps_what_a_push_no_longer_reads(monkeypatch):
+    """`_placement`: each storage a resident tensor lies in is one source (its handle sent with the first round
+    that reads it, never again), tensors carry their byte offsets in it; memory no push read since is named in the
+    next push's `drop`. (Handles are CUDA IPC: a stand-in here; the mapping runs in the GPU tests.)"""
+    from engines.vllm import weight_channel
+    from engines.vllm.staging import source_id
+
+    monkeypatch.setattr(weight_channel, "source_handle", lambda t: {"gpu": source_id(t)})
+    ch = weight_channel.VLLMWeightChannel({"backend": "ipc"}, [])
+    ch.staging = Staging(1 << 20, "cpu")
+    ch.staging.fill([("s", torch.ones(3)), ("t", torch.ones(5))])  # a round's two staged tensors
+    params = torch.zeros(64, dtype=torch.bfloat16)  # one parameter buffer, two weights in it
+    other = torch.zeros(8, dtype=torch.float32)
+    direct = [("a", params[:16].view(4, 4)), ("b", params[32:48]), ("c", other)]
+    try:
+        first = ch._placement(2, direct)
+        assert first["sources"] == ["", "", source_id(params), source_id(params), source_id(other)]
+        assert first["offsets"] == [0, CHUNK, 0, 64, 0] and first["drop"] is None
+        assert set(first["new_sources"]) == {source_id(params), source_id(other)}
+        ch._unread()  # the first push read both
+        again = ch._placement(0, direct[:2])
+        assert again["new_sources"] is None and again["drop"] is None  # mapped once
+        ch._unread()  # the second read only the parameter buffer
+        later = ch._placement(0, direct[:1])
+        assert later["drop"] == [source_id(other)] and later["new_sources"] is None
+    finally:
+        ch.close()

@@ -4,6 +4,7 @@ it speaks the engine's weight-transfer API, and so does the list of backends it 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,3 +37,21 @@ class WeightsConfig(BaseModel):
 
 class WeightPushError(RuntimeError):
     """A push did not complete: engines may hold partly updated weights and must be restarted and re-synced."""
+
+
+# ---- resident weights -----------------------------------------------------------------------------------------
+# The trainer's promise for the push it is about to start, kept in its own process (where the channel runs): a
+# tensor whose memory starts at one of these addresses is one of its live weights — it stays where it is from push
+# to push and holds the values being pushed until the push returns. A colocated channel may then let the engines
+# read it in place (one copy instead of two, the same addresses every push) instead of staging a copy of it.
+_RESIDENT: set[int] = set()
+
+
+def mark_resident(storage_ptrs: Iterable[int]) -> None:
+    """Declare the storages (by start address) of the weights for the next push; replaces the last declaration."""
+    _RESIDENT.clear()
+    _RESIDENT.update(storage_ptrs)
+
+
+def is_resident(storage_ptr: int) -> bool:
+    return storage_ptr in _RESIDENT

@@ -40,7 +40,12 @@ class StagingUpdateInfo(WeightTransferUpdateInfo):
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
-    offsets: list[int] | None = None  # each tensor's byte offset in the buffer (None: end to end)
+    offsets: list[int] | None = None  # each tensor's byte offset in its source (None: end to end in the buffer)
+    # per tensor "" (the staging buffer) or the id of the trainer's memory it is read from in place (a resident
+    # weight, `staging.in_place`); the handles of ids new to this engine; the ids the trainer no longer sends from
+    sources: list[str] | None = None
+    new_sources: dict[str, str] | None = None
+    drop: list[str] | None = None
 
 
 def open_handle(handle_b64: str, device_index: int) -> torch.Tensor:
@@ -76,7 +81,9 @@ class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
         super().__init__(*args, **kwargs)
         self.mode = "staging"
         self.buffer: torch.Tensor | None = None
-        # per layout of a round (names, dtypes, shapes, offsets): its recorded load, or why it cannot be replayed
+        self.sources: dict[str, torch.Tensor] = {}  # the trainer's resident weights, mapped once each (flat bytes)
+        # per layout of a round (names, dtypes, shapes, offsets, sources): its recorded load, or why it cannot be
+        # replayed
         self.plans: dict[tuple[Any, ...], LoadPlan | str] = {}
 
     def parse_update_info(self, update_dict: dict[str, Any]) -> Any:
@@ -90,6 +97,7 @@ class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
     def init_transfer_engine(self, init_info: StagingInitInfo) -> None:
         self.mode = init_info.mode
         self.buffer = None
+        self.sources = {}
         self.plans = {}
         if self.mode == "staging":
             if not init_info.handle:
@@ -115,18 +123,58 @@ class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
         if self.buffer is None:
             raise RuntimeError("vime ipc engine not initialised: call /init_weight_transfer_engine first")
         u = update_info
-        key = (tuple(u.names), tuple(u.dtype_names), tuple(map(tuple, u.shapes)), tuple(u.offsets or ()))
+        self._map(u)
+        key = (
+            tuple(u.names),
+            tuple(u.dtype_names),
+            tuple(map(tuple, u.shapes)),
+            tuple(u.offsets or ()),
+            tuple(u.sources or ()),
+        )
         plan = self.plans.get(key) if REPLAY else "VIME_IPC_REPLAY=0"
         if isinstance(plan, LoadPlan) and plan.valid_for(model_memory(self.model)):
             plan.replay()
             return
-        tensors = views(self.buffer, u.names, u.dtype_names, u.shapes, u.offsets)
+        tensors = placed(self.buffer, self.sources, u)
         if isinstance(plan, str):  # this layout's load does more than copy: vLLM's loaders every time
             self.model.load_weights(tensors)
             return
-        self.plans[key] = record(self.model, self.buffer, lambda: self.model.load_weights(tensors))
+        bases = [self.buffer, *(self.sources[i] for i in sorted(set(u.sources or ()) - {""}))]
+        self.plans[key] = record(self.model, bases, lambda: self.model.load_weights(tensors))
         if isinstance(self.plans[key], str):
             logger.warning("vime ipc: pushes of this layout go through load_weights: %s", self.plans[key])
 
+    def _map(self, u: StagingUpdateInfo) -> None:
+        """Unmap the trainer memory it no longer sends from (and forget the loads that read it), map what is new."""
+        if u.drop:
+            gone = set(u.drop)
+            for sid in gone:
+                self.sources.pop(sid, None)
+            self.plans = {k: p for k, p in self.plans.items() if not gone & set(k[4])}
+        for sid, handle in (u.new_sources or {}).items():
+            self.sources[sid] = open_handle(handle, self.device.index)
+        missing = sorted({s for s in u.sources or () if s and s not in self.sources})
+        if missing:
+            raise ValueError(
+                f"vime ipc: the push reads trainer memory {missing[:3]} this engine never mapped (it restarted "
+                "since the weight channel connected?): reconnect the channel"
+            )
+
     def shutdown(self) -> None:
         self.buffer = None
+        self.sources = {}
+        self.plans = {}
+
+
+def placed(
+    buffer: torch.Tensor, sources: dict[str, torch.Tensor], u: StagingUpdateInfo
+) -> list[tuple[str, torch.Tensor]]:
+    """The round's tensors where they are: views of the staging buffer, or of the trainer's memory read in place."""
+    if not u.sources:
+        return views(buffer, u.names, u.dtype_names, u.shapes, u.offsets)
+    if u.offsets is None or len(u.offsets) != len(u.names) or len(u.sources) != len(u.names):
+        raise ValueError("vime ipc update_info: `sources` needs an offset and a source per tensor")
+    out: list[tuple[str, torch.Tensor]] = []
+    for name, dt, shape, off, sid in zip(u.names, u.dtype_names, u.shapes, u.offsets, u.sources):
+        out += views(sources[sid] if sid else buffer, [name], [dt], [shape], [off])
+    return out

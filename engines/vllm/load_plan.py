@@ -2,11 +2,12 @@
 
 vLLM's `model.load_weights` walks every HF tensor through its parameter's weight loader (name mapping, the
 stacked q/k/v and gate/up shards, padding): ~20 ms of Python for a 0.5B model's 290 tensors, most of a push.
-Yet with the staging buffer mapped once, every push of the same layout does the same thing: it copies the same
-byte ranges of the buffer into the same slices of the same parameters. So the first push of a layout runs
+Yet with the staging buffer (and the trainer's resident weights, read in place) mapped once, every push of the
+same layout does the same thing: it copies the same byte ranges of the same sources into the same slices of the
+same parameters. So the first push of a layout runs
 `load_weights` under a dispatch mode that records every write it makes to the model's memory; the next pushes
-replay those copies (as one CUDA graph on a GPU). A recording is used only if every write was a copy out of the
-buffer or a constant fill (the vocab rows past the checkpoint's) into a parameter or buffer, and no parameter was
+replay those copies (as one CUDA graph on a GPU). A recording is used only if every write was a copy out of a
+source or a constant fill (the vocab rows past the checkpoint's) into a parameter or buffer, and no parameter was
 swapped for a new tensor — anything else (a loader that converts, transposes or post-processes) leaves that
 layout on `load_weights`, with the reason kept. Replay is bit-for-bit what `load_weights` wrote, and every push
 is still checked by the weight sums after it.
@@ -72,15 +73,19 @@ class Memory:
         return Slice(name, (t.data_ptr() - start) // t.element_size(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
-class Recorder(TorchDispatchMode):
-    """Records the writes an op sequence makes into `memory`, copies from `source` and constant fills."""
+Copy = tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype]  # source index, byte offset, size, stride, dtype
 
-    def __init__(self, memory: Memory, source: torch.Tensor) -> None:
+
+class Recorder(TorchDispatchMode):
+    """Records the writes an op sequence makes into `memory`: copies out of `sources` (flat byte buffers: the staging
+    buffer, the trainer's resident weights) and constant fills."""
+
+    def __init__(self, memory: Memory, sources: list[torch.Tensor]) -> None:
         super().__init__()
         self.memory = memory
-        self.lo, self.hi = source.data_ptr(), source.data_ptr() + source.numel()
-        # in the order they happened: (dst, (byte offset, size, stride, dtype) of the source) or (dst, fill value)
-        self.writes: list[tuple[Slice, tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype] | float]] = []
+        self.spans = [(s.data_ptr(), s.data_ptr() + s.numel() * s.element_size()) for s in sources]
+        # in the order they happened: (dst, the copy's source) or (dst, fill value)
+        self.writes: list[tuple[Slice, Copy | float]] = []
         self.problem: str | None = None
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
@@ -102,8 +107,10 @@ class Recorder(TorchDispatchMode):
             self.problem = where
             return
         src = args[1] if func in COPIES else None
-        if isinstance(src, torch.Tensor) and self._from_buffer(src, dst):
-            self.writes.append((where, (src.data_ptr() - self.lo, tuple(src.shape), tuple(src.stride()), src.dtype)))
+        i = self._source_of(src, dst) if isinstance(src, torch.Tensor) else None
+        if src is not None and i is not None:
+            where_from = src.data_ptr() - self.spans[i][0]
+            self.writes.append((where, (i, where_from, tuple(src.shape), tuple(src.stride()), src.dtype)))
             return
         if func in FILLS:
             value = FILLS[func](args)
@@ -111,14 +118,14 @@ class Recorder(TorchDispatchMode):
                 self.writes.append((where, float(value)))
                 return
         self.problem = (
-            f"{where.owner} is written by {func}, not as a plain copy out of the staging buffer (a conversion, a "
-            "temporary)"
+            f"{where.owner} is written by {func}, not as a plain copy out of a source (a conversion, a temporary)"
         )
 
-    def _from_buffer(self, src: torch.Tensor, dst: torch.Tensor) -> bool:
-        """A plain copy out of the buffer: same dtype and shape (no conversion, no broadcast to replay)."""
-        inside = self.lo <= src.data_ptr() < self.hi
-        return inside and src.dtype == dst.dtype and src.shape == dst.shape
+    def _source_of(self, src: torch.Tensor, dst: torch.Tensor) -> int | None:
+        """Which source a plain copy reads (same dtype and shape: no conversion, no broadcast to replay)."""
+        if src.dtype != dst.dtype or src.shape != dst.shape:
+            return None
+        return next((i for i, (lo, hi) in enumerate(self.spans) if lo <= src.data_ptr() < hi), None)
 
 
 def model_memory(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -138,7 +145,7 @@ class LoadPlan:
     """The writes one layout's `load_weights` made, in their order, bound to live tensors and launched as one
     graph: runs of copies into disjoint places as one multi-tensor copy each, fills between them as they came."""
 
-    def __init__(self, recorder: Recorder, named: dict[str, torch.Tensor], source: torch.Tensor) -> None:
+    def __init__(self, recorder: Recorder, named: dict[str, torch.Tensor], sources: list[torch.Tensor]) -> None:
         self.ptrs = {dst.owner: named[dst.owner].data_ptr() for dst, _ in recorder.writes}  # must not move
         self.steps: list[list[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, float]] = []
         touched: list[tuple[str, int, int]] = []  # what the current run of copies writes
@@ -147,8 +154,7 @@ class LoadPlan:
             if isinstance(what, float):
                 self.steps.append((view, what))
                 continue
-            off, size, stride, dtype = what
-            src = source[off:].view(dtype).as_strided(size, stride)
+            src = _source_view(sources, what)
             owner, lo, hi = extent(dst)
             run = self.steps[-1] if self.steps and isinstance(self.steps[-1], list) else None
             if run is None or any(o == owner and lo < b and a < hi for o, a, b in touched):
@@ -158,7 +164,7 @@ class LoadPlan:
             touched.append((owner, lo, hi))
         self.copies = sum(len(s) for s in self.steps if isinstance(s, list))
         self.fills = len(self.steps) - sum(isinstance(s, list) for s in self.steps)
-        self.graph = captured(self._launch, source.device)
+        self.graph = captured(self._launch, sources[0].device)
 
     def _launch(self) -> None:
         for step in self.steps:
@@ -179,11 +185,17 @@ def _view(named: dict[str, torch.Tensor], s: Slice) -> torch.Tensor:
     return named[s.owner].detach().as_strided(s.size, s.stride, named[s.owner].storage_offset() + s.offset)
 
 
-def record(model: torch.nn.Module, source: torch.Tensor, load: Callable[[], None]) -> LoadPlan | str:
-    """Run `load` (a `load_weights` over views of `source`) recording it; the plan, or why it cannot replay."""
+def _source_view(sources: list[torch.Tensor], c: Copy) -> torch.Tensor:
+    i, off, size, stride, dtype = c
+    span = (1 + sum((n - 1) * st for n, st in zip(size, stride) if n)) * dtype.itemsize
+    return sources[i].view(torch.uint8)[off : off + span].view(dtype).as_strided(size, stride)
+
+
+def record(model: torch.nn.Module, sources: list[torch.Tensor], load: Callable[[], None]) -> LoadPlan | str:
+    """Run `load` (a `load_weights` over views of `sources`) recording it; the plan, or why it cannot replay."""
     named = model_memory(model)
     before = pointers(named)
-    rec = Recorder(Memory(named), source)
+    rec = Recorder(Memory(named), sources)
     with torch.no_grad(), rec:
         load()
     after = model_memory(model)
@@ -194,6 +206,6 @@ def record(model: torch.nn.Module, source: torch.Tensor, load: Callable[[], None
         return rec.problem
     try:
         with torch.no_grad():
-            return LoadPlan(rec, after, source)
+            return LoadPlan(rec, after, sources)
     except Exception as e:  # noqa: BLE001 - e.g. a view it cannot rebuild (an unaligned piece of the buffer)
         return f"the recorded copies cannot be replayed: {e}"

@@ -32,7 +32,7 @@ from engines.vllm.delta import Base
 from engines.vllm.fingerprint import check, dtype_name, float_checked, pairs_split, tensor_sums
 from engines.vllm.push_route import PATH as PUSH_PATH
 from engines.vllm.server import vllm_version
-from engines.vllm.staging import Staging
+from engines.vllm.staging import Staging, byte_offset, in_place, source_handle, source_id
 from vime.placement import free_port, listening_socket
 from vime.secret import auth_headers
 from vime.weights import WeightPushError, WeightsConfig
@@ -82,6 +82,11 @@ class VLLMWeightChannel:
         self.pool = ThreadPoolExecutor(max(4, len(self.urls) * 2))
         self.pg: Any = None  # gloo process group / NCCL communicator
         self.staging: Staging | None = None  # ipc: the buffer engines map once
+        # ipc: the trainer memory the engines have mapped to read resident weights in place (ids, `staging.py`),
+        # what this push read from, and what the next push tells them to unmap (read from by no push since)
+        self.shared: set[str] = set()
+        self.used: set[str] = set()
+        self.drop: list[str] = []
         self.connected = False
         self.sent: dict[str, tuple[list[Any], int, str]] = {}  # this push's tensors: sums, numel, dtype
         self.sum_s = 0.0  # time spent summing them
@@ -129,7 +134,7 @@ class VLLMWeightChannel:
         self.timeline[phase] = self.timeline.get(phase, 0.0) + seconds
 
     def _round(
-        self, meta: dict[str, Any], tensors: Bucket, first: bool, last: bool, send: Any = None, staged: bool = False
+        self, meta: dict[str, Any], tensors: Bucket, first: bool, last: bool, send: Any = None, staged: int = 0
     ) -> None:
         """One round on every engine: its `/vime/push` call, the backend's data plane (`send`) and the sender's sums
         for `verify` — summed while the engines load, except on the last round, whose call carries them all."""
@@ -246,22 +251,26 @@ class VLLMWeightChannel:
     def _connect_ipc(self) -> None:
         """Allocate the staging buffer once and let every engine (on this GPU) map it."""
         self.staging = Staging(self.cfg.bucket_mb << 20, "cuda")
+        self.shared, self.used, self.drop = set(), set(), []
         handle = base64.b64encode(pickle.dumps(self.staging.handle())).decode()
         self._all("/init_weight_transfer_engine", {"init_info": {"mode": "staging", "handle": handle}})
 
     # ---- data plane ------------------------------------------------------------------------------------
-    def _record(self, bucket: Bucket, staged: bool = False) -> None:
-        """The bucket's fingerprints for `verify`, summed where the tensors are while the engines load them
-        (`staged`: the round in the ipc staging buffer, its bit sums in two kernels)."""
+    def _record(self, bucket: Bucket, staged: int = 0) -> None:
+        """The bucket's fingerprints for `verify`, summed where the tensors are while the engines load them (the
+        first `staged`: the round in the ipc staging buffer, their bit sums in two kernels; the rest of an ipc
+        round are resident weights, at the same addresses every push: their sums a captured graph)."""
         if not self.cfg.verify:
             return
         t0 = time.perf_counter()
         floats = [self.float_names is None or n in self.float_names for n, _ in bucket]
+        sums = []
         if staged:
             assert self.staging is not None
-            sums = self.staging.sums(floats)
-        else:
-            sums = tensor_sums([t.detach() for _, t in bucket], floats)
+            sums = self.staging.sums(floats[:staged])
+        if len(bucket) > staged:
+            rest = [t.detach() for _, t in bucket[staged:]]
+            sums += tensor_sums(rest, floats[staged:], fixed=self.cfg.backend == "ipc")
         for (name, t), s in zip(bucket, sums):
             self.sent[name] = (s, t.numel(), dtype_name(t))
         self.sum_s += time.perf_counter() - t0
@@ -303,6 +312,11 @@ class VLLMWeightChannel:
         finally:
             os.unlink(path)
 
+    def _unread(self) -> None:
+        """After a push: trainer memory the engines mapped but this push did not read is unmapped on the next."""
+        self.drop += sorted(self.shared - self.used)
+        self.shared, self.used = self.used, set()
+
     def _send_nccl(self, bucket: Bucket) -> None:
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerSendWeightsArgs, NCCLWeightTransferEngine
 
@@ -313,21 +327,42 @@ class VLLMWeightChannel:
         torch.cuda.synchronize()
 
     def _send_ipc(self, bucket: Bucket, first: bool, last: bool) -> int:
-        """Copy the tensors into the staging buffer (device to device, one multi-tensor copy) and have the engines
-        load views of it; a bucket larger than the buffer goes in several rounds (`staging.py`)."""
+        """The trainer's resident weights are read by the engines where they are; the rest is copied into the
+        staging buffer (device to device, one multi-tensor copy) and loaded from views of it. A bucket larger
+        than the buffer goes in several rounds (`staging.py`); the resident tensors go with the first."""
         assert self.staging is not None
+        direct = [(n, t) for n, t in bucket if in_place(t)]
+        staged = [(n, t) for n, t in bucket if not in_place(t)]
         try:
-            rounds = self.staging.rounds(bucket)
+            rounds = self.staging.rounds(staged) if staged else [[]]
         except ValueError as e:
             raise WeightPushError(str(e)) from e
         for i, part in enumerate(rounds):
             t0 = time.perf_counter()
-            views = self.staging.fill(part)
-            torch.cuda.synchronize()
+            views = self.staging.fill(part) if part else []
+            here = direct if i == 0 else []
+            torch.cuda.synchronize()  # the copy, and the trainer's last writes to what the engines read in place
             self._took("copy", t0)
-            meta = bucket_meta(part) | {"offsets": list(self.staging.offsets)}
-            self._round(meta, views, first and i == 0, last and i == len(rounds) - 1, staged=True)
+            meta = bucket_meta(views + here) | self._placement(len(views), here)
+            self._round(meta, views + here, first and i == 0, last and i == len(rounds) - 1, staged=len(views))
         return sum(t.numel() * t.element_size() for _, t in bucket)
+
+    def _placement(self, staged: int, direct: Bucket) -> dict[str, Any]:
+        """Where the engines find a round's tensors: the staged ones at their offsets in the buffer, the resident
+        ones in the trainer memory they lie in (mapped on first use, unmapped when no push reads it any more)."""
+        assert self.staging is not None
+        out: dict[str, Any] = {"offsets": list(self.staging.offsets[:staged])}
+        if not direct:
+            return out
+        ids = [source_id(t) for _, t in direct]
+        new = {sid: t for (_, t), sid in zip(direct, ids) if sid not in self.shared}
+        handles = {sid: base64.b64encode(pickle.dumps(source_handle(t))).decode() for sid, t in new.items()}
+        self.shared |= set(new)
+        self.used |= set(ids)
+        out["offsets"] += [byte_offset(t) for _, t in direct]
+        out |= {"sources": [""] * staged + ids, "new_sources": handles or None, "drop": self.drop or None}
+        self.drop = []
+        return out
 
     def push(self, buckets: Iterable[Bucket], version: str) -> dict[str, float]:
         if not self.connected:
@@ -343,6 +378,7 @@ class VLLMWeightChannel:
                 nbytes += self._send_bucket(bucket, first, last)
             if not self.names:
                 raise WeightPushError(f"weight push of version {version!r} has no tensors")
+            self._unread()
             if self.cfg.delta:
                 self.base.version = version
         except WeightPushError:

@@ -29,6 +29,7 @@ from vime.algorithms.losses import entropy_bonus, get_loss
 from vime.placement import listening_socket
 from vime.protocols import WeightChannel, WeightChannelFactory
 from vime.trainer import TrainerConfig
+from vime.weights import mark_resident
 
 
 class MegatronWorker:
@@ -372,6 +373,9 @@ class MegatronWorker:
             return None
         if self.channel is None:
             raise RuntimeError("push_weights before connect_weights: no weight channel is open")
+        # the parameters stay put and hold what is pushed until push() returns (the optimiser steps in place): a
+        # colocated channel may read them where they are (`vime.weights.mark_resident`)
+        mark_resident(t.untyped_storage().data_ptr() for t in export.local_state(self).values() if torch.is_tensor(t))
         return self.channel.push(buckets, version)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
