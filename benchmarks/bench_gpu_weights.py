@@ -3,8 +3,10 @@
 - vLLM baseline: an HF model in this process pushed with vLLM's `IPCWeightTransferEngine.trainer_send_weights`
   (send_mode="http": one handle per tensor, layerwise reload) — start + send + finish, as vLLM documents it.
 - vime: the Megatron trainer (a Ray actor on the same GPU) pushes through `VLLMWeightChannel(backend=ipc)`:
-  Megatron → HF layout conversion, copy into the staging buffer mapped once by the engine, `load_weights` in
-  place, prefix-cache reset, pause/resume — the whole `push()` is timed, conversion included.
+  Megatron → HF layout conversion, the trainer's parameters read in place by the engine (what the conversion
+  made, q/k/v, copied into the staging buffer mapped once), the recorded load, prefix-cache reset, pause/resume —
+  the whole `push()` is timed, conversion included; and the same pushes with every tensor staged
+  (`weights.in_place: false`, the path before), same run.
 - ceiling: a device-to-device copy of 2 GiB (bytes read + written per second), measured in the same run.
 Correctness: after a trainer step changed the weights, engine log-probs (greedy) vs the trainer's, and vs the
 engine before the push. `python benchmarks/bench_gpu_weights.py [sizes...]` (default 0.5b 1.5b 7b).
@@ -255,6 +257,14 @@ def trainer_side(
         row["vime_verify_s"] = statistics.median(s["verify_s"] for s in stats)  # inside push_s (weights.verify)
         row["verify_share_of_push"] = row["vime_verify_s"] / row["vime_push_s"]
         row["vime_verify_engine_s"] = statistics.median(s["verify_engine_s"] for s in stats)  # the engines' side
+        trainer.connect_weights(  # the same pushes with every tensor staged (the path before `in_place`)
+            "engines.vllm.weight_channel:VLLMWeightChannel",
+            {"backend": backend, "bucket_mb": bucket_mb, "in_place": False},
+            [url],
+        )
+        staged = [trainer.push_weights(f"s{i}") for i in range(PUSHES + 1)][1:]
+        row["vime_push_staged_s"] = statistics.median(s["push_s"] for s in staged)
+        row["in_place_over_staged"] = row["vime_push_s"] / row["vime_push_staged_s"]
         trainer.connect_weights(  # the check's whole cost: the same pushes unverified
             "engines.vllm.weight_channel:VLLMWeightChannel",
             {"backend": backend, "bucket_mb": bucket_mb, "verify": False},

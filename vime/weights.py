@@ -28,6 +28,11 @@ class WeightsConfig(BaseModel):
         "pairs per tensor, whole tensors where that is not smaller), rebuilt bit-exactly on the engine; a full push "
         "whenever an engine does not hold that version. Both sides keep a host copy of the weights. vLLM: gloo",
     )
+    in_place: bool = Field(
+        default=True,
+        description="colocated pushes (vLLM: ipc) read the weights the trainer declares resident where they are, "
+        "one copy instead of two (`mark_resident`); false: stage every tensor (the path before, for comparisons)",
+    )
     verify: bool = Field(
         default=True,
         description="after every push the engines' parameters are checked against what was sent (vLLM: sums per "

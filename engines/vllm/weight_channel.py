@@ -331,8 +331,9 @@ class VLLMWeightChannel:
         staging buffer (device to device, one multi-tensor copy) and loaded from views of it. A bucket larger
         than the buffer goes in several rounds (`staging.py`); the resident tensors go with the first."""
         assert self.staging is not None
-        direct = [(n, t) for n, t in bucket if in_place(t)]
-        staged = [(n, t) for n, t in bucket if not in_place(t)]
+        read_in_place = [self.cfg.in_place and in_place(t) for _, t in bucket]
+        direct = [nt for nt, d in zip(bucket, read_in_place) if d]
+        staged = [nt for nt, d in zip(bucket, read_in_place) if not d]
         try:
             rounds = self.staging.rounds(staged) if staged else [[]]
         except ValueError as e:
