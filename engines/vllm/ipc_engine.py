@@ -3,7 +3,9 @@
 Why not vLLM's own `ipc` engine as it is: it opens one CUDA IPC handle per tensor on every push and reloads
 layer by layer, which costs ~150 ms whatever the model size (see `shared/notes/gpu_anchor.md`). Here the
 trainer opens ONE staging buffer at connect time; the engine maps it once, and every bucket of a push is a
-`load_weights` over views of that buffer — the data never leaves the GPU and no handle is opened per push.
+`load_weights` over views of that buffer — the data never leaves the GPU and no handle is opened per push. The
+trainer's resident weights (`vime.weights.mark_resident`) are not even staged: the engine maps the memory each
+lies in once (`new_sources`) and loads from it in place, until the trainer stops sending from it (`drop`).
 
 It subclasses vLLM's `IPCWeightTransferEngine`: `init_info.mode = "vllm"` switches back to the parent's exact
 per-push-handle path, which the benchmark uses as the baseline on the same server. The handle is a pickle (CUDA
