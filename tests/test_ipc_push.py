@@ -262,3 +262,50 @@ def test_the_sender_maps_resident_memory_once_and_unmaps_what_a_push_no_longer_r
         assert later["drop"] == [source_id(other)] and later["new_sources"] is None
     finally:
         ch.close()
+
+
+def test_a_model_that_derives_weights_at_load_is_pushed_through_the_layerwise_reload(
+    vllm_qwen2, model_dir, monkeypatch
+):
+    """MLA's absorbed projections (DeepSeek-V3) and fused-MoE methods are computed from the loaded weights after
+    loading; an in-place load (or its replay) would leave them stale while the parameters, and the push's check,
+    say new. vime's ipc engine finds such layers in vLLM's own models (built here on this CPU) and sends those
+    pushes through the parent's layerwise reload, which re-runs that processing; plain Qwen2 stays in place."""
+    from vllm.config import ModelConfig, VllmConfig, WeightTransferConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state as ps
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    from engines.vllm.ipc_engine import StagingIPCWeightTransferEngine, post_load
+
+    def build(arch: str) -> tuple[torch.nn.Module, VllmConfig]:
+        cfg = VllmConfig(model_config=ModelConfig(model=str(model_dir(arch, "tiny")), dtype="bfloat16"))
+        with set_current_vllm_config(cfg), set_default_torch_dtype(torch.bfloat16):
+            ps.destroy_model_parallel()  # an MoE model's groups (expert parallel) come from its own config
+            ps.initialize_model_parallel(1, 1)
+            return initialize_model(vllm_config=cfg), cfg
+
+    qwen2, qcfg, _ = vllm_qwen2
+    assert post_load(qwen2) is None
+    try:
+        deepseek, dcfg = build("deepseek_v3")
+        moe, _ = build("qwen3_moe")
+    finally:
+        with set_current_vllm_config(qcfg):  # the module's Qwen2 groups back
+            ps.destroy_model_parallel()
+            ps.initialize_model_parallel(1, 1)
+    assert "MLAAttention" in (post_load(deepseek) or ""), post_load(deepseek)
+    assert "UnquantizedFusedMoEMethod" in (post_load(moe) or ""), post_load(moe)
+
+    calls: list[str] = []
+    monkeypatch.setattr(IPCWeightTransferEngine, "start_weight_update", lambda self: calls.append("start"))
+    monkeypatch.setattr(IPCWeightTransferEngine, "finish_weight_update", lambda self: calls.append("finish"))
+    for model, cfg, want in ((qwen2, qcfg, []), (deepseek, dcfg, ["start", "finish"])):
+        calls.clear()
+        engine = StagingIPCWeightTransferEngine(
+            WeightTransferConfig(backend="vime_ipc"), cfg, torch.device("cpu"), model
+        )
+        engine.start_weight_update()
+        engine.finish_weight_update()
+        assert calls == want, (type(model).__name__, calls)

@@ -74,6 +74,21 @@ def open_handle(handle_b64: str, device_index: int) -> torch.Tensor:
 
 logger = init_logger(__name__)
 REPLAY = os.environ.get("VIME_IPC_REPLAY", "1") != "0"  # 0: every push through load_weights (the path before)
+PLAIN = {"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"}  # GPU methods that keep the loaded weight as is
+DERIVING = {"MLAAttention"}  # layers that compute weights of their own from the loaded ones (W_UK/W_UV absorbed)
+
+
+def post_load(model: torch.nn.Module) -> str | None:
+    """Why loading this model's weights in place would not be enough, or None: a layer vLLM processes after loading
+    (a quantized or fused-MoE method that may repack or pad, MLA's absorbed projections) would keep computing with
+    what it derived from the old weights while its parameters, and the push's check, say new."""
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and type(method).__name__ not in PLAIN:
+            return f"{name} uses {type(method).__name__}, processed after loading"
+        if type(module).__name__ in DERIVING:
+            return f"{name} ({type(module).__name__}) derives weights when loaded"
+    return None
 
 
 class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
@@ -84,6 +99,7 @@ class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
         self.mode = "staging"
         self.buffer: torch.Tensor | None = None
         self.sources: dict[str, torch.Tensor] = {}  # the trainer's resident weights, mapped once each (flat bytes)
+        self.post_load: str | None = None  # why in-place loads are not enough for this model ("" : they are)
         # per layout of a round (names, dtypes, shapes, offsets, sources): its recorded load, or why it cannot be
         # replayed
         self.plans: dict[tuple[Any, ...], LoadPlan | str] = {}
@@ -108,15 +124,25 @@ class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
         elif self.mode != "vllm":
             raise ValueError(f"vime ipc init_info.mode must be 'staging' or 'vllm', got {self.mode!r}")
 
-    # Staging mode loads straight into the live parameters (plain bf16/fp16 models need no post-processing): the
-    # first push of a layout through `load_weights`, recorded, the next ones by replaying it (`load_plan.py`);
-    # the vLLM mode keeps the parent's layerwise reload.
-    def start_weight_update(self) -> None:
+    # Staging mode loads straight into the live parameters where the model needs no processing after loading
+    # (plain bf16/fp16 layers): the first push of a layout through `load_weights`, recorded, the next ones by
+    # replaying it (`load_plan.py`). A model that does (`post_load`) and the vLLM mode go through the parent's
+    # layerwise reload, which re-runs that processing.
+    def _layerwise(self) -> bool:
         if self.mode == "vllm":
+            return True
+        if self.post_load is None:
+            self.post_load = post_load(self.model) or ""
+            if self.post_load:
+                logger.info("vime ipc: %s: pushes go through vLLM's layerwise reload", self.post_load)
+        return bool(self.post_load)
+
+    def start_weight_update(self) -> None:
+        if self._layerwise():
             super().start_weight_update()
 
     def finish_weight_update(self) -> None:
-        if self.mode == "vllm":
+        if self._layerwise():
             super().finish_weight_update()
 
     def receive_weights(self, update_info: Any) -> None:
@@ -134,6 +160,8 @@ class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
             tuple(u.sources or ()),
         )
         plan = self.plans.get(key) if REPLAY else "VIME_IPC_REPLAY=0"
+        if self._layerwise():
+            plan = self.post_load  # the layerwise reload's own loaders, every time
         if isinstance(plan, LoadPlan) and plan.valid_for(model_memory(self.model)):
             plan.replay()
             return
