@@ -236,32 +236,29 @@ def test_the_engine_reads_resident_weights_in_place_next_to_staged_ones(vllm_qwe
 
 
 def test_the_sender_maps_resident_memory_once_and_unmaps_what_a_push_no_longer_reads(monkeypatch):
-    """`_placement`: each storage a resident tensor lies in is one source (its handle sent with the first round
-    that reads it, never again), tensors carry their byte offsets in it; memory no push read since is named in the
-    next push's `drop`. (Handles are CUDA IPC: a stand-in here; the mapping runs in the GPU tests.)"""
-    from engines.vllm import weight_channel
-    from engines.vllm.staging import source_id
+    """`in_place.Mapped`: each storage a resident tensor lies in is one source (its handle sent with the first round
+    that reads it, never again), tensors carry their byte offsets in it after the staged ones'; memory no push read
+    since is named in the next push's `drop`. (Handles are CUDA IPC: a stand-in here; the mapping runs on a GPU.)"""
+    from engines.vllm import in_place
+    from engines.vllm.in_place import Mapped, source_id
 
-    monkeypatch.setattr(weight_channel, "source_handle", lambda t: {"gpu": source_id(t)})
-    ch = weight_channel.VLLMWeightChannel({"backend": "ipc"}, [])
-    ch.staging = Staging(1 << 20, "cpu")
-    ch.staging.fill([("s", torch.ones(3)), ("t", torch.ones(5))])  # a round's two staged tensors
+    monkeypatch.setattr(in_place, "source_handle", lambda t: {"gpu": source_id(t)})
+    mapped = Mapped()
+    staged = [0, CHUNK]  # a round's two staged tensors, at their offsets in the staging buffer
     params = torch.zeros(64, dtype=torch.bfloat16)  # one parameter buffer, two weights in it
     other = torch.zeros(8, dtype=torch.float32)
     direct = [("a", params[:16].view(4, 4)), ("b", params[32:48]), ("c", other)]
-    try:
-        first = ch._placement(2, direct)
-        assert first["sources"] == ["", "", source_id(params), source_id(params), source_id(other)]
-        assert first["offsets"] == [0, CHUNK, 0, 64, 0] and first["drop"] is None
-        assert set(first["new_sources"]) == {source_id(params), source_id(other)}
-        ch._unread()  # the first push read both
-        again = ch._placement(0, direct[:2])
-        assert again["new_sources"] is None and again["drop"] is None  # mapped once
-        ch._unread()  # the second read only the parameter buffer
-        later = ch._placement(0, direct[:1])
-        assert later["drop"] == [source_id(other)] and later["new_sources"] is None
-    finally:
-        ch.close()
+    assert mapped.placement(staged, []) == {"offsets": staged}
+    first = mapped.placement(staged, direct)
+    assert first["sources"] == ["", "", source_id(params), source_id(params), source_id(other)]
+    assert first["offsets"] == [0, CHUNK, 0, 64, 0] and first["drop"] is None
+    assert set(first["new_sources"]) == {source_id(params), source_id(other)}
+    mapped.unread()  # the first push read both
+    again = mapped.placement([], direct[:2])
+    assert again["new_sources"] is None and again["drop"] is None  # mapped once
+    mapped.unread()  # the second read only the parameter buffer
+    later = mapped.placement([], direct[:1])
+    assert later["drop"] == [source_id(other)] and later["new_sources"] is None
 
 
 def test_a_model_that_derives_weights_at_load_is_pushed_through_the_layerwise_reload(

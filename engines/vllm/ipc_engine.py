@@ -44,7 +44,7 @@ class StagingUpdateInfo(WeightTransferUpdateInfo):
     shapes: list[list[int]]
     offsets: list[int] | None = None  # each tensor's byte offset in its source (None: end to end in the buffer)
     # per tensor "" (the staging buffer) or the id of the trainer's memory it is read from in place (a resident
-    # weight, `staging.in_place`); the handles of ids new to this engine; the ids the trainer no longer sends from
+    # weight, `in_place.py`); the handles of ids new to this engine; the ids the trainer no longer sends from
     sources: list[str] | None = None
     new_sources: dict[str, str] | None = None
     drop: list[str] | None = None

@@ -11,11 +11,7 @@ odd 2-byte lengths) are summed one by one as before. The layout of a round is th
 names and shapes), so the gaps are zeroed only when it changes. What the sums read is what the engines read: the
 staging buffer, after the copy.
 
-The trainer's own weights need no staging at all when it declares them resident (`vime.weights.mark_resident`:
-they stay where they are and hold what is pushed until the push returns): the engines map each one's memory once
-and read it in place (`in_place`, `source_handle`), one copy of the model per push instead of two, from the same
-addresses every push, so the engine's recorded load replays. What is not resident — a tensor the trainer made for
-the push (q/k/v cut out of a fused parameter, a TP all-gather) — is staged.
+The trainer's resident weights are not staged at all: the engines read them in place (`in_place.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ from typing import Any
 import torch
 
 from engines.vllm.fingerprint import bit_sum, bits_mod, tensor_sums
-from vime.weights import is_resident
 
 CHUNK = 16 << 10  # bytes; a multiple of every element size, and small next to a tensor of a 0.5B model
 SLACK = 4096 * CHUNK  # room for the alignment of 4,096 tensors: a bucket of `nbytes` still fits in one round
@@ -33,30 +28,6 @@ SLACK = 4096 * CHUNK  # room for the alignment of 4,096 tensors: a bucket of `nb
 
 def aligned(nbytes: int) -> int:
     return -(-nbytes // CHUNK) * CHUNK
-
-
-def in_place(t: torch.Tensor) -> bool:
-    """Whether the engines may read `t` where it is: a contiguous GPU tensor in one of the trainer's resident
-    weights' memory."""
-    return t.is_cuda and t.is_contiguous() and is_resident(t.untyped_storage().data_ptr())
-
-
-def source_id(t: torch.Tensor) -> str:
-    """The id of the memory `t` lies in (its storage: start address and size), as the engines map it."""
-    st = t.untyped_storage()
-    return f"{st.data_ptr():x}+{st.nbytes()}"
-
-
-def byte_offset(t: torch.Tensor) -> int:
-    return t.storage_offset() * t.element_size()
-
-
-def source_handle(t: torch.Tensor) -> dict[str, Any]:
-    """{GPU uuid: `reduce_tensor` args} of the whole storage `t` lies in, as flat bytes (like `Staging.handle`)."""
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    flat = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
-    return {str(torch.cuda.get_device_properties(t.device).uuid): reduce_tensor(flat)[1]}
 
 
 def chunked(t: torch.Tensor) -> bool:

@@ -14,10 +14,8 @@ resumed.
 
 from __future__ import annotations
 
-import base64
 import math
 import os
-import pickle
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -30,9 +28,10 @@ import torch
 from engines.vllm import delta
 from engines.vllm.delta import Base
 from engines.vllm.fingerprint import check, dtype_name, float_checked, pairs_split, tensor_sums
+from engines.vllm.in_place import Mapped, encoded, in_place
 from engines.vllm.push_route import PATH as PUSH_PATH
 from engines.vllm.server import vllm_version
-from engines.vllm.staging import Staging, byte_offset, in_place, source_handle, source_id
+from engines.vllm.staging import Staging
 from vime.placement import free_port, listening_socket
 from vime.secret import auth_headers
 from vime.weights import WeightPushError, WeightsConfig
@@ -82,11 +81,7 @@ class VLLMWeightChannel:
         self.pool = ThreadPoolExecutor(max(4, len(self.urls) * 2))
         self.pg: Any = None  # gloo process group / NCCL communicator
         self.staging: Staging | None = None  # ipc: the buffer engines map once
-        # ipc: the trainer memory the engines have mapped to read resident weights in place (ids, `staging.py`),
-        # what this push read from, and what the next push tells them to unmap (read from by no push since)
-        self.shared: set[str] = set()
-        self.used: set[str] = set()
-        self.drop: list[str] = []
+        self.mapped = Mapped()  # ipc: the trainer memory the engines read resident weights from (`in_place.py`)
         self.connected = False
         self.sent: dict[str, tuple[list[Any], int, str]] = {}  # this push's tensors: sums, numel, dtype
         self.sum_s = 0.0  # time spent summing them
@@ -218,21 +213,11 @@ class VLLMWeightChannel:
         port = sock.getsockname()[1] if sock is not None else free_port(self.master_address)
         world = 1 + self.workers_per_engine * len(self.urls)
         extra = {"timeout_s": self.cfg.timeout_s} if backend == "gloo" else {}
+        group = {"master_address": self.master_address, "master_port": port, "world_size": world, **extra}
+        per = self.workers_per_engine
+        path = "/init_weight_transfer_engine"
         futs = [
-            self.pool.submit(
-                self._post,
-                u,
-                "/init_weight_transfer_engine",
-                {
-                    "init_info": {
-                        "master_address": self.master_address,
-                        "master_port": port,
-                        "world_size": world,
-                        "rank_offset": 1 + i * self.workers_per_engine,
-                        **extra,
-                    }
-                },
-            )
+            self.pool.submit(self._post, u, path, {"init_info": group | {"rank_offset": 1 + i * per}})
             for i, u in enumerate(self.urls)
         ]
         if backend == "gloo":
@@ -251,9 +236,9 @@ class VLLMWeightChannel:
     def _connect_ipc(self) -> None:
         """Allocate the staging buffer once and let every engine (on this GPU) map it."""
         self.staging = Staging(self.cfg.bucket_mb << 20, "cuda")
-        self.shared, self.used, self.drop = set(), set(), []
-        handle = base64.b64encode(pickle.dumps(self.staging.handle())).decode()
-        self._all("/init_weight_transfer_engine", {"init_info": {"mode": "staging", "handle": handle}})
+        self.mapped = Mapped()
+        init = {"mode": "staging", "handle": encoded(self.staging.handle())}
+        self._all("/init_weight_transfer_engine", {"init_info": init})
 
     # ---- data plane ------------------------------------------------------------------------------------
     def _record(self, bucket: Bucket, staged: int = 0) -> None:
@@ -312,11 +297,6 @@ class VLLMWeightChannel:
         finally:
             os.unlink(path)
 
-    def _unread(self) -> None:
-        """After a push: trainer memory the engines mapped but this push did not read is unmapped on the next."""
-        self.drop += sorted(self.shared - self.used)
-        self.shared, self.used = self.used, set()
-
     def _send_nccl(self, bucket: Bucket) -> None:
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerSendWeightsArgs, NCCLWeightTransferEngine
 
@@ -344,26 +324,9 @@ class VLLMWeightChannel:
             here = direct if i == 0 else []
             torch.cuda.synchronize()  # the copy, and the trainer's last writes to what the engines read in place
             self._took("copy", t0)
-            meta = bucket_meta(views + here) | self._placement(len(views), here)
+            meta = bucket_meta(views + here) | self.mapped.placement(self.staging.offsets[: len(views)], here)
             self._round(meta, views + here, first and i == 0, last and i == len(rounds) - 1, staged=len(views))
         return sum(t.numel() * t.element_size() for _, t in bucket)
-
-    def _placement(self, staged: int, direct: Bucket) -> dict[str, Any]:
-        """Where the engines find a round's tensors: the staged ones at their offsets in the buffer, the resident
-        ones in the trainer memory they lie in (mapped on first use, unmapped when no push reads it any more)."""
-        assert self.staging is not None
-        out: dict[str, Any] = {"offsets": list(self.staging.offsets[:staged])}
-        if not direct:
-            return out
-        ids = [source_id(t) for _, t in direct]
-        new = {sid: t for (_, t), sid in zip(direct, ids) if sid not in self.shared}
-        handles = {sid: base64.b64encode(pickle.dumps(source_handle(t))).decode() for sid, t in new.items()}
-        self.shared |= set(new)
-        self.used |= set(ids)
-        out["offsets"] += [byte_offset(t) for _, t in direct]
-        out |= {"sources": [""] * staged + ids, "new_sources": handles or None, "drop": self.drop or None}
-        self.drop = []
-        return out
 
     def push(self, buckets: Iterable[Bucket], version: str) -> dict[str, float]:
         if not self.connected:
@@ -379,7 +342,7 @@ class VLLMWeightChannel:
                 nbytes += self._send_bucket(bucket, first, last)
             if not self.names:
                 raise WeightPushError(f"weight push of version {version!r} has no tensors")
-            self._unread()
+            self.mapped.unread()
             if self.cfg.delta:
                 self.base.version = version
         except WeightPushError:
