@@ -3,7 +3,9 @@
 Times what each side of a verified push reads per tensor — the bit sums (`fingerprint.bit_sum`: 4-byte words) —
 against the baseline, the same sums over 2-byte elements as before (int16 into int32, one element at a time),
 and a plain copy of the same bytes as the ceiling, on bf16: one large tensor and a model's worth of tensors
-(0.5B Qwen2's shapes, ~290 tensors: launches more than bandwidth). Writes
+(0.5B Qwen2's shapes, ~290 tensors: launches more than bandwidth; on a GPU also a 7B engine's parameters). On a
+GPU also what a push runs: the bit sums and the copy graphed, and the Triton kernel (`word_sums.py`) summing
+alone and summing inside the copy. Writes
 benchmarks/results/bit_sums_<card>.{json,png}.
 """
 
@@ -15,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +26,60 @@ def qwen2_05b_shapes() -> list[tuple[int, ...]]:
     h, i, kv, layers = 896, 4864, 128, 24
     per_layer = [(h, h), (h,), (kv, h), (kv,), (kv, h), (kv,), (h, h), (i, h), (i, h), (h, i), (h,), (h,)]
     return [(151936, h)] + per_layer * layers + [(h,)]
+
+
+def qwen2_7b_engine_shapes() -> list[tuple[int, ...]]:
+    """A 7B Qwen2's parameters as vLLM holds them (q/k/v and gate/up fused, lm_head apart): what an engine sums."""
+    h, i, qkv, layers = 3584, 18944, 4608, 28
+    per_layer = [(qkv, h), (qkv,), (h, h), (2 * i, h), (h, i), (h,), (h,)]
+    return [(152064, h)] + per_layer * layers + [(h,), (152064, h)]
+
+
+def kernel_sums(ts: list[Any], dst: list[Any] | None) -> Callable[[], Any]:
+    """The word-sum kernel (`word_sums.py`) over every tensor, copying into `dst` as it reads, as one graph."""
+    import torch
+
+    from engines.vllm import word_sums
+    from engines.vllm.graphs import captured
+
+    out = torch.zeros(len(ts), dtype=torch.int32, device=ts[0].device)
+
+    def run() -> torch.Tensor:
+        out.zero_()
+        for k, t in enumerate(ts):
+            word_sums.launch(word_sums.words(t), out, k, None if dst is None else word_sums.words(dst[k]))
+        return out
+
+    run()  # compiled before the capture
+    return captured(run, ts[0].device)
+
+
+def graphed(ts: list[Any], timed: Callable[[Callable[[], object]], float]) -> dict[str, Any]:
+    """What a push runs on a GPU, the same tensors every time: PyTorch's bit sums and copy graphed, and the kernel
+    summing alone and inside the copy; each checked against `fingerprint.bit_sum`."""
+    import torch
+
+    from engines.vllm import word_sums
+    from engines.vllm.fingerprint import bit_sum, graphed_bits, stacked_bits
+    from engines.vllm.graphs import captured
+
+    dst = [torch.empty_like(t) for t in ts]
+    want = stacked_bits([bit_sum(t) for t in ts])
+    out: dict[str, Any] = {
+        "graphed_words_ms": timed(lambda: graphed_bits(ts)) * 1e3,
+        "graphed_copy_ms": timed(captured(lambda: torch._foreach_copy_(dst, ts), ts[0].device)) * 1e3,
+        "graphed_words_exact": graphed_bits(ts) == want,
+    }
+    if word_sums.usable(ts[0].device):
+        sums_only, fused = kernel_sums(ts, None), kernel_sums(ts, dst)
+        out["kernel_words_ms"] = timed(lambda: sums_only().tolist()) * 1e3
+        out["kernel_copy_and_words_ms"] = timed(lambda: fused().tolist()) * 1e3
+        out["kernel_words_exact"] = sums_only().tolist() == want
+        for t in dst:
+            t.zero_()
+        out["kernel_copy_exact"] = fused().tolist() == want and all(torch.equal(x, y) for x, y in zip(dst, ts))
+    print({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}, flush=True)
+    return out
 
 
 def main() -> int:
@@ -62,13 +119,16 @@ def main() -> int:
         "one tensor": [torch.randn(int(a.gb * 2**30) // 2, generator=g, device=dev, dtype=torch.bfloat16)],
         "0.5B model": [torch.randn(s, generator=g, device=dev, dtype=torch.bfloat16) for s in qwen2_05b_shapes()],
     }
+    if dev == "cuda":
+        cases["7B engine"] = [torch.randn(s, device=dev, dtype=torch.bfloat16) for s in qwen2_7b_engine_shapes()]
     rows = {}
     for case, ts in cases.items():
         nbytes = sum(t.numel() * t.element_size() for t in ts)
         new = timed(lambda ts=ts: tensor_sums(ts, [False] * len(ts)))
         old = timed(lambda ts=ts: old_bits(ts))
         copy = timed(lambda ts=ts: [t.clone() for t in ts])
-        rows[case] = {
+        extra = graphed(ts, timed) if dev == "cuda" else {}
+        rows[case] = extra | {
             "bytes": nbytes,
             "tensors": len(ts),
             "words_ms": new * 1e3,

@@ -257,6 +257,16 @@ def trainer_side(
         row["vime_verify_s"] = statistics.median(s["verify_s"] for s in stats)  # inside push_s (weights.verify)
         row["verify_share_of_push"] = row["vime_verify_s"] / row["vime_push_s"]
         row["vime_verify_engine_s"] = statistics.median(s["verify_engine_s"] for s in stats)  # the engines' side
+        row["summed_in_copy"] = statistics.median(s.get("summed_in_copy", 0.0) for s in stats)  # parameters
+        trainer.connect_weights(  # the same pushes with the engine reading every parameter back for the check
+            "engines.vllm.weight_channel:VLLMWeightChannel",
+            {"backend": backend, "bucket_mb": bucket_mb, "verify_read_back": True},
+            [url],
+        )
+        back = [trainer.push_weights(f"r{i}") for i in range(PUSHES + 1)][1:]
+        row["vime_push_read_back_s"] = statistics.median(s["push_s"] for s in back)
+        row["vime_verify_read_back_s"] = statistics.median(s["verify_s"] for s in back)
+        row["in_copy_over_read_back"] = row["vime_push_s"] / row["vime_push_read_back_s"]
         trainer.connect_weights(  # the same pushes with every tensor staged (the path before `in_place`)
             "engines.vllm.weight_channel:VLLMWeightChannel",
             {"backend": backend, "bucket_mb": bucket_mb, "in_place": False},

@@ -6,7 +6,7 @@ tensors from a staging buffer laid out as the sender lays it out (`engines/vllm/
 - load: vLLM's `load_weights` over views of the buffer (the baseline, what every push ran) vs the recorded load
   replayed (`engines/vllm/load_plan.py`, one CUDA graph on a GPU);
 - engine sums: the bit sums of the parameters one reduction per tensor (baseline) vs captured once
-  (`fingerprint.graphed_bits`);
+  (`fingerprint.graphed_bits`); on a GPU the replay sums what it writes (`summed_in_copy` parameters, checked equal);
 - sender sums: one reduction per tensor (baseline) vs the staging buffer's chunked sums.
 Each pair runs in the same process on the same tensors; writes benchmarks/results/load_plan_<card>.{json,png}.
 """
@@ -104,7 +104,14 @@ def bench(size: str, dev: str, repeats: int) -> dict:
         replayed = [p.clone() for p in params]
         load()
         row["replay_equals_load_weights"] = all(torch.equal(a, b) for a, b in zip(replayed, params))
+        plan.replay()
+        copied = plan.sums()  # what the replay's copy summed of the parameters it wrote whole
+        named = dict(model.named_parameters())
+        row["summed_in_copy"] = len(copied)
+        row["copy_sums_equal_bit_sums"] = all(v == int(bit_sum(named[p])) % (1 << 32) for p, v in copied.items())
     assert row["replay_equals_load_weights"], f"{size}: the replayed load differs from load_weights"
+    assert row["copy_sums_equal_bit_sums"], f"{size}: the sums the replay took differ from the parameters' bit sums"
+    assert copied or dev != "cuda", f"{size}: on a GPU the replay's kernel sums what it writes; it summed nothing"
     assert graphed_bits(params) == stacked_bits([bit_sum(p) for p in params])
     assert st.bit_sums() == [s % (1 << 32) for s in stacked_bits([bit_sum(t) for _, t in st.views()])]
     row["replay_over_load_weights"] = row["replay_s"] / row["load_weights_s"]

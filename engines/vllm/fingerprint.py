@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from engines.vllm import word_sums
 from engines.vllm.cpu_threads import one_thread
 from engines.vllm.graphs import captured
 
@@ -128,26 +129,44 @@ GRAPHS: dict[tuple[Any, ...], Any] = {}  # the bit sums of one set of fixed tens
 
 
 def graphed_bits(tensors: list[torch.Tensor]) -> list[int]:
-    """`stacked_bits` of the tensors' bit sums, the kernels captured once per set of tensors and replayed after."""
+    """`stacked_bits` of the tensors' bit sums, the kernels captured once per set of tensors and replayed after; on
+    a GPU the word-sum kernel (`word_sums.py`) takes every tensor of whole 2- or 4-byte words."""
     if tensors[0].device.type != "cuda" or any(t.element_size() == 2 and t.storage_offset() % 2 for t in tensors):
         return stacked_bits([bit_sum(t) for t in tensors])  # (an odd 2-byte offset would clone inside the graph)
     key = tuple((t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) for t in tensors)
     if key not in GRAPHS:
         if len(GRAPHS) >= 4:
             GRAPHS.pop(next(iter(GRAPHS)))
-        acc = [INT_OF_WIDTH[max(4, t.element_size())] for t in tensors]  # bit_sum's accumulator dtype
-        groups = [[i for i, a in enumerate(acc) if a == d] for d in sorted(set(acc), key=str)]
-
-        def launch() -> list[torch.Tensor]:
-            return [torch.stack([bit_sum(tensors[i]) for i in idx]) for idx in groups]
-
-        GRAPHS[key] = (captured(launch, tensors[0].device), groups)
-    run, groups = GRAPHS[key]
+        GRAPHS[key] = _bits_graph(tensors)
+    run, kernel, groups = GRAPHS[key]
     out = [0] * len(tensors)
-    for idx, stack in zip(groups, run()):
+    stacks = run()
+    for i, v in zip(kernel, stacks[0].tolist()):
+        out[i] = v
+    for idx, stack in zip(groups, stacks[1:]):
         for i, v in zip(idx, stack.tolist()):
             out[i] = v
     return out
+
+
+def _bits_graph(tensors: list[torch.Tensor]) -> tuple[Any, list[int], list[list[int]]]:
+    """The graph of one set's bit sums: the kernel's into one int32 vector, the rest stacked per accumulator."""
+    dev = tensors[0].device
+    fast = word_sums.usable(dev)
+    words = [word_sums.words(t) if fast and t.element_size() in (2, 4) else None for t in tensors]
+    kernel = [i for i, w in enumerate(words) if w is not None]
+    rest = [i for i, w in enumerate(words) if w is None]
+    acc = {i: INT_OF_WIDTH[max(4, tensors[i].element_size())] for i in rest}  # bit_sum's accumulator dtype
+    groups = [[i for i in rest if acc[i] == d] for d in sorted(set(acc.values()), key=str)]
+    out = torch.zeros(len(kernel), dtype=torch.int32, device=dev)
+
+    def launch() -> list[torch.Tensor]:
+        out.zero_()
+        for k, i in enumerate(kernel):
+            word_sums.launch(words[i], out, k)  # type: ignore[arg-type]
+        return [out, *(torch.stack([bit_sum(tensors[i]) for i in idx]) for idx in groups)]
+
+    return captured(launch, dev), kernel, groups
 
 
 # ---- engine worker side -------------------------------------------------------------------------------------
@@ -196,14 +215,18 @@ def computed_with(model: torch.nn.Module, name: str, param: torch.Tensor) -> tup
     return rows, rows.numel() * k, True
 
 
-def engine_sums(model: torch.nn.Module, names: list[str], dtypes: list[str | None] | None = None) -> dict[str, Any]:
+def engine_sums(
+    model: torch.nn.Module,
+    names: list[str],
+    dtypes: list[str | None] | None = None,
+    copied: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """This worker's side: where each pushed name landed and, per parameter, [Σw, Σw², Σbits] (Σw² None where
     only row sums could be read). `dtypes` (what each name was sent as; None: check it by float sums): a parameter
-    that holds all it got in the dtype it got it in is checked by its bit sum alone ([None, None, Σbits])."""
+    that holds all it got in the dtype it got it in is checked by its bit sum alone ([None, None, Σbits]), taken
+    from `copied` (parameter → Σbits the load's own copy summed as it wrote it whole) where it is there."""
     params = dict(model.named_parameters())
-    stacked = stacked_names(model)
-    where = {n: param_for(n, params, stacked) for n in names}
-    held = sorted({p for p in where.values() if p})
+    where, held = landed(model, tuple(names), params)
     sent_as: dict[str, set[str | None]] = defaultdict(set)
     for n, d in zip(names, dtypes or []):
         if (p := where[n]) is not None:
@@ -214,11 +237,34 @@ def engine_sums(model: torch.nn.Module, names: list[str], dtypes: list[str | Non
             not rows and sent_as.get(p) == {dtype_name(v)} and not pairs_split(v.element_size(), v.numel())
             for p, (v, _, rows) in zip(held, values)
         ]
-        sums = tensor_sums([v for v, _, _ in values], [not e for e in exact], fixed=True)
+        known = copied or {}
+        read = [i for i, p in enumerate(held) if not (exact[i] and p in known)]
+        sums: list[list[Any]] = [[None, None, known.get(p)] for p in held]
+        for i, s in zip(read, tensor_sums([values[i][0] for i in read], [not exact[i] for i in read], fixed=True)):
+            sums[i] = s
     info = {}
     for p, (v, numel, row_sums), s in zip(held, values, sums):
         info[p] = {"sums": [s[0], None, None] if row_sums else s, "numel": numel, "dtype": dtype_name(v)}
     return {"where": where, "params": info}
+
+
+LANDED: dict[tuple[Any, ...], tuple[dict[str, str | None], list[str]]] = {}  # per model and names
+
+
+def landed(
+    model: torch.nn.Module, names: tuple[str, ...], params: dict[str, Any]
+) -> tuple[dict[str, str | None], list[str]]:
+    """Where each name lands and the parameters that hold them: the same every push of the same names (kept: the
+    Python of finding them was a millisecond and more of every push's check)."""
+    key = (type(model), tuple(params), names)
+    if key not in LANDED:
+        if len(LANDED) >= 8:
+            LANDED.pop(next(iter(LANDED)))
+        stacked = stacked_names(model)
+        where = {n: param_for(n, params, stacked) for n in names}
+        LANDED[key] = (where, sorted({p for p in where.values() if p}))
+    where, held = LANDED[key]
+    return dict(where), held
 
 
 def dtype_name(t: torch.Tensor) -> str:

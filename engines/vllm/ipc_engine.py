@@ -103,6 +103,12 @@ class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
         # per layout of a round (names, dtypes, shapes, offsets, sources): its recorded load, or why it cannot be
         # replayed
         self.plans: dict[tuple[Any, ...], LoadPlan | str] = {}
+        self.replayed: LoadPlan | None = None  # the plan the last round replayed (None: it went through a loader)
+
+    def replayed_sums(self) -> dict[str, int]:
+        """The bit sums the last round's replay took of the parameters it wrote whole (`LoadPlan.sums`): what the
+        push's check need not read again. Empty after a round that went through vLLM's loaders."""
+        return self.replayed.sums() if self.replayed is not None else {}
 
     def parse_update_info(self, update_dict: dict[str, Any]) -> Any:
         if self.mode == "vllm":
@@ -151,6 +157,7 @@ class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
         if self.buffer is None:
             raise RuntimeError("vime ipc engine not initialised: call /init_weight_transfer_engine first")
         u = update_info
+        self.replayed = None
         self._map(u)
         key = (
             tuple(u.names),
@@ -164,6 +171,7 @@ class StagingIPCWeightTransferEngine(IPCWeightTransferEngine):
             plan = self.post_load  # the layerwise reload's own loaders, every time
         if isinstance(plan, LoadPlan) and plan.valid_for(model_memory(self.model)):
             plan.replay()
+            self.replayed = plan
             return
         tensors = placed(self.buffer, self.sources, u)
         if isinstance(plan, str):  # this layout's load does more than copy: vLLM's loaders every time

@@ -6,7 +6,8 @@ Yet with the staging buffer (and the trainer's resident weights, read in place) 
 same layout does the same thing: it copies the same byte ranges of the same sources into the same slices of the
 same parameters. So the first push of a layout runs
 `load_weights` under a dispatch mode that records every write it makes to the model's memory; the next pushes
-replay those copies (as one CUDA graph on a GPU). A recording is used only if every write was a copy out of a
+replay those copies (as one CUDA graph on a GPU; there by a kernel that sums what it copies, so the push's check
+need not read the parameters again). A recording is used only if every write was a copy out of a
 source or a constant fill (the vocab rows past the checkpoint's) into a parameter or buffer, and no parameter was
 swapped for a new tensor — anything else (a loader that converts, transposes or post-processes) leaves that
 layout on `load_weights`, with the reason kept. Replay is bit-for-bit what `load_weights` wrote, and every push
@@ -16,13 +17,15 @@ is still checked by the weight sums after it.
 from __future__ import annotations
 
 import bisect
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from engines.vllm import word_sums
 from engines.vllm.graphs import captured
 
 aten = torch.ops.aten
@@ -141,20 +144,49 @@ def extent(s: Slice) -> tuple[str, int, int]:
     return s.owner, s.offset, s.offset + 1 + sum((n - 1) * st for n, st in zip(s.size, s.stride) if n)
 
 
+class Words(NamedTuple):
+    """A copy of whole aligned words, made by the word-sum kernel: it adds what it writes into `slot`."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    slot: int
+
+
+Step = list[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, float] | Words
+
+
 class LoadPlan:
     """The writes one layout's `load_weights` made, in their order, bound to live tensors and launched as one
-    graph: runs of copies into disjoint places as one multi-tensor copy each, fills between them as they came."""
+    graph: on a GPU each copy of whole words by the word-sum kernel (`word_sums.py`), which also sums what it
+    writes per parameter; other runs of copies into disjoint places as one multi-tensor copy each, fills between
+    them as they came. A parameter that the kernel wrote whole, each word once, has its bit sum from the replay
+    (`sums`) without being read again."""
 
     def __init__(self, recorder: Recorder, named: dict[str, torch.Tensor], sources: list[torch.Tensor]) -> None:
         self.ptrs = {dst.owner: named[dst.owner].data_ptr() for dst, _ in recorder.writes}  # must not move
-        self.steps: list[list[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, float]] = []
+        self.owners = sorted(self.ptrs)
+        slot = {o: i for i, o in enumerate(self.owners)}
+        device = sources[0].device
+        self.out = torch.zeros(len(self.owners), dtype=torch.int32, device=device)
+        fast = word_sums.usable(device)
+        self.steps: list[Step] = []
+        spans: dict[str, list[tuple[int, int]]] = defaultdict(list)  # the byte ranges the kernel wrote, per owner
+        unsummed: set[str] = set()  # owners also written some other way
         touched: list[tuple[str, int, int]] = []  # what the current run of copies writes
         for dst, what in recorder.writes:
             view = _view(named, dst)
             if isinstance(what, float):
                 self.steps.append((view, what))
+                unsummed.add(dst.owner)
                 continue
             src = _source_view(sources, what)
+            src_words, dst_words = (word_sums.words(src), word_sums.words(view)) if fast else (None, None)
+            if src_words is not None and dst_words is not None:
+                self.steps.append(Words(src_words, dst_words, slot[dst.owner]))
+                start = dst.offset * dst.dtype.itemsize
+                spans[dst.owner].append((start, start + view.numel() * view.element_size()))
+                continue
+            unsummed.add(dst.owner)
             owner, lo, hi = extent(dst)
             run = self.steps[-1] if self.steps and isinstance(self.steps[-1], list) else None
             if run is None or any(o == owner and lo < b and a < hi for o, a, b in touched):
@@ -162,16 +194,21 @@ class LoadPlan:
                 self.steps.append(run)
             run.append((view, src))
             touched.append((owner, lo, hi))
-        self.copies = sum(len(s) for s in self.steps if isinstance(s, list))
-        self.fills = len(self.steps) - sum(isinstance(s, list) for s in self.steps)
-        self.graph = captured(self._launch, sources[0].device)
+        self.summed = [o for o in self.owners if o not in unsummed and _whole(spans[o], named[o])]
+        self.copies = sum(len(s) if isinstance(s, list) else isinstance(s, Words) for s in self.steps)
+        self.fills = sum(isinstance(s, tuple) and not isinstance(s, Words) for s in self.steps)
+        self.graph = captured(self._launch, device)
 
-    def _launch(self) -> None:
+    def _launch(self) -> torch.Tensor:
+        self.out.zero_()
         for step in self.steps:
-            if isinstance(step, list):
+            if isinstance(step, Words):
+                word_sums.launch(step.src, self.out, step.slot, step.dst)
+            elif isinstance(step, list):
                 torch._foreach_copy_([d for d, _ in step], [s for _, s in step])
             else:
                 step[0].fill_(step[1])
+        return self.out
 
     def valid_for(self, named: dict[str, torch.Tensor]) -> bool:
         """Whether the tensors it writes into are still where they were recorded (none swapped or reallocated)."""
@@ -179,6 +216,26 @@ class LoadPlan:
 
     def replay(self) -> None:
         self.graph()
+
+    def sums(self) -> dict[str, int]:
+        """`fingerprint.bit_sum` (mod 2³²) of each parameter the last replay wrote whole with the kernel."""
+        if not self.summed:
+            return {}
+        got = dict(zip(self.owners, self.out.tolist()))
+        return {o: got[o] % (1 << 32) for o in self.summed}
+
+
+def _whole(spans: list[tuple[int, int]], t: torch.Tensor) -> bool:
+    """Whether byte ranges tile all of `t`, each byte once, and their word sums add up to its `bit_sum` (2- and
+    4-byte elements read as 4-byte words from its start; 1- and 8-byte elements are summed otherwise)."""
+    if t.element_size() not in (2, 4) or not spans:
+        return False
+    end = 0
+    for lo, hi in sorted(spans):
+        if lo != end:
+            return False
+        end = hi
+    return end == t.numel() * t.element_size()
 
 
 def _view(named: dict[str, torch.Tensor], s: Slice) -> torch.Tensor:

@@ -85,6 +85,8 @@ class VLLMWeightChannel:
         self.connected = False
         self.sent: dict[str, tuple[list[Any], int, str]] = {}  # this push's tensors: sums, numel, dtype
         self.sum_s = 0.0  # time spent summing them
+        self.engine_sum_s = 0.0  # the slowest engine worker's sums
+        self.summed_in_copy = 0  # parameters every engine worker's load summed as it wrote them (not read back)
         self.names: list[str] = []  # this push's tensor names so far (the last bucket asks the engines' sums)
         self.dtypes: list[str | None] = []  # and the dtypes they were sent as (None: check by float sums)
         # names the engines check by float sums (a dtype change, row sums read back); None: not known yet (all).
@@ -155,7 +157,7 @@ class VLLMWeightChannel:
         step: dict[str, Any] = {"update": update, "pause": self.cfg.pause_mode if first else None, "last": last}
         if last:
             if self.cfg.verify:
-                update |= {"sums": self.names, "sum_dtypes": self.dtypes}
+                update |= {"sums": self.names, "sum_dtypes": self.dtypes, "read_back": self.cfg.verify_read_back}
                 step["expect"] = self.sent
             if self.new_finish_api:
                 step["version"] = self.version
@@ -187,6 +189,7 @@ class VLLMWeightChannel:
         if self.cfg.verify:
             sums = [w for a in answers for w in a["results"] if w]
             self.engine_sum_s = max((w.get("sum_s", 0.0) for w in sums), default=0.0)
+            self.summed_in_copy = min((w.get("summed_in_copy", 0) for w in sums), default=0)
             self.float_names = None if problems else float_checked(a["results"] for a in answers)
         self._fail_if(problems)
         if self.new_finish_api and any(a.get("weight_version") != self.version for a in answers):
@@ -333,6 +336,7 @@ class VLLMWeightChannel:
             self.connect()
         t0 = time.perf_counter()
         nbytes, self.sent, self.sum_s, self.engine_sum_s, self.timeline = 0, {}, 0.0, 0.0, {}
+        self.summed_in_copy = 0
         self.names, self.dtypes, self.version, self.calls = [], [], version, 0
         self.delta_stats = dict.fromkeys(self.delta_stats, 0)
         try:
@@ -360,6 +364,7 @@ class VLLMWeightChannel:
             "transfer_s": push_s - control,  # the rounds, less what the engines spent pausing, checking, resuming
             "verify_s": verify_engine + self.sum_s,  # the sender's sums too (overlapped with the loads but the last)
             "verify_engine_s": verify_engine,
+            "summed_in_copy": float(self.summed_in_copy),  # parameters an engine's copy summed as it wrote them
             "bytes": float(nbytes),
             "control_calls": float(self.calls),
             "mb_per_s": nbytes / 1e6 / max(1e-9, push_s - control),

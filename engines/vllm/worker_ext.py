@@ -280,10 +280,13 @@ class VimeWorkerExtension:
         finish: bool,
         sums: list[str] | None = None,
         sum_dtypes: list[str | None] | None = None,
+        read_back: bool = False,
     ) -> dict[str, Any]:
         """One round of a push (`push_route.py` calls it): the worker's own start / update / finish of vLLM's
         weight-transfer session (what the RL routes call one by one), and after the last round the sums the
-        push is checked by; with the seconds the load (start to finish) and the sums took."""
+        push is checked by; with the seconds the load (start to finish) and the sums took. A push of one round
+        that replayed a recorded load (ipc) has the sums of what it wrote whole from the copy itself; the rest,
+        and everything with `read_back`, is read from the parameters."""
         t = time.perf_counter()
         if start:
             self.start_weight_update()
@@ -294,8 +297,13 @@ class VimeWorkerExtension:
         if sums is None:
             return {"load_s": load_s}
         t = time.perf_counter()
-        answer = self.vime_weight_sums(sums, sum_dtypes)
-        return answer | {"load_s": load_s, "sum_s": time.perf_counter() - t}
+        engine: Any = getattr(self, "weight_transfer_engine", None)  # vLLM's worker holds the session's engine
+        one_round = start and finish and not read_back
+        copied = engine.replayed_sums() if one_round and hasattr(engine, "replayed_sums") else {}
+        from engines.vllm.fingerprint import engine_sums
+
+        answer = engine_sums(self.model_runner.get_model(), sums, sum_dtypes, copied)
+        return answer | {"load_s": load_s, "sum_s": time.perf_counter() - t, "summed_in_copy": len(copied)}
 
     def vime_routes_on(self) -> bool:
         """Start recording the experts every token is routed to (idempotent; per server process)."""
