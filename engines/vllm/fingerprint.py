@@ -204,8 +204,10 @@ def computed_with(model: torch.nn.Module, name: str, param: torch.Tensor) -> tup
     back through the kernel itself, so a stale or mis-packed copy is caught too: an identity in gives Wᵀ (every
     element once, exactly); past READ_BACK_MAX_K a row of ones gives the row sums (Σw, not Σw²)."""
     module_name, _, leaf = name.rpartition(".")
+    if param.numel() or leaf != "weight":  # (a GPU engine's parameters: no module lookup on every push)
+        return param, param.numel(), False
     module = model.get_submodule(module_name)
-    if param.numel() or leaf != "weight" or not hasattr(module, "cpu_linear"):
+    if not hasattr(module, "cpu_linear"):
         return param, param.numel(), False
     k = getattr(module, "input_size_per_partition", None) or module.input_size  # a replicated layer has no partition
     if k <= READ_BACK_MAX_K:
