@@ -38,7 +38,7 @@ def test_every_push_is_verified_and_a_corrupted_engine_tensor_is_named(qwen2_eng
         assert stats["verify_s"] > 0 and sorted(ch.sent) == sorted(sd)
         # one control call per bucket (`/vime/push`); the engines' own timeline of the push comes back with them
         assert stats["control_calls"] == len(bs), stats
-        for phase in ("pause", "update", "reset_prefix_cache", "check", "resume"):
+        for phase in ("pause", "update", "reset_prefix_cache", "wait_sums", "check", "resume"):
             assert stats[f"phase/engine_{phase}_s"] > 0, stats
         assert not any(sleeping(u) for u in urls)
         # one tensor changed on the first engine after the push, through the engine's own weight-transfer routes,
@@ -80,6 +80,25 @@ def test_every_push_is_verified_and_a_corrupted_engine_tensor_is_named(qwen2_eng
     finally:
         ch.close()  # a failed channel is not reused (the server may have closed its connections)
     # a full push on a new channel restores a verified, consistent engine (the fixture's weights, for the tests after)
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
+    try:
+        ch.push(buckets(load_file(str(model_dir("qwen2") / "model.safetensors"))), "restored")
+    finally:
+        ch.close()
+    assert not any(sleeping(u) for u in urls)
+
+    # the sums follow the last round's call in a request of their own: if they never come, each engine's round
+    # waits half of weights.timeout_s for them and ends paused, and the push fails saying both
+    monkeypatch.setattr("engines.vllm.weight_channel.EXPECT_PATH", "/vime/push/nowhere")
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 10}, urls)
+    try:
+        with pytest.raises(WeightPushError, match="could not be sent") as e:
+            ch.push(buckets(sd), "no sums")
+    finally:
+        ch.close()
+    monkeypatch.undo()
+    assert "/vime/push/nowhere" in str(e.value) and str(e.value).count("did not come within 5 s") == 2, str(e.value)
+    assert all(sleeping(u) for u in urls)
     ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
     try:
         ch.push(buckets(load_file(str(model_dir("qwen2") / "model.safetensors"))), "restored")

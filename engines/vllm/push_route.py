@@ -10,12 +10,18 @@ base's commit, and the resume — which happens only if every step before it suc
 fails stays paused, as it did when the sender checked. The answer carries each phase's seconds: the timeline of
 a push as the engine saw it.
 
+The sender's sums of the last round need not hold its call up: the round names them (`expect_id`) and they
+follow in a second request (`POST /vime/push/expect`) that the sender makes once it has summed what the engines
+are already pausing for and loading; the round waits for them (at most `expect_timeout_s`) just before the check.
+On a GPU that hides the sender's read of the model behind the engines' pause and load.
+
 It is a pure ASGI middleware (like the guard, which vime adds after it, so the guard runs first and this route
 needs the run's secret); any other path passes through untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any, Literal
@@ -23,7 +29,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 PATH = "/vime/push"
+EXPECT_PATH = "/vime/push/expect"
 Scope = dict[str, Any]
+Sums = dict[str, tuple[list[Any], int, str]]  # name -> (sums, numel, dtype) of what the sender sent
 
 
 class PushStep(BaseModel):
@@ -35,9 +43,48 @@ class PushStep(BaseModel):
     pause: Literal["keep", "abort", "wait"] | None = None  # first round: pause generation first, in this mode
     last: bool = False  # the push's last round: version, reset, check, commit, resume follow the update
     version: str | None = None  # vLLM >= 0.27 keeps the weight version in the engine
-    expect: dict[str, tuple[list[Any], int, str]] | None = None  # name -> (sums, numel, dtype) the sender sent
+    expect: Sums | None = None  # the sender's sums, sent along
+    expect_id: str | None = None  # or: they follow in a `/vime/push/expect` request carrying this id
+    expect_timeout_s: float = 300.0  # how long the round waits for them
     commit: str | None = None  # delta pushes: the version the workers' kept tensors become the base of
     label: str = ""  # how the sender names this engine in its messages
+
+
+class PushExpect(BaseModel):
+    """The sender's sums of a push whose last round named `expect_id` (`POST /vime/push/expect`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    expect_id: str
+    expect: Sums
+
+
+# expect_id -> the sums, whichever of the round and the sums comes first makes the future; a few at most (a round
+# that failed before it waited leaves its entry: the oldest go first)
+PENDING: dict[str, asyncio.Future[Sums]] = {}
+
+
+def pending(expect_id: str) -> asyncio.Future[Sums]:
+    if expect_id not in PENDING:
+        while len(PENDING) >= 8:
+            PENDING.pop(next(iter(PENDING)))
+        PENDING[expect_id] = asyncio.get_running_loop().create_future()
+    return PENDING[expect_id]
+
+
+async def expected(step: PushStep) -> Sums | str | None:
+    """The sums the round is checked against (None: none asked), or why they did not come."""
+    if step.expect_id is None:
+        return step.expect
+    try:
+        return await asyncio.wait_for(asyncio.shield(pending(step.expect_id)), step.expect_timeout_s)
+    except TimeoutError:
+        return (
+            f"{step.label}: the sender's sums of this push ({EXPECT_PATH}, id {step.expect_id}) did not come within "
+            f"{step.expect_timeout_s:g} s (half of weights.timeout_s); the engine stays paused"
+        )
+    finally:
+        PENDING.pop(step.expect_id, None)
 
 
 async def run_step(engine: Any, step: PushStep) -> dict[str, Any]:
@@ -61,11 +108,15 @@ async def run_step(engine: Any, step: PushStep) -> dict[str, Any]:
     if not await timed("reset_prefix_cache", engine.reset_prefix_cache(reset_running_requests=True)):
         out["problems"].append(f"{step.label}: prefix cache not reset: new requests could reuse KV of the old weights")
         return out
-    if step.expect is not None:
+    if step.expect is not None or step.expect_id is not None:
         from engines.vllm.fingerprint import check
 
+        expect = await timed("wait_sums", expected(step))
+        if isinstance(expect, str):
+            out["problems"].append(expect)
+            return out
         t = time.perf_counter()
-        out["problems"] = check(step.expect, results, step.label)
+        out["problems"] = check(expect or {}, results, step.label)
         phases["check"] = time.perf_counter() - t
         if out["problems"]:
             return out
@@ -74,6 +125,18 @@ async def run_step(engine: Any, step: PushStep) -> dict[str, Any]:
     await timed("resume", engine.wake_up(["scheduling"]))
     out["resumed"] = True
     return out
+
+
+async def take_expect(receive: Any, send: Any) -> None:
+    try:
+        body = PushExpect.model_validate_json(await read_body(receive))
+    except ValidationError as e:
+        await respond(send, 422, {"error": f"{EXPECT_PATH}: invalid request body: {e}"})
+        return
+    fut = pending(body.expect_id)
+    if not fut.done():
+        fut.set_result(body.expect)
+    await respond(send, 200, {"expect_id": body.expect_id})
 
 
 async def read_body(receive: Any) -> bytes:
@@ -97,11 +160,14 @@ class PushRoute:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH:
+        if scope["type"] != "http" or scope["path"] not in (PATH, EXPECT_PATH):
             await self.app(scope, receive, send)
             return
         if scope.get("method") != "POST":
-            await respond(send, 405, {"error": f"{PATH} takes POST"})
+            await respond(send, 405, {"error": f"{scope['path']} takes POST"})
+            return
+        if scope["path"] == EXPECT_PATH:
+            await take_expect(receive, send)
             return
         try:
             step = PushStep.model_validate_json(await read_body(receive))

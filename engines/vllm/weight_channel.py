@@ -29,6 +29,7 @@ from engines.vllm import delta
 from engines.vllm.delta import Base
 from engines.vllm.fingerprint import check, dtype_name, float_checked, pairs_split, tensor_sums
 from engines.vllm.in_place import Mapped, encoded, in_place
+from engines.vllm.push_route import EXPECT_PATH
 from engines.vllm.push_route import PATH as PUSH_PATH
 from engines.vllm.server import vllm_version
 from engines.vllm.staging import Staging
@@ -93,6 +94,7 @@ class VLLMWeightChannel:
         # The rest are checked by their exact bit sums alone, which is all either side then computes.
         self.float_names: set[str] | None = None
         self.version = ""  # the version being pushed
+        self.expect_id = ""  # names this push's sums for the engines (they follow its last round's call)
         self.calls = 0  # control calls (HTTP round trips to every engine) this push made
         self.timeline: dict[str, float] = {}  # seconds per control call of this push (summed over buckets)
         if self.cfg.delta and self.cfg.backend != "gloo":
@@ -134,16 +136,33 @@ class VLLMWeightChannel:
         self, meta: dict[str, Any], tensors: Bucket, first: bool, last: bool, send: Any = None, staged: int = 0
     ) -> None:
         """One round on every engine: its `/vime/push` call, the backend's data plane (`send`) and the sender's sums
-        for `verify` — summed while the engines load, except on the last round, whose call carries them all."""
+        for `verify`, summed while the engines pause and load; the last round's call waits for all of them, which
+        follow it in a second request (`push_route.EXPECT_PATH`)."""
         t0 = time.perf_counter()
-        if last:
-            self._record(tensors, staged)
         futs = self._step(meta, first, last)
         if send is not None:
             send()
-        if not last:
-            self._record(tensors, staged)
+        self._record(tensors, staged)
+        if last and self.cfg.verify:
+            self._send_expected(futs, t0)
         self._landed(futs, last, t0)
+
+    def _send_expected(self, futs: list[Future[Any]], t0: float) -> None:
+        """The sums the engines' last round waits for. If they cannot be sent, the rounds end when their wait runs
+        out (paused, never resumed), and the error says both."""
+        body = {"expect_id": self.expect_id, "expect": self.sent}
+        errors = []
+        for f in [self.pool.submit(self._post, u, EXPECT_PATH, body) for u in self.urls]:
+            try:
+                f.result(timeout=self.cfg.timeout_s)
+            except WeightPushError as e:
+                errors.append(str(e))
+        if errors:
+            try:
+                self._landed(futs, True, t0)
+            except WeightPushError as e:
+                errors.append(str(e))
+            raise WeightPushError("the sums of the push could not be sent: " + "; ".join(errors))
 
     def _step(self, meta: dict[str, Any], first: bool, last: bool) -> list[Future[Any]]:
         self.calls += 1
@@ -158,7 +177,9 @@ class VLLMWeightChannel:
         if last:
             if self.cfg.verify:
                 update |= {"sums": self.names, "sum_dtypes": self.dtypes, "read_back": self.cfg.verify_read_back}
-                step["expect"] = self.sent
+                self.expect_id = uuid.uuid4().hex
+                # the round's call times out after timeout_s: its wait for the sums must end well before
+                step |= {"expect_id": self.expect_id, "expect_timeout_s": self.cfg.timeout_s / 2}
             if self.new_finish_api:
                 step["version"] = self.version
             if self.cfg.delta:  # once verified, what both sides kept is this version's base
