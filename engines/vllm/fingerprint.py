@@ -130,7 +130,8 @@ GRAPHS: dict[tuple[Any, ...], Any] = {}  # the bit sums of one set of fixed tens
 
 def graphed_bits(tensors: list[torch.Tensor]) -> list[int]:
     """`stacked_bits` of the tensors' bit sums, the kernels captured once per set of tensors and replayed after; on
-    a GPU the word-sum kernel (`word_sums.py`) takes every tensor of whole 2- or 4-byte words."""
+    a GPU the word-sum kernel (`word_sums.py`) takes every tensor of whole 2- or 4-byte words below
+    `word_sums.TORCH_FROM` bytes (where launches, not bytes, are the cost)."""
     if tensors[0].device.type != "cuda" or any(t.element_size() == 2 and t.storage_offset() % 2 for t in tensors):
         return stacked_bits([bit_sum(t) for t in tensors])  # (an odd 2-byte offset would clone inside the graph)
     key = tuple((t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) for t in tensors)
@@ -153,7 +154,8 @@ def _bits_graph(tensors: list[torch.Tensor]) -> tuple[Any, list[int], list[list[
     """The graph of one set's bit sums: the kernel's into one int32 vector, the rest stacked per accumulator."""
     dev = tensors[0].device
     fast = word_sums.usable(dev)
-    words = [word_sums.words(t) if fast and t.element_size() in (2, 4) else None for t in tensors]
+    small = [t.numel() * t.element_size() < word_sums.TORCH_FROM for t in tensors]  # large: PyTorch's sum is as fast
+    words = [word_sums.words(t) if fast and s and t.element_size() in (2, 4) else None for t, s in zip(tensors, small)]
     kernel = [i for i, w in enumerate(words) if w is not None]
     rest = [i for i, w in enumerate(words) if w is None]
     acc = {i: INT_OF_WIDTH[max(4, tensors[i].element_size())] for i in rest}  # bit_sum's accumulator dtype
