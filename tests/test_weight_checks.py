@@ -318,3 +318,27 @@ def test_push_route_names_a_bad_field_and_leaves_the_engine_running(qwen2_engine
         r = httpx.post(url + "/vime/push", json=body, headers=auth_headers(), timeout=30)
         assert r.status_code == 422 and field in r.json()["error"], r.text
     assert not sleeping(url)
+
+
+def test_the_round_takes_sums_that_come_before_or_after_it_waits_and_names_sums_that_never_come():
+    """`/vime/push/expect` and the last round meet by id in either order; a round whose sums do not come within
+    its wait fails naming the id and the setting, and leaves nothing pending behind."""
+    from engines.vllm.push_route import PENDING, PushStep, expected, pending
+
+    sums = {"w": ([None, None, 7], 4, "bfloat16")}
+
+    async def go() -> None:
+        pending("early").set_result(sums)  # the sums came first
+        assert await expected(PushStep(update={}, last=True, expect_id="early", expect_timeout_s=5)) == sums
+        waiting = asyncio.create_task(expected(PushStep(update={}, last=True, expect_id="late", expect_timeout_s=5)))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        pending("late").set_result(sums)
+        assert await waiting == sums
+        never = await expected(PushStep(update={}, last=True, expect_id="never", expect_timeout_s=0.1, label="e1"))
+        assert isinstance(never, str) and never.startswith("e1: ") and "id never" in never, never
+        assert "within 0.1 s (half of weights.timeout_s)" in never, never
+        assert await expected(PushStep(update={}, last=True, expect=sums)) == sums  # sent along: no wait
+        assert not PENDING
+
+    asyncio.run(go())
