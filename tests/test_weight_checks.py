@@ -60,53 +60,48 @@ def test_every_push_is_verified_and_a_corrupted_engine_tensor_is_named(qwen2_eng
         return send(((n, t * 1.01 if n == bad else t) for n, t in it), args)
 
     monkeypatch.setattr(GlooWeightTransferEngine, "trainer_send_weights", staticmethod(damaging))
-    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
-    try:
-        with pytest.raises(WeightPushError, match="not verified") as e:
-            ch.push(buckets(sd), "damaged")
-    finally:
-        ch.close()
-    assert all(f"{u}: engine parameter {bad!r}" in str(e.value) for u in urls), str(e.value)
+    msg = failing_push(urls, buckets(sd), "damaged", "not verified")
+    assert all(f"{u}: engine parameter {bad!r}" in msg for u in urls), msg
     assert all(sleeping(u) for u in urls)  # a push that failed its check never resumes the engines
     monkeypatch.undo()
 
     # a tensor the engine does not know is never silently dropped (vLLM 0.32 refuses it itself; where a model's
     # loader skips unknown names, the check finds no parameter for it)
     renamed = {("model.layers.1.mlp.down.weight" if n == bad else n): t for n, t in sd.items()}
-    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
-    try:
-        with pytest.raises(WeightPushError, match=r"layers\.1\.mlp\.down\b"):
-            ch.push(buckets(renamed), "renamed")
-    finally:
-        ch.close()  # a failed channel is not reused (the server may have closed its connections)
-    # a full push on a new channel restores a verified, consistent engine (the fixture's weights, for the tests after)
-    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
-    try:
-        ch.push(buckets(load_file(str(model_dir("qwen2") / "model.safetensors"))), "restored")
-    finally:
-        ch.close()
-    assert not any(sleeping(u) for u in urls)
+    failing_push(urls, buckets(renamed), "renamed", r"layers\.1\.mlp\.down\b")
+    restore(urls, model_dir)
 
     # the sums follow the last round's call in a request of their own: if they never come, each engine's round
     # waits half of weights.timeout_s for them and ends paused, and the push fails saying both
     monkeypatch.setattr("engines.vllm.weight_channel.EXPECT_PATH", "/vime/push/nowhere")
-    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 10}, urls)
-    try:
-        with pytest.raises(WeightPushError, match="could not be sent") as e:
-            ch.push(buckets(sd), "no sums")
-    finally:
-        ch.close()
+    msg = failing_push(urls, buckets(sd), "no sums", "could not be sent", timeout_s=10)
     monkeypatch.undo()
-    assert "/vime/push/nowhere" in str(e.value) and str(e.value).count("did not come within 5 s") == 2, str(e.value)
+    assert "/vime/push/nowhere" in msg and msg.count("did not come within 5 s") == 2, msg
     assert all(sleeping(u) for u in urls)
+    restore(urls, model_dir)
+    for eng in qwen2_engines.engines:
+        assert engine_vs_hf(eng, hf(model_dir("qwen2")), FRESH)[0] < 1e-3
+
+
+def failing_push(urls: list[str], bs: list, version: str, match: str, **cfg: float) -> str:
+    """A push on a new gloo channel that must fail matching `match`; its message."""
+    ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60, **cfg}, urls)
+    try:
+        with pytest.raises(WeightPushError, match=match) as e:
+            ch.push(bs, version)
+    finally:
+        ch.close()  # a failed channel is not reused (the server may have closed its connections)
+    return str(e.value)
+
+
+def restore(urls: list[str], model_dir) -> None:
+    """A full push on a new channel restores verified, running engines (the fixture's weights, for the tests after)."""
     ch = VLLMWeightChannel({"backend": "gloo", "timeout_s": 60}, urls)
     try:
         ch.push(buckets(load_file(str(model_dir("qwen2") / "model.safetensors"))), "restored")
     finally:
         ch.close()
     assert not any(sleeping(u) for u in urls)
-    for eng in qwen2_engines.engines:
-        assert engine_vs_hf(eng, hf(model_dir("qwen2")), FRESH)[0] < 1e-3
 
 
 def sleeping(url: str) -> bool:
