@@ -369,3 +369,28 @@ def test_a_model_that_derives_weights_at_load_is_pushed_through_the_layerwise_re
         engine.start_weight_update()
         engine.finish_weight_update()
         assert calls == want, (type(model).__name__, calls)
+
+
+def test_a_kernel_that_fails_or_computes_wrong_leaves_the_sums_on_pytorch(monkeypatch, caplog):
+    """`word_sums.usable` checks the kernel once per device against PyTorch: one that raises (Triton cannot build
+    it) or sums wrong is not used, with a warning saying so, so pushes go on PyTorch's path instead of failing."""
+    from engines.vllm import word_sums
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(word_sums, "_kernel", object)  # "Triton is here"
+
+    def raises(src, out, slot, dst=None):
+        raise RuntimeError("PassManager::run failed")
+
+    def off_by_one(src, out, slot, dst=None):
+        out[slot] += src.sum(dtype=torch.int32) + 1
+        if dst is not None:
+            dst.copy_(src)
+
+    for fake, said in ((raises, "unusable on cpu (RuntimeError: PassManager::run failed)"), (off_by_one, "disagrees")):
+        word_sums._works.cache_clear()
+        monkeypatch.setattr(word_sums, "launch", fake)
+        with caplog.at_level("WARNING", logger="engines.vllm.word_sums"):
+            assert not word_sums.usable(torch.device("cpu"))
+        assert said in caplog.text, caplog.text
+    word_sums._works.cache_clear()

@@ -15,9 +15,12 @@ and 8-byte elements, CPU tensors, no Triton) is left to the callers' PyTorch pat
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 BLOCK = 2048  # words per program and step: 16 words a thread at 4 warps (four 16-byte loads)
 WAVES = 4  # programs per SM for a large tensor; each loops over its share
@@ -65,11 +68,34 @@ def words(t: torch.Tensor) -> torch.Tensor | None:
 
 
 def usable(device: torch.device) -> bool:
-    """Whether the kernel runs here: a CUDA device (or Triton's interpreter, for the CPU tests) and Triton."""
+    """Whether the kernel runs here: a CUDA device (or Triton's interpreter, for the CPU tests), Triton, and the
+    kernel copying and summing a few blocks exactly as PyTorch does (checked once per device: a kernel that fails
+    to build or computes wrong leaves every caller on PyTorch's path, never a push that fails)."""
     import os
 
     on = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    return on and _kernel() is not None
+    return on and _kernel() is not None and _works(str(device))
+
+
+@functools.cache
+def _works(device: str) -> bool:
+    try:
+        src = torch.arange(-3 * BLOCK, 3 * BLOCK + 5, dtype=torch.int32, device=device) * 7919
+        dst, out = torch.zeros_like(src), torch.zeros(2, dtype=torch.int32, device=device)
+        launch(src, out, 1, dst)
+        launch(src[1:], out, 0)
+        ok = torch.equal(dst, src) and out.tolist() == [
+            int(src[1:].sum(dtype=torch.int32)),
+            int(src.sum(dtype=torch.int32)),
+        ]
+    except Exception as e:  # noqa: BLE001 - whatever Triton raises, PyTorch's path remains
+        logger.warning(
+            "word-sum kernel unusable on %s (%s: %s): bit sums and copies stay on PyTorch", device, type(e).__name__, e
+        )
+        return False
+    if not ok:
+        logger.warning("word-sum kernel on %s disagrees with PyTorch: bit sums and copies stay on PyTorch", device)
+    return ok
 
 
 def launch(src: torch.Tensor, out: torch.Tensor, slot: int, dst: torch.Tensor | None = None) -> None:
