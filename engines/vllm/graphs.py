@@ -8,10 +8,13 @@ the function simply runs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -30,7 +33,8 @@ def captured(launch: Callable[[], T], device: torch.device) -> Callable[[], T]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             out = launch()
-    except Exception:  # noqa: BLE001 - not capturable here (another stream busy, an op that syncs): run it as is
+    except Exception as e:  # noqa: BLE001 - not capturable here (another stream busy, an op that syncs): run it as is
+        logger.warning("not captured as a CUDA graph, launched one kernel at a time: %s: %s", type(e).__name__, e)
         return launch
 
     def replay() -> T:
