@@ -5,8 +5,8 @@ A push is latency-bound: each control call went trainer → API server over HTTP
 Here the trainer makes one HTTP call per staging round (one per push when the model fits the buffer), and the
 API server makes the engine-core calls back to back on vLLM's own engine client: pause (level-0 sleep) on the
 first round; `vime_update` on every round; on the last, the weight version (vLLM >= 0.27), the prefix-cache reset,
-the check of every pushed tensor's sums against the sums the sender sent along (`fingerprint.check`), the delta
-base's commit, and the resume — which happens only if every step before it succeeded. An engine whose check
+the check of every pushed tensor's sums against the sums the sender sends after the call (`fingerprint.check`),
+the delta base's commit, and the resume — which happens only if every step before it succeeded. An engine whose check
 fails stays paused, as it did when the sender checked. The answer carries each phase's seconds: the timeline of
 a push as the engine saw it.
 

@@ -4,8 +4,8 @@ One control flow for every backend: per staging round (per bucket; one per push 
 one `POST /vime/push` to every engine (`push_route.py`, in the engine's API server): pause on the first round,
 then vLLM's own worker start/update/finish of the weight-transfer session (`vime_update`) with the backend's data
 plane — a gloo or NCCL broadcast, a CUDA-IPC staging buffer, a safetensors file; on the last round also the
-version (vLLM >= 0.27), the prefix-cache reset, the check of the engine's weight sums against the sums sent along,
-and the resume. A push is latency-bound, so control round trips are what it costs: a one-bucket push is one
+version (vLLM >= 0.27), the prefix-cache reset, the check of the engine's weight sums against the sums sent after
+the call, and the resume. A push is latency-bound, so control round trips are what it costs: a one-bucket push is one
 round trip, where vLLM's routes one by one made seven and `/pause` alone costs 20 ms. It runs in the process
 that holds the tensors (trainer rank 0, or a test's transformers model). Any failure raises `WeightPushError`
 and leaves the engines paused: they may hold half-updated weights and must be restarted and re-synced, never
