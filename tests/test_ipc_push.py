@@ -46,6 +46,7 @@ def test_staging_sums_every_layout_as_the_tensors_own_bit_sums():
         ("fp64", randn((9,), torch.float64, 4)),
         ("int8", randn((5000, 3), torch.int8, 5)),
         ("bf16_long", randn((20000,), torch.bfloat16, 6)),
+        ("bf16_large", randn((9 << 20,), torch.bfloat16, 9)),  # 18 MiB: copied in on its own (`staging.LARGE`)
     ]
     st = Staging(1 << 20, "cpu")
     (part,) = st.rounds(mixed)
