@@ -39,7 +39,7 @@ def routes_push(ch, buckets, version: str) -> float:
     t = time.perf_counter()
     ch._all("/pause", params={"mode": ch.cfg.pause_mode})
     ch._all("/start_weight_update")
-    ch.sent = {}
+    ch.sums.reset()
     for bucket in buckets:
         futs = [ch.pool.submit(ch._post, u, "/update_weights", {"update_info": bucket_meta(bucket)}) for u in ch.urls]
         GlooWeightTransferEngine.trainer_send_weights(iter(bucket), {"group": ch.pg})

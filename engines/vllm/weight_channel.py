@@ -14,7 +14,6 @@ resumed.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import uuid
@@ -27,17 +26,16 @@ import torch
 
 from engines.vllm import delta
 from engines.vllm.delta import Base
-from engines.vllm.fingerprint import check, dtype_name, float_checked, pairs_split, tensor_sums
+from engines.vllm.fingerprint import dtype_name
 from engines.vllm.in_place import Mapped, encoded, in_place
 from engines.vllm.push_route import EXPECT_PATH
 from engines.vllm.push_route import PATH as PUSH_PATH
+from engines.vllm.sent_sums import Bucket, SentSums
 from engines.vllm.server import vllm_version
 from engines.vllm.staging import Staging
 from vime.placement import free_port, listening_socket
 from vime.secret import auth_headers
 from vime.weights import WeightPushError, WeightsConfig
-
-Bucket = list[tuple[str, torch.Tensor]]
 
 # weights.backend -> the engine name the vLLM servers are started with (`--weight-transfer-config`)
 VLLM_ENGINE_NAMES = {"gloo": "gloo", "disk": "disk", "nccl": "nccl", "ipc": "vime_ipc"}
@@ -84,17 +82,8 @@ class VLLMWeightChannel:
         self.staging: Staging | None = None  # ipc: the buffer engines map once
         self.mapped = Mapped()  # ipc: the trainer memory the engines read resident weights from (`in_place.py`)
         self.connected = False
-        self.sent: dict[str, tuple[list[Any], int, str]] = {}  # this push's tensors: sums, numel, dtype
-        self.sum_s = 0.0  # time spent summing them
-        self.engine_sum_s = 0.0  # the slowest engine worker's sums
-        self.summed_in_copy = 0  # parameters every engine worker's load summed as it wrote them (not read back)
-        self.names: list[str] = []  # this push's tensor names so far (the last bucket asks the engines' sums)
-        self.dtypes: list[str | None] = []  # and the dtypes they were sent as (None: check by float sums)
-        # names the engines check by float sums (a dtype change, row sums read back); None: not known yet (all).
-        # The rest are checked by their exact bit sums alone, which is all either side then computes.
-        self.float_names: set[str] | None = None
+        self.sums = SentSums()  # what each push sent, for its check (`weights.verify`)
         self.version = ""  # the version being pushed
-        self.expect_id = ""  # names this push's sums for the engines (they follow its last round's call)
         self.calls = 0  # control calls (HTTP round trips to every engine) this push made
         self.timeline: dict[str, float] = {}  # seconds per control call of this push (summed over buckets)
         if self.cfg.delta and self.cfg.backend != "gloo":
@@ -147,10 +136,15 @@ class VLLMWeightChannel:
             self._send_expected(futs, t0)
         self._landed(futs, last, t0)
 
+    @property
+    def sent(self) -> dict[str, tuple[list[Any], int, str]]:
+        """The last push's tensors: sums, numel, dtype."""
+        return self.sums.sent
+
     def _send_expected(self, futs: list[Future[Any]], t0: float) -> None:
         """The sums the engines' last round waits for. If they cannot be sent, the rounds end when their wait runs
         out (paused, never resumed), and the error says both."""
-        body = {"expect_id": self.expect_id, "expect": self.sent}
+        body = self.sums.expect_body()
         errors = []
         for f in [self.pool.submit(self._post, u, EXPECT_PATH, body) for u in self.urls]:
             try:
@@ -166,20 +160,14 @@ class VLLMWeightChannel:
 
     def _step(self, meta: dict[str, Any], first: bool, last: bool) -> list[Future[Any]]:
         self.calls += 1
-        self.names += meta["names"]
-        # a piece whose bit sum does not add up with its neighbours' is checked by float sums (`pairs_split`)
-        self.dtypes += [
-            None if pairs_split(getattr(torch, d).itemsize, math.prod(shape)) else d
-            for d, shape in zip(meta["dtype_names"], meta["shapes"])
-        ]
+        self.sums.announce(meta)
         update: dict[str, Any] = {"update_info": meta, "start": first, "finish": last}
         step: dict[str, Any] = {"update": update, "pause": self.cfg.pause_mode if first else None, "last": last}
         if last:
             if self.cfg.verify:
-                update |= {"sums": self.names, "sum_dtypes": self.dtypes, "read_back": self.cfg.verify_read_back}
-                self.expect_id = uuid.uuid4().hex
-                # the round's call times out after timeout_s: its wait for the sums must end well before
-                step |= {"expect_id": self.expect_id, "expect_timeout_s": self.cfg.timeout_s / 2}
+                to_update, to_step = self.sums.ask(self.cfg.verify_read_back, self.cfg.timeout_s)
+                update |= to_update
+                step |= to_step
             if self.new_finish_api:
                 step["version"] = self.version
             if self.cfg.delta:  # once verified, what both sides kept is this version's base
@@ -208,10 +196,7 @@ class VLLMWeightChannel:
     def _finished(self, answers: list[dict[str, Any]]) -> None:
         problems = [p for a in answers for p in a["problems"]]
         if self.cfg.verify:
-            sums = [w for a in answers for w in a["results"] if w]
-            self.engine_sum_s = max((w.get("sum_s", 0.0) for w in sums), default=0.0)
-            self.summed_in_copy = min((w.get("summed_in_copy", 0) for w in sums), default=0)
-            self.float_names = None if problems else float_checked(a["results"] for a in answers)
+            self.sums.answered(answers, problems)
         self._fail_if(problems)
         if self.new_finish_api and any(a.get("weight_version") != self.version for a in answers):
             got = [a.get("weight_version") for a in answers]
@@ -229,7 +214,7 @@ class VLLMWeightChannel:
             self._connect_ipc()
         else:
             self._all("/init_weight_transfer_engine", {"init_info": {}})
-        self.connected, self.float_names = True, None
+        self.connected, self.sums.float_names = True, None
 
     def _connect_broadcast(self, backend: str) -> None:
         """One group: the sender is rank 0, every engine worker joins at its rank offset."""
@@ -266,23 +251,9 @@ class VLLMWeightChannel:
 
     # ---- data plane ------------------------------------------------------------------------------------
     def _record(self, bucket: Bucket, staged: int = 0) -> None:
-        """The bucket's fingerprints for `verify`, summed where the tensors are while the engines load them (the
-        first `staged`: the round in the ipc staging buffer, their bit sums in two kernels; the rest of an ipc
-        round are resident weights, at the same addresses every push: their sums a captured graph)."""
-        if not self.cfg.verify:
-            return
-        t0 = time.perf_counter()
-        floats = [self.float_names is None or n in self.float_names for n, _ in bucket]
-        sums = []
-        if staged:
-            assert self.staging is not None
-            sums = self.staging.sums(floats[:staged])
-        if len(bucket) > staged:
-            rest = [t.detach() for _, t in bucket[staged:]]
-            sums += tensor_sums(rest, floats[staged:], fixed=self.cfg.backend == "ipc")
-        for (name, t), s in zip(bucket, sums):
-            self.sent[name] = (s, t.numel(), dtype_name(t))
-        self.sum_s += time.perf_counter() - t0
+        """The bucket's fingerprints for `verify` (`SentSums.record`; the first `staged` are in the staging buffer)."""
+        if self.cfg.verify:
+            self.sums.record(bucket, staged, self.staging, fixed=self.cfg.backend == "ipc")
 
     def _delta_base(self) -> str | None:
         """The version a delta can be against: the one this side last pushed, if every engine worker holds it."""
@@ -356,16 +327,15 @@ class VLLMWeightChannel:
         if not self.connected:
             self.connect()
         t0 = time.perf_counter()
-        nbytes, self.sent, self.sum_s, self.engine_sum_s, self.timeline = 0, {}, 0.0, 0.0, {}
-        self.summed_in_copy = 0
-        self.names, self.dtypes, self.version, self.calls = [], [], version, 0
+        nbytes, self.timeline, self.version, self.calls = 0, {}, version, 0
+        self.sums.reset()
         self.delta_stats = dict.fromkeys(self.delta_stats, 0)
         try:
             if self.cfg.delta:
                 self.against, self.base.version = self._delta_base(), None  # the base changes as buckets go
             for bucket, first, last in marked(b for b in buckets if b):  # the last round must carry the finish
                 nbytes += self._send_bucket(bucket, first, last)
-            if not self.names:
+            if not self.sums.names:
                 raise WeightPushError(f"weight push of version {version!r} has no tensors")
             self.mapped.unread()
             if self.cfg.delta:
@@ -377,15 +347,16 @@ class VLLMWeightChannel:
         push_s = time.perf_counter() - t0
         tl = self.timeline
         control = sum(tl.get(f"engine_{k}", 0.0) for k in ("pause", "check", "commit", "resume"))
-        verify_engine = self.engine_sum_s + tl.get("engine_check", 0.0)
+        verify_engine = self.sums.engine_sum_s + tl.get("engine_check", 0.0)
         return {
             **{f"phase/{k}_s": v for k, v in tl.items()},
             "push_s": push_s,
             "pause_s": tl.get("engine_pause", 0.0),
             "transfer_s": push_s - control,  # the rounds, less what the engines spent pausing, checking, resuming
-            "verify_s": verify_engine + self.sum_s,  # the sender's sums too (overlapped with the loads but the last)
+            "verify_s": verify_engine
+            + self.sums.sum_s,  # the sender's sums too (overlapped with the loads but the last)
             "verify_engine_s": verify_engine,
-            "summed_in_copy": float(self.summed_in_copy),  # parameters an engine's copy summed as it wrote them
+            "summed_in_copy": float(self.sums.summed_in_copy),  # parameters an engine's copy summed as it wrote them
             "bytes": float(nbytes),
             "control_calls": float(self.calls),
             "mb_per_s": nbytes / 1e6 / max(1e-9, push_s - control),
@@ -394,10 +365,8 @@ class VLLMWeightChannel:
     def verify(self, version: str) -> None:
         """Every engine's parameters against what the last push sent, asked again (a push checks itself; this
         checks later that nothing changed an engine since); engines that disagree stay as they are."""
-        kwargs = {"names": list(self.sent), "dtypes": [d for _, _, d in self.sent.values()]}
-        answers = self._all("/collective_rpc", {"method": "vime_weight_sums", "kwargs": kwargs})
-        problems = [p for url, a in zip(self.urls, answers) for p in check(self.sent, a["results"], url)]
-        self.float_names = None if problems else float_checked(a["results"] for a in answers)
+        answers = self._all("/collective_rpc", {"method": "vime_weight_sums", "kwargs": self.sums.asked_again()})
+        problems = self.sums.judged(self.urls, answers)
         self.version = version
         self._fail_if(problems)
 
@@ -409,7 +378,7 @@ class VLLMWeightChannel:
             )
 
     def close(self) -> None:
-        self.float_names = None
+        self.sums.float_names = None
         self.pg = None
         self.staging = None
         self.connected = False

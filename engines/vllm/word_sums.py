@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any
 
 import torch
@@ -71,8 +72,6 @@ def usable(device: torch.device) -> bool:
     """Whether the kernel runs here: a CUDA device (or Triton's interpreter, for the CPU tests), Triton, and the
     kernel copying and summing a few blocks exactly as PyTorch does (checked once per device: a kernel that fails
     to build or computes wrong leaves every caller on PyTorch's path, never a push that fails)."""
-    import os
-
     on = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     return on and _kernel() is not None and _works(str(device))
 
