@@ -19,6 +19,7 @@ ADMIN = [
     ("POST", "/sleep", None),
     ("POST", "/collective_rpc", {"method": "vime_refresh_tied_lm_head"}),
     ("POST", "/vime/push", {"update": {}, "pause": "abort"}),  # vime's own push route pauses and loads too
+    ("POST", "/vime/workers", {"method": "vime_weight_sums", "kwargs": {"names": []}}),  # and runs worker calls
     ("POST", "/init_weight_transfer_engine", {"init_info": {}}),
     ("POST", "/start_weight_update", None),
     ("POST", "/reset_prefix_cache", None),

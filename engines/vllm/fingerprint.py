@@ -300,7 +300,18 @@ def disagreement(expected: list[Any], numel: int, got: list[Any], tol: float, ex
 
 
 def check(sent: dict[str, tuple[list[Any], int, str]], workers: list[dict[str, Any]], url: str) -> list[str]:
-    """What disagrees between the tensors sent (name → sums, numel, dtype) and one engine's workers' answers."""
+    """What disagrees between the tensors sent (name → sums, numel, dtype) and one server's workers' answers: each
+    data-parallel engine it runs is a whole replica (its TP/EP workers' parts add up to the model), checked alone."""
+    replicas: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for w in workers:
+        replicas[w.get("dp", 0)].append(w)
+    if len(replicas) == 1:
+        return check_replica(sent, workers, url)
+    return [p for dp, ws in sorted(replicas.items()) for p in check_replica(sent, ws, f"{url} (DP engine {dp})")]
+
+
+def check_replica(sent: dict[str, tuple[list[Any], int, str]], workers: list[dict[str, Any]], url: str) -> list[str]:
+    """What disagrees between the tensors sent and the workers of one model replica (one engine)."""
     where: dict[str, str] = {}
     for w in workers:
         for name, p in w["where"].items():

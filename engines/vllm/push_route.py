@@ -15,6 +15,11 @@ follow in a second request (`POST /vime/push/expect`) that the sender makes once
 are already pausing for and loading; the round waits for them (at most `expect_timeout_s`) just before the check.
 On a GPU that hides the sender's read of the model behind the engines' pause and load.
 
+A server that runs several data-parallel engines (`--data-parallel-size`) answers vLLM's `collective_rpc` with
+the first engine's workers only; every call here goes to the workers of all of them (`every_worker`), so each
+one's load is timed and each one's weights are checked. `POST /vime/workers` does the same for the sender's other
+worker calls (`vime_*` methods only): its checks again, its delta base's version, the server's layout.
+
 It is a pure ASGI middleware (like the guard, which vime adds after it, so the guard runs first and this route
 needs the run's secret); any other path passes through untouched.
 """
@@ -26,10 +31,11 @@ import json
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PATH = "/vime/push"
 EXPECT_PATH = "/vime/push/expect"
+WORKERS_PATH = "/vime/workers"
 Scope = dict[str, Any]
 Sums = dict[str, tuple[list[Any], int, str]]  # name -> (sums, numel, dtype) of what the sender sent
 
@@ -57,6 +63,27 @@ class PushExpect(BaseModel):
 
     expect_id: str
     expect: Sums
+
+
+class WorkersCall(BaseModel):
+    """A worker-extension method to run on every worker of every engine of the server (`POST /vime/workers`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(pattern=r"^vime_\w+$")  # vime's own methods (`worker_ext.VimeWorkerExtension`), no others
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+async def every_worker(engine: Any, method: str, kwargs: dict[str, Any]) -> list[Any]:
+    """`method` on every worker of every data-parallel engine this server runs, their answers in engine order.
+    vLLM's `collective_rpc` runs it on all of them too but returns the first engine's answers alone."""
+    core: Any = getattr(engine, "engine_core", None)
+    engines = getattr(core, "core_engines", None) or []
+    if len(engines) <= 1:
+        return await engine.collective_rpc(method, kwargs=kwargs)
+    args = ("collective_rpc", method, None, (), kwargs)
+    per_engine = await asyncio.gather(*(core._call_utility_async(*args, engine=e) for e in engines))
+    return [w for workers in per_engine for w in workers]
 
 
 # expect_id -> the sums, whichever of the round and the sums comes first makes the future; a few at most (a round
@@ -98,7 +125,7 @@ async def run_step(engine: Any, step: PushStep) -> dict[str, Any]:
 
     if step.pause:
         await timed("pause", engine.sleep(0, step.pause))
-    results = await timed("update", engine.collective_rpc("vime_update", kwargs=step.update))
+    results = await timed("update", every_worker(engine, "vime_update", step.update))
     out: dict[str, Any] = {"results": results, "phases": phases, "problems": [], "resumed": False}
     if not step.last:
         return out
@@ -121,7 +148,7 @@ async def run_step(engine: Any, step: PushStep) -> dict[str, Any]:
         if out["problems"]:
             return out
     if step.commit is not None:
-        await timed("commit", engine.collective_rpc("vime_delta_commit", kwargs={"version": step.commit}))
+        await timed("commit", every_worker(engine, "vime_delta_commit", {"version": step.commit}))
     await timed("resume", engine.wake_up(["scheduling"]))
     out["resumed"] = True
     return out
@@ -137,6 +164,20 @@ async def take_expect(receive: Any, send: Any) -> None:
     if not fut.done():
         fut.set_result(body.expect)
     await respond(send, 200, {"expect_id": body.expect_id})
+
+
+async def call_workers(engine: Any, receive: Any, send: Any) -> None:
+    try:
+        call = WorkersCall.model_validate_json(await read_body(receive))
+    except ValidationError as e:
+        await respond(send, 422, {"error": f"{WORKERS_PATH}: invalid request body: {e}"})
+        return
+    try:
+        results = await every_worker(engine, call.method, call.kwargs)
+    except Exception as e:  # noqa: BLE001 - the sender names the server and raises
+        await respond(send, 500, {"error": f"{call.method}: {type(e).__name__}: {e}"})
+        return
+    await respond(send, 200, {"results": results})
 
 
 async def read_body(receive: Any) -> bytes:
@@ -160,7 +201,7 @@ class PushRoute:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] not in (PATH, EXPECT_PATH):
+        if scope["type"] != "http" or scope["path"] not in (PATH, EXPECT_PATH, WORKERS_PATH):
             await self.app(scope, receive, send)
             return
         if scope.get("method") != "POST":
@@ -168,6 +209,9 @@ class PushRoute:
             return
         if scope["path"] == EXPECT_PATH:
             await take_expect(receive, send)
+            return
+        if scope["path"] == WORKERS_PATH:
+            await call_workers(scope["app"].state.engine_client, receive, send)
             return
         try:
             step = PushStep.model_validate_json(await read_body(receive))

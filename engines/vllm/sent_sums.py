@@ -33,6 +33,7 @@ class SentSums:
         self.sum_s = 0.0  # time spent summing
         self.engine_sum_s = 0.0  # the slowest engine worker's sums
         self.summed_in_copy = 0  # parameters every engine worker's load summed as it wrote them (not read back)
+        self.workers = 0  # engine workers whose weights the push checked (every TP/PP rank of every DP engine)
 
     def announce(self, meta: dict[str, Any]) -> None:
         """A round's tensors (`bucket_meta`); a piece whose bit sum does not add up with its neighbours' is checked
@@ -74,6 +75,7 @@ class SentSums:
         sums = [w for a in answers for w in a["results"] if w]
         self.engine_sum_s = max((w.get("sum_s", 0.0) for w in sums), default=0.0)
         self.summed_in_copy = min((w.get("summed_in_copy", 0) for w in sums), default=0)
+        self.workers = len(sums)
         self.float_names = None if problems else float_checked(a["results"] for a in answers)
 
     def asked_again(self) -> dict[str, Any]:

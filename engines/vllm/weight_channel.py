@@ -28,7 +28,7 @@ from engines.vllm import delta
 from engines.vllm.delta import Base
 from engines.vllm.fingerprint import dtype_name
 from engines.vllm.in_place import Mapped, encoded, in_place
-from engines.vllm.push_route import EXPECT_PATH
+from engines.vllm.push_route import EXPECT_PATH, WORKERS_PATH
 from engines.vllm.push_route import PATH as PUSH_PATH
 from engines.vllm.sent_sums import Bucket, SentSums
 from engines.vllm.server import vllm_version
@@ -36,6 +36,12 @@ from engines.vllm.staging import Staging
 from vime.placement import free_port, listening_socket
 from vime.secret import auth_headers
 from vime.weights import WeightPushError, WeightsConfig
+
+NEEDS = (
+    "vime's weight channel needs its worker extension and push route on every vLLM server "
+    "(--worker-extension-cls engines.vllm.worker_ext.VimeWorkerExtension --middleware "
+    "engines.vllm.push_route.PushRoute; vime-started servers have both)"
+)
 
 # weights.backend -> the engine name the vLLM servers are started with (`--weight-transfer-config`)
 VLLM_ENGINE_NAMES = {"gloo": "gloo", "disk": "disk", "nccl": "nccl", "ipc": "vime_ipc"}
@@ -67,13 +73,11 @@ class VLLMWeightChannel:
         urls: list[str],
         *,
         master_address: str = "127.0.0.1",
-        workers_per_engine: int = 1,
         new_finish_api: bool | None = None,
     ):
         self.cfg = cfg if isinstance(cfg, WeightsConfig) else WeightsConfig(**cfg)
         self.urls = list(urls)
         self.master_address = master_address
-        self.workers_per_engine = workers_per_engine
         # vLLM >= 0.27 takes weight_version in /finish_weight_update and reports it in /weight_info
         self.new_finish_api = vllm_version() >= (0, 27, 0) if new_finish_api is None else new_finish_api
         self.http = httpx.Client(timeout=self.cfg.timeout_s, headers=auth_headers())
@@ -179,11 +183,7 @@ class VLLMWeightChannel:
             answers = [f.result(timeout=self.cfg.timeout_s) for f in futs]
         except WeightPushError as e:
             if "vime_update" in str(e) or " 404" in str(e):  # a server started without vime's extension or route
-                raise WeightPushError(
-                    f"{e} — vime's weight channel needs its worker extension and push route on every vLLM server "
-                    "(--worker-extension-cls engines.vllm.worker_ext.VimeWorkerExtension --middleware "
-                    "engines.vllm.push_route.PushRoute; vime-started servers have both)"
-                ) from e
+                raise WeightPushError(f"{e} — {NEEDS}") from e
             raise
         self._took("round", t0)
         for k in {k for a in answers for k in a["phases"]}:  # the engines work side by side: the slowest counts
@@ -216,17 +216,45 @@ class VLLMWeightChannel:
             self._all("/init_weight_transfer_engine", {"init_info": {}})
         self.connected, self.sums.float_names = True, None
 
+    def _workers(self) -> list[int]:
+        """How many workers each server runs (TP x PP per data-parallel engine, times its engines), as they say.
+        Each takes `data_parallel_index * world_size + rank` after its server's offset in the group (vLLM's own
+        rule), which is unique only where the server runs every data-parallel engine it names."""
+        counts = []
+        for url, answer in zip(self.urls, self._workers_call("vime_workers", {})):
+            workers = answer["results"]
+            far = [w for w in workers if (w["data_parallel_index"] + 1) * w["world_size"] > len(workers)]
+            if far:
+                w = far[0]
+                raise WeightPushError(
+                    f"{url} runs data-parallel engine {w['data_parallel_index']} of {w['data_parallel_size']} "
+                    f"({w['lb']} load balancing): the {self.cfg.backend} weight channel needs every "
+                    "data-parallel engine in one server (internal load balancing, no --data-parallel-rank / "
+                    "--data-parallel-hybrid-lb in engine.args) or each replica as its own engine (engine.num_engines)"
+                )
+            counts.append(len(workers))
+        return counts
+
+    def _workers_call(self, method: str, kwargs: dict[str, Any]) -> list[Any]:
+        """`method` on every worker of every engine (`push_route.WORKERS_PATH`): one answer per server."""
+        try:
+            return self._all(WORKERS_PATH, {"method": method, "kwargs": kwargs}, label=method)
+        except WeightPushError as e:
+            if " 404" in str(e):
+                raise WeightPushError(f"{e} — {NEEDS}") from e
+            raise
+
     def _connect_broadcast(self, backend: str) -> None:
         """One group: the sender is rank 0, every engine worker joins at its rank offset."""
+        counts = self._workers()
         sock = listening_socket(self.master_address) if backend == "gloo" else None  # the store binds no more
         port = sock.getsockname()[1] if sock is not None else free_port(self.master_address)
-        world = 1 + self.workers_per_engine * len(self.urls)
+        world = 1 + sum(counts)
         extra = {"timeout_s": self.cfg.timeout_s} if backend == "gloo" else {}
         group = {"master_address": self.master_address, "master_port": port, "world_size": world, **extra}
-        per = self.workers_per_engine
         path = "/init_weight_transfer_engine"
         futs = [
-            self.pool.submit(self._post, u, path, {"init_info": group | {"rank_offset": 1 + i * per}})
+            self.pool.submit(self._post, u, path, {"init_info": group | {"rank_offset": 1 + sum(counts[:i])}})
             for i, u in enumerate(self.urls)
         ]
         if backend == "gloo":
@@ -259,7 +287,7 @@ class VLLMWeightChannel:
         """The version a delta can be against: the one this side last pushed, if every engine worker holds it."""
         if self.base.version is None:
             return None
-        answers = self._all("/collective_rpc", {"method": "vime_delta_version"})
+        answers = self._workers_call("vime_delta_version", {})
         held = {v for a in answers for v in a["results"]}
         return self.base.version if held == {self.base.version} else None
 
@@ -357,6 +385,7 @@ class VLLMWeightChannel:
             + self.sums.sum_s,  # the sender's sums too (overlapped with the loads but the last)
             "verify_engine_s": verify_engine,
             "summed_in_copy": float(self.sums.summed_in_copy),  # parameters an engine's copy summed as it wrote them
+            "verified_workers": float(self.sums.workers),
             "bytes": float(nbytes),
             "control_calls": float(self.calls),
             "mb_per_s": nbytes / 1e6 / max(1e-9, push_s - control),
@@ -365,7 +394,7 @@ class VLLMWeightChannel:
     def verify(self, version: str) -> None:
         """Every engine's parameters against what the last push sent, asked again (a push checks itself; this
         checks later that nothing changed an engine since); engines that disagree stay as they are."""
-        answers = self._all("/collective_rpc", {"method": "vime_weight_sums", "kwargs": self.sums.asked_again()})
+        answers = self._workers_call("vime_weight_sums", self.sums.asked_again())
         problems = self.sums.judged(self.urls, answers)
         self.version = version
         self._fail_if(problems)

@@ -303,7 +303,20 @@ class VimeWorkerExtension:
         from engines.vllm.fingerprint import engine_sums
 
         answer = engine_sums(self.model_runner.get_model(), sums, sum_dtypes, copied)
-        return answer | {"load_s": load_s, "sum_s": time.perf_counter() - t, "summed_in_copy": len(copied)}
+        took = {"load_s": load_s, "sum_s": time.perf_counter() - t, "summed_in_copy": len(copied)}
+        return answer | took | {"dp": self.vllm_config.parallel_config.data_parallel_index}
+
+    def vime_workers(self) -> dict[str, Any]:
+        """How this worker's server is laid out: the weight channel gives each server as many ranks of its group as
+        it has workers (TP x PP per data-parallel engine, times the engines the server runs)."""
+        pc = self.vllm_config.parallel_config
+        lb = "external" if pc.data_parallel_external_lb else "hybrid" if pc.data_parallel_hybrid_lb else "internal"
+        return {
+            "world_size": pc.world_size,
+            "data_parallel_size": pc.data_parallel_size,
+            "data_parallel_index": pc.data_parallel_index,
+            "lb": lb,
+        }
 
     def vime_routes_on(self) -> bool:
         """Start recording the experts every token is routed to (idempotent; per server process)."""
@@ -326,7 +339,8 @@ class VimeWorkerExtension:
         checked against what the sender sent; `dtypes`, what each was sent as, spares the float sums)."""
         from engines.vllm.fingerprint import engine_sums
 
-        return engine_sums(self.model_runner.get_model(), names, dtypes)
+        dp = self.vllm_config.parallel_config.data_parallel_index
+        return engine_sums(self.model_runner.get_model(), names, dtypes) | {"dp": dp}
 
     def vime_delta_version(self) -> str | None:
         """The version this worker's kept base makes up (None: none, or a push since did not commit)."""
