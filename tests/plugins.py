@@ -24,22 +24,18 @@ async def two_turn_agent(base_url, api_key, task):
     return r.choices[0].message.content
 
 
-KILLED: list[dict] = []  # what rollout_killing_an_engine killed: {"port", "pids"}
+KILLED: list[dict] = []  # what the disrupting rollouts disrupted, in order: {"port", "pids", "done_before_kill"}
 
 
-async def rollout_killing_an_engine(prompts, ctx):
+async def rollout_killing_then_hanging_an_engine(prompts, ctx):
     """The default rollout, except that the first time it samples groups (n > 1, so not an eval) it SIGKILLs the
-    engine's vLLM server once its requests are in flight: what a crashed engine looks like to a run."""
-    return await disrupt_first_rollout(prompts, ctx, "kill")
+    engine's vLLM server once its requests are in flight (what a crashed engine looks like to a run), and the
+    second time it SIGSTOPs the server's whole process group: alive, answering nothing (what a deadlocked engine
+    looks like); only health probes can tell."""
+    return await disrupt_rollout(prompts, ctx, ["kill", "stop"])
 
 
-async def rollout_hanging_an_engine(prompts, ctx):
-    """Like `rollout_killing_an_engine`, but the server's whole process group is SIGSTOPped: alive, answering
-    nothing (what a deadlocked engine looks like); only health probes can tell."""
-    return await disrupt_first_rollout(prompts, ctx, "stop")
-
-
-async def disrupt_first_rollout(prompts, ctx, how):
+async def disrupt_rollout(prompts, ctx, hows):
     import asyncio
     import os
     import signal
@@ -49,8 +45,9 @@ async def disrupt_first_rollout(prompts, ctx, how):
     from engines.vllm.server import SERVER_MODULE
     from vime.rollout.default import generate_groups
 
-    if KILLED or ctx.params.n == 1:
+    if len(KILLED) >= len(hows) or ctx.params.n == 1:
         return await generate_groups(prompts, ctx)
+    how = hows[len(KILLED)]
     port = ctx.engines.engines[0].base_url.rsplit(":", 1)[1]
     server = next(
         p
