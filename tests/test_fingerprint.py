@@ -66,6 +66,51 @@ def test_fingerprint_adds_up_over_fused_and_sharded_parameters_and_names_what_di
     assert check(sent, [lost], "e") == ["e: the engine has no parameter for 'norm.weight' (dropped on load)"]
 
 
+def test_data_parallel_engines_are_checked_each_and_named_and_parts_cut_over_all_of_them_add_up():
+    """A server of two data-parallel engines of two TP workers each: an attention weight cut over each engine's
+    TP workers is a whole copy per engine (a damaged one is named with its engine), an expert weight cut over all
+    four workers (vLLM shards MoE layers over DP x TP) adds up only over all of them."""
+    from engines.vllm.fingerprint import check, tensor_sums
+
+    g = torch.Generator().manual_seed(1)
+    attn, expert = torch.randn(8, 4, generator=g), torch.randn(16, 4, generator=g)
+    sent = {
+        n: (s, t.numel(), "float32")
+        for (n, t), s in zip((("attn", attn), ("w13", expert)), tensor_sums([attn, expert]))
+    }
+
+    def worker(dp, attn_part, expert_part):
+        s1, s2 = tensor_sums([attn_part, expert_part])
+        return {
+            "dp": dp,
+            "where": {"attn": "attn", "w13": "w13"},
+            "params": {
+                "attn": {"sums": s1, "numel": attn_part.numel(), "dtype": "float32"},
+                "w13": {"sums": s2, "numel": expert_part.numel(), "dtype": "float32"},
+            },
+        }
+
+    def server(attn_of_engine_1=attn, expert_whole=expert):
+        expert_parts = expert_whole.chunk(4)
+        return [
+            worker(0, attn[:4], expert_parts[0]),
+            worker(0, attn[4:], expert_parts[1]),
+            worker(1, attn_of_engine_1[:4], expert_parts[2]),
+            worker(1, attn_of_engine_1[4:], expert_parts[3]),
+        ]
+
+    assert check(sent, server(), "e") == []
+    (bad,) = check(sent, server(attn_of_engine_1=attn * 1.01), "e")
+    assert bad.startswith("e (DP engine 1): engine parameter 'attn'"), bad
+    broken = expert.clone()
+    broken[13, 0] += 0.5
+    (bad,) = check(sent, server(expert_whole=broken), "e")
+    assert bad.startswith("e: engine parameter 'w13'"), bad  # one copy over all engines: no engine to name
+    # engines of one worker each, every one holding all of each parameter: each checked alone
+    (bad,) = check(sent, [worker(0, attn, expert), worker(1, attn, expert * 1.01)], "e")
+    assert bad.startswith("e (DP engine 1): engine parameter 'w13'"), bad
+
+
 def test_a_parameter_held_in_the_dtype_it_was_sent_in_is_checked_by_its_bit_sums_alone():
     """Where an engine parameter holds what it got in the dtype it got it in, both sides take only the exact bit
     sums (one read of each tensor, not three); the float sums stay for a dtype change. The sender learns which

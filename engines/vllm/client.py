@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from engines.common.engine import LoopHTTP
+from engines.vllm.push_route import WORKERS_PATH
 from engines.vllm.routes import ROUTES_TAG, RoutesError, from_npy_b64, merge
 from vime.types import Completion, SamplingParams
 
@@ -219,13 +220,15 @@ class VLLMClient(LoopHTTP):
         them; their admin routes are reached directly, never through the router)."""
         found = []
         for url in self.route_sources or [""]:
-            data = await self._post(url + "/collective_rpc", {"method": "vime_routes_take", "kwargs": {"tag": tag}})
+            data = await self._post(url + WORKERS_PATH, {"method": "vime_routes_take", "kwargs": {"tag": tag}})
             results = (data or {}).get("results") or [None]
-            if results[0] is None:  # TP workers route alike: the first one answers
+            if any(r is None for r in results):
                 raise EngineRequestError(
                     f"{url or self.base_url}: routing capture is off (the server restarted mid-request?)"
                 )
-            found.append(results[0])
+            # every worker of every data-parallel engine answers: TP workers route alike (the same children), an
+            # engine holds the children it computed
+            found.append({child: routes for r in results for child, routes in r.items()})
         lengths = [len(prompt_ids) + len(c.token_ids) - 1 for c in out]
         try:
             merged = merge(found, len(out), lengths)
@@ -238,7 +241,7 @@ class VLLMClient(LoopHTTP):
         """A fresh tag for the request (its sampling params' extra_args carry it to the workers), with every
         server behind this client recording routes."""
         for url in self.route_sources or [""]:
-            await self._post(url + "/collective_rpc", {"method": "vime_routes_on", "kwargs": {}})
+            await self._post(url + WORKERS_PATH, {"method": "vime_routes_on", "kwargs": {}})
         return f"vime-{uuid.uuid4().hex}"
 
     async def generate(

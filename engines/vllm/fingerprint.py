@@ -300,18 +300,9 @@ def disagreement(expected: list[Any], numel: int, got: list[Any], tol: float, ex
 
 
 def check(sent: dict[str, tuple[list[Any], int, str]], workers: list[dict[str, Any]], url: str) -> list[str]:
-    """What disagrees between the tensors sent (name → sums, numel, dtype) and one server's workers' answers: each
-    data-parallel engine it runs is a whole replica (its TP/EP workers' parts add up to the model), checked alone."""
-    replicas: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for w in workers:
-        replicas[w.get("dp", 0)].append(w)
-    if len(replicas) == 1:
-        return check_replica(sent, workers, url)
-    return [p for dp, ws in sorted(replicas.items()) for p in check_replica(sent, ws, f"{url} (DP engine {dp})")]
-
-
-def check_replica(sent: dict[str, tuple[list[Any], int, str]], workers: list[dict[str, Any]], url: str) -> list[str]:
-    """What disagrees between the tensors sent and the workers of one model replica (one engine)."""
+    """What disagrees between the tensors sent (name → sums, numel, dtype) and one server's workers' answers (of
+    every data-parallel engine it runs; a problem names the engine where there are several)."""
+    several = len({w.get("dp", 0) for w in workers}) > 1
     where: dict[str, str] = {}
     for w in workers:
         for name, p in w["where"].items():
@@ -323,7 +314,8 @@ def check_replica(sent: dict[str, tuple[list[Any], int, str]], workers: list[dic
         if name in where:
             groups[where[name]].append(name)
     for p, names in sorted(groups.items()):
-        held = [w["params"][p] for w in workers if p in w["params"]]
+        held_by = [(w.get("dp", 0), w["params"][p]) for w in workers if p in w["params"]]
+        held = [h for _, h in held_by]
         if len(held) == 1 and bits_agree(sent, names, held[0]):  # the common case, without the float bookkeeping
             continue
         floats = [sent[n][0][0] is not None for n in names]
@@ -343,19 +335,31 @@ def check_replica(sent: dict[str, tuple[list[Any], int, str]], workers: list[dic
         width = getattr(torch, held[0]["dtype"]).itemsize
         split = any(pairs_split(width, n) for n in [*(sent[x][1] for x in names), *(h["numel"] for h in held)])
         exact = not row_sums and not split and all(sent[n][2] == held[0]["dtype"] for n in names)
-        if all(h["numel"] >= numel for h in held):  # every worker holds all of it (replicated, maybe padded)
-            copies = [h["sums"] for h in held]
-        else:  # cut over workers (TP, EP): the parts add up
-            copies = [parts_sum(held, row_sums, mod)]
-        for got in copies:
+        for dp, got in copies(held_by, numel, row_sums, mod):
             if disagreement(expected, numel, got, tol, exact):
+                at = f"{url} (DP engine {dp})" if several and dp is not None else url
                 problems.append(
-                    f"{url}: engine parameter {p!r} (from {', '.join(names)}) holds Σw={fmt(got[0])}, "
+                    f"{at}: engine parameter {p!r} (from {', '.join(names)}) holds Σw={fmt(got[0])}, "
                     f"Σw²={fmt(got[1])}, Σbits={got[2]}; the sender sent Σw={fmt(expected[0])}, "
                     f"Σw²={fmt(expected[1])}, Σbits={expected[2]}"
                 )
                 break
     return problems
+
+
+def copies(held_by: list[tuple[int, dict[str, Any]]], numel: int, row_sums: bool, mod: int) -> list[tuple[Any, Any]]:
+    """A parameter's sums as each whole copy of it holds them, with the data-parallel engine it is in (None: all
+    of them). A worker holding all of it (replicated, maybe padded) is a copy; parts cut over one engine's TP/EP
+    workers add up to that engine's copy; parts cut over every engine's workers (vLLM shards MoE layers over DP
+    x TP) add up to the one copy there is."""
+    if all(h["numel"] >= numel for _, h in held_by):
+        return [(dp, h["sums"]) for dp, h in held_by]
+    engines: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for dp, h in held_by:
+        engines[dp].append(h)
+    if all(sum(h["numel"] for h in hs) >= numel for hs in engines.values()):
+        return [(dp, parts_sum(hs, row_sums, mod)) for dp, hs in sorted(engines.items())]
+    return [(None, parts_sum([h for _, h in held_by], row_sums, mod))]
 
 
 def bits_agree(sent: dict[str, tuple[list[Any], int, str]], names: list[str], held: dict[str, Any]) -> bool:

@@ -154,30 +154,23 @@ async def run_step(engine: Any, step: PushStep) -> dict[str, Any]:
     return out
 
 
-async def take_expect(receive: Any, send: Any) -> None:
-    try:
-        body = PushExpect.model_validate_json(await read_body(receive))
-    except ValidationError as e:
-        await respond(send, 422, {"error": f"{EXPECT_PATH}: invalid request body: {e}"})
-        return
+async def take_expect(engine: Any, body: PushExpect) -> dict[str, Any]:
     fut = pending(body.expect_id)
     if not fut.done():
         fut.set_result(body.expect)
-    await respond(send, 200, {"expect_id": body.expect_id})
+    return {"expect_id": body.expect_id}
 
 
-async def call_workers(engine: Any, receive: Any, send: Any) -> None:
-    try:
-        call = WorkersCall.model_validate_json(await read_body(receive))
-    except ValidationError as e:
-        await respond(send, 422, {"error": f"{WORKERS_PATH}: invalid request body: {e}"})
-        return
-    try:
-        results = await every_worker(engine, call.method, call.kwargs)
-    except Exception as e:  # noqa: BLE001 - the sender names the server and raises
-        await respond(send, 500, {"error": f"{call.method}: {type(e).__name__}: {e}"})
-        return
-    await respond(send, 200, {"results": results})
+async def call_workers(engine: Any, call: WorkersCall) -> dict[str, Any]:
+    return {"results": await every_worker(engine, call.method, call.kwargs)}
+
+
+# path -> the request body's model and what answers it
+ROUTES: dict[str, tuple[type[BaseModel], Any]] = {
+    PATH: (PushStep, run_step),
+    EXPECT_PATH: (PushExpect, take_expect),
+    WORKERS_PATH: (WorkersCall, call_workers),
+}
 
 
 async def read_body(receive: Any) -> bytes:
@@ -201,26 +194,22 @@ class PushRoute:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] not in (PATH, EXPECT_PATH, WORKERS_PATH):
+        route = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
             await self.app(scope, receive, send)
             return
         if scope.get("method") != "POST":
             await respond(send, 405, {"error": f"{scope['path']} takes POST"})
             return
-        if scope["path"] == EXPECT_PATH:
-            await take_expect(receive, send)
-            return
-        if scope["path"] == WORKERS_PATH:
-            await call_workers(scope["app"].state.engine_client, receive, send)
-            return
+        model, answer = route
         try:
-            step = PushStep.model_validate_json(await read_body(receive))
+            body = model.model_validate_json(await read_body(receive))
         except ValidationError as e:
-            await respond(send, 422, {"error": f"{PATH}: invalid request body: {e}"})
+            await respond(send, 422, {"error": f"{scope['path']}: invalid request body: {e}"})
             return
         try:
-            answer = await run_step(scope["app"].state.engine_client, step)
-        except Exception as e:  # noqa: BLE001 - the sender raises WeightPushError with it; the engine stays paused
+            out = await answer(scope["app"].state.engine_client, body)
+        except Exception as e:  # noqa: BLE001 - the sender raises WeightPushError with it; an engine stays paused
             await respond(send, 500, {"error": f"{type(e).__name__}: {e}"})
             return
-        await respond(send, 200, answer)
+        await respond(send, 200, out)

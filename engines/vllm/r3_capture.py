@@ -5,9 +5,10 @@ vLLM's own `RoutedExpertsCapturer` is bound to every MoE router (the hook its GP
 leaves the experts of each of its tokens in one buffer; a forward hook on the model then files those rows under
 their request and position, using the runner's batch layout of that step. Only requests the client tagged
 (ROUTES_TAG in their sampling params' extra_args) are kept: the tag, unlike the request id, survives a P/D router.
-The client takes a finished request's routes through `/collective_rpc`. Only positions this server computed are
-known: a prefix-cache hit leaves cached prompt positions without routes, and under P/D the prompt's are on the
-prefill server; the client (`routes.py`) merges what every server has and refuses a gap.
+The client takes a finished request's routes through `/vime/workers` (every worker of every data-parallel engine
+answers). Only positions this server computed are known: a prefix-cache hit leaves cached prompt positions without
+routes, and under P/D the prompt's are on the prefill server; the client (`routes.py`) merges what every server has
+and refuses a gap.
 """
 
 from __future__ import annotations
