@@ -229,6 +229,10 @@ def test_trainer_replays_the_engine_routes_at_ep2(model_dir, ray_cluster):
         assert moved > 1e-3, moved
         metrics = tr.train_step(samples, "policy")
         assert metrics["r3_disagree"] == 0.0 and metrics["r3_replayed"] == positions * layers, metrics
+    # with activation recompute the forward runs again in backward: each choice still counts once
+    with trainer(model_dir("qwen3_moe"), micro_batch_size=4, recompute=True) as tr:
+        metrics = tr.train_step(samples, "policy")
+    assert metrics["r3_disagree"] == 0.0 and metrics["r3_replayed"] == positions * layers, metrics
 
 
 def test_sglang_refuses_a_tied_qwen3_moe_before_starting(tmp_path):

@@ -30,10 +30,14 @@ class Replay:
                 self.slots.append((m.layer_number - 1, m))  # routes index layers as the engines do: all of them
         self.targets: list[torch.Tensor | None] = [None] * len(self.slots)
         self.counts: torch.Tensor | None = None  # [replayed, disagreed], on the router's device (no sync per layer)
+        # which routers counted the loaded micro-batch: activation recompute runs its forward again in backward
+        # (grad mode is on in both passes, so nothing else tells them apart), and a choice is one choice
+        self.counted = [False] * len(self.slots)
 
     def load(self, routes: torch.Tensor | None) -> None:
         """Routes [b, s, layers, k] of the coming forward (None: route live). Megatron's routers see tokens
         sequence-major, [s, b] flattened."""
+        self.counted = [False] * len(self.slots)
         for j, (layer, _) in enumerate(self.slots):
             if routes is None:
                 self.targets[j] = None
@@ -60,9 +64,11 @@ class Replay:
             target = target.to(live.device)
             given = target[:, :1] >= 0
             idx = torch.where(given, target, live)
-            same = (idx.sort(-1).values == live.sort(-1).values).all(-1, keepdim=True)
-            c = torch.stack([given.sum(), (given & ~same).sum()])
-            self.counts = c if self.counts is None else self.counts + c
+            if not self.counted[slot]:
+                self.counted[slot] = True
+                same = (idx.sort(-1).values == live.sort(-1).values).all(-1, keepdim=True)
+                c = torch.stack([given.sum(), (given & ~same).sum()])
+                self.counts = c if self.counts is None else self.counts + c
             return scores.gather(1, idx), idx
 
         return topk
