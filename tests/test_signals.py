@@ -61,7 +61,13 @@ def test_sigterm_mid_training_exits_143_with_nothing_left(repo_root, model_dir, 
     marker = f"sigterm-test-{os.getpid()}"
     log = tmp_path / "train.log"
     cmd = [sys.executable, "-m", "vime.cli", "train", "-c", str(repo_root / "configs" / "grpo_tiny_cpu.yaml")]
-    for s in (f"model.path={model_dir('qwen2')}", f"run.out_dir={tmp_path}/run", "loop.num_steps=500"):
+    # 10 supervised steps instead of the recipe's 100 (11 s here): the RL loop is what the signal must interrupt
+    for s in (
+        f"model.path={model_dir('qwen2')}",
+        f"run.out_dir={tmp_path}/run",
+        "loop.num_steps=500",
+        "loop.sft_steps=10",
+    ):
         cmd += ["--set", s]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, ENV: marker})
