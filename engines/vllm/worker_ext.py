@@ -310,7 +310,8 @@ class VimeWorkerExtension:
         """How this worker's server is laid out: the weight channel gives each server as many ranks of its group as
         it has workers (TP x PP per data-parallel engine, times the engines the server runs)."""
         pc = self.vllm_config.parallel_config
-        lb = "external" if pc.data_parallel_external_lb else "hybrid" if pc.data_parallel_hybrid_lb else "internal"
+        external, hybrid = (getattr(pc, f"data_parallel_{k}_lb", False) for k in ("external", "hybrid"))
+        lb = "external" if external else "hybrid" if hybrid else "internal"
         return {
             "world_size": pc.world_size,
             "data_parallel_size": pc.data_parallel_size,
