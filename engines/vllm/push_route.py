@@ -36,6 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 PATH = "/vime/push"
 EXPECT_PATH = "/vime/push/expect"
 WORKERS_PATH = "/vime/workers"
+NEEDS = (  # what a sender says when a server answers these paths (or `vime_update`) with 404
+    "vime's weight channel needs its worker extension and push route on every vLLM server "
+    "(--worker-extension-cls engines.vllm.worker_ext.VimeWorkerExtension --middleware "
+    "engines.vllm.push_route.PushRoute; vime-started servers have both)"
+)
 Scope = dict[str, Any]
 Sums = dict[str, tuple[list[Any], int, str]]  # name -> (sums, numel, dtype) of what the sender sent
 

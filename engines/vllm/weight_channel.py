@@ -28,20 +28,15 @@ from engines.vllm import delta
 from engines.vllm.delta import Base
 from engines.vllm.fingerprint import dtype_name
 from engines.vllm.in_place import Mapped, encoded, in_place
-from engines.vllm.push_route import EXPECT_PATH, WORKERS_PATH
+from engines.vllm.push_route import EXPECT_PATH, NEEDS, WORKERS_PATH
 from engines.vllm.push_route import PATH as PUSH_PATH
 from engines.vllm.sent_sums import Bucket, SentSums
 from engines.vllm.server import vllm_version
 from engines.vllm.staging import Staging
+from engines.vllm.worker_ranks import rank_offsets
 from vime.placement import free_port, listening_socket
 from vime.secret import auth_headers
 from vime.weights import WeightPushError, WeightsConfig
-
-NEEDS = (
-    "vime's weight channel needs its worker extension and push route on every vLLM server "
-    "(--worker-extension-cls engines.vllm.worker_ext.VimeWorkerExtension --middleware "
-    "engines.vllm.push_route.PushRoute; vime-started servers have both)"
-)
 
 # weights.backend -> the engine name the vLLM servers are started with (`--weight-transfer-config`)
 VLLM_ENGINE_NAMES = {"gloo": "gloo", "disk": "disk", "nccl": "nccl", "ipc": "vime_ipc"}
@@ -216,25 +211,6 @@ class VLLMWeightChannel:
             self._all("/init_weight_transfer_engine", {"init_info": {}})
         self.connected, self.sums.float_names = True, None
 
-    def _workers(self) -> list[int]:
-        """How many workers each server runs (TP x PP per data-parallel engine, times its engines), as they say.
-        Each takes `data_parallel_index * world_size + rank` after its server's offset in the group (vLLM's own
-        rule), which is unique only where the server runs every data-parallel engine it names."""
-        counts = []
-        for url, answer in zip(self.urls, self._workers_call("vime_workers", {})):
-            workers = answer["results"]
-            far = [w for w in workers if (w["data_parallel_index"] + 1) * w["world_size"] > len(workers)]
-            if far:
-                w = far[0]
-                raise WeightPushError(
-                    f"{url} runs data-parallel engine {w['data_parallel_index']} of {w['data_parallel_size']} "
-                    f"({w['lb']} load balancing): the {self.cfg.backend} weight channel needs every "
-                    "data-parallel engine in one server (internal load balancing, no --data-parallel-rank / "
-                    "--data-parallel-hybrid-lb in engine.args) or each replica as its own engine (engine.num_engines)"
-                )
-            counts.append(len(workers))
-        return counts
-
     def _workers_call(self, method: str, kwargs: dict[str, Any]) -> list[Any]:
         """`method` on every worker of every engine (`push_route.WORKERS_PATH`): one answer per server."""
         try:
@@ -246,16 +222,15 @@ class VLLMWeightChannel:
 
     def _connect_broadcast(self, backend: str) -> None:
         """One group: the sender is rank 0, every engine worker joins at its rank offset."""
-        counts = self._workers()
+        world, offsets = rank_offsets(self.urls, self._workers_call("vime_workers", {}), backend)
         sock = listening_socket(self.master_address) if backend == "gloo" else None  # the store binds no more
         port = sock.getsockname()[1] if sock is not None else free_port(self.master_address)
-        world = 1 + sum(counts)
         extra = {"timeout_s": self.cfg.timeout_s} if backend == "gloo" else {}
         group = {"master_address": self.master_address, "master_port": port, "world_size": world, **extra}
         path = "/init_weight_transfer_engine"
         futs = [
-            self.pool.submit(self._post, u, path, {"init_info": group | {"rank_offset": 1 + sum(counts[:i])}})
-            for i, u in enumerate(self.urls)
+            self.pool.submit(self._post, u, path, {"init_info": group | {"rank_offset": offset}})
+            for u, offset in zip(self.urls, offsets)
         ]
         if backend == "gloo":
             from engines.vllm.worker_ext import gloo_group
